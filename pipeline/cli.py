@@ -1,0 +1,139 @@
+"""The `gradbench` command: one thin click command per stage. Parsing here, logic in the stages.
+
+    gradbench prepare --source ../shared/data/mnist
+    gradbench train --activation sigmoid --depth 10 --width 256 --init default --clip none --epochs 1
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.parse
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .config import FIELDS, ConfigError, RunConfig, from_dict
+from .data import DATA_DIR_ENV, SOURCE_ENV, DataError, DownloadError
+
+EXPERIMENT_ENV = "GRADBENCH_EXPERIMENT"
+
+
+def _click_type(f) -> Any:
+    """The click type of a RunConfig field: Choice for closed sets, ranges for bounds."""
+    meta = f.metadata
+    if "choices" in meta:
+        return click.Choice(meta["choices"])
+    if f.type == "int":
+        return click.IntRange(min=meta.get("min"), max=meta.get("max"))
+    if f.type == "float":
+        low = meta.get("min", meta.get("gt"))
+        return click.FloatRange(min=low, min_open="gt" in meta, max=meta.get("lt"), max_open="lt" in meta)
+    return str
+
+
+def config_options(command: Callable) -> Callable:
+    """One --option per RunConfig field, with the field's default, bounds and help."""
+    for name, f in reversed(FIELDS.items()):
+        option = click.option(
+            f"--{name.replace('_', '-')}", name, type=_click_type(f), default=f.default, show_default=True,
+            help=f.metadata["help"],
+        )
+        command = option(command)
+    return command
+
+
+data_dir_option = click.option(
+    "--data-dir", default="data", show_default=True, envvar=DATA_DIR_ENV, metavar="DIR",
+    type=click.Path(file_okay=False), help=f"Where MNIST is prepared (MNIST/raw inside). Env: {DATA_DIR_ENV}.",
+)
+source_option = click.option(
+    "--source", envvar=SOURCE_ENV, metavar="DIR_OR_URL", default=None,
+    help=f"Folder or URL with the four MNIST IDX files (.gz or not) instead of downloading. Env: {SOURCE_ENV}.",
+)
+experiment_option = click.option(
+    "--experiment", default="gradbench", show_default=True, envvar=EXPERIMENT_ENV, metavar="NAME",
+    help="MLflow experiment (ignored under `mlflow run`, which has chosen one).",
+)
+
+
+def _check_source(source: str | None) -> None:
+    if source and not urllib.parse.urlparse(source).scheme and not os.path.isdir(source):
+        raise click.BadParameter(f"{source!r} is not a folder (or a URL)", param_hint="--source")
+
+
+def _config_from(kwargs: dict[str, Any]) -> RunConfig:
+    try:
+        config = from_dict({name: kwargs.pop(name) for name in FIELDS})
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message, param_hint=f"--{exc.key.replace('_', '-')}") from None
+    from .train import get_device
+
+    try:
+        get_device(config.device)
+    except (ValueError, RuntimeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    return config
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so open runs are marked KILLED."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _prepare(data_dir: str, source: str | None):
+    from . import data
+
+    _check_source(source)
+    try:
+        return data.prepare(data_dir, source)
+    except DataError as exc:
+        raise click.BadParameter(str(exc), param_hint="--source") from None
+    except DownloadError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gradbench")
+def cli() -> None:
+    """gradbench: see, measure and fix vanishing and exploding gradients in deep MLPs on MNIST.
+
+    Stages: prepare (MNIST) -> train (one run) / grid (a study) -> report. Every run is tracked in
+    MLflow (MLFLOW_TRACKING_URI, default: MLflow's embedded store); compare runs with `mlflow ui`.
+    """
+
+
+@cli.command()
+@data_dir_option
+@source_option
+def prepare(data_dir: str, source: str | None) -> None:
+    """Put verified MNIST into DATA_DIR/MNIST/raw: downloaded through torchvision, or copied from
+    --source (a folder or URL holding the four IDX files). Idempotent; checks the MD5 of each
+    file's decompressed content, and never leaves a half-written file behind."""
+    folder = _prepare(data_dir, source)
+    click.echo(f"MNIST ready in {folder}")
+
+
+@cli.command()
+@config_options
+@data_dir_option
+@source_option
+@experiment_option
+def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> None:
+    """Train one MLP on MNIST and record it as one MLflow run: per-layer gradient statistics every
+    step, metrics every --log-every steps, artifacts at the end. A run that diverges (NaN/Inf)
+    stops early and is recorded as outcome 'diverged'; that is a result, not an error."""
+    config = _config_from(kwargs)
+    _prepare(data_dir, source)
+    _terminate_as_interrupt()
+    from . import data, tracking
+    from .train import DTYPES, get_device
+
+    mnist = data.load(data_dir, get_device(config.device), DTYPES[config.precision])
+    summary = tracking.tracked_train(config, mnist, experiment)
+    click.echo(summary.line())

@@ -1,0 +1,150 @@
+"""RunConfig: the one description of a training run, and its validation and hash.
+
+Every name here is the DESIGN vocabulary. The CLI options, MLproject parameters, YAML spec keys
+and MLflow params are all generated from (or checked against) the fields of `RunConfig`, so a
+field added here shows up everywhere at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu", "softsign")
+INITS = (
+    "default",
+    "normal",
+    "xavier_uniform",
+    "xavier_normal",
+    "he_uniform",
+    "he_normal",
+    "lecun_normal",
+    "orthogonal",
+)
+CLIPS = ("none", "norm", "value", "agc")
+OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("fp32", "fp64", "bf16")
+MNIST_TRAIN_SIZE = 60_000
+
+# Fields that do not change the numbers a run produces: a run resumed on another device or with
+# another metric stride is the same run, so they stay out of the config hash.
+NOT_HASHED = ("device", "log_every")
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; `key` names the offending field."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _spec(help: str, **constraints: Any) -> dict[str, Any]:
+    return {"help": help, **constraints}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run. Constraints in each field's metadata drive validation and the CLI."""
+
+    activation: str = field(default="relu", metadata=_spec("Hidden-layer nonlinearity.", choices=ACTIVATIONS))
+    depth: int = field(default=10, metadata=_spec("Number of Linear layers, output layer included.", min=2))
+    width: int = field(default=256, metadata=_spec("Units in each hidden layer.", min=1))
+    init: str = field(default="default", metadata=_spec("Weight initialization scheme.", choices=INITS))
+    init_std: float = field(default=1.0, metadata=_spec("Std of the weights for --init normal.", gt=0.0))
+    clip: str = field(default="none", metadata=_spec("Gradient clipping mode.", choices=CLIPS))
+    clip_threshold: float = field(
+        default=1.0, metadata=_spec("Max global norm (norm), max |g| (value) or max ratio (agc).", gt=0.0)
+    )
+    optimizer: str = field(default="sgd", metadata=_spec("Optimizer.", choices=OPTIMIZERS))
+    lr: float = field(default=0.01, metadata=_spec("Learning rate.", gt=0.0))
+    momentum: float = field(default=0.9, metadata=_spec("SGD momentum (beta1 for adam).", min=0.0, lt=1.0))
+    batch_size: int = field(default=128, metadata=_spec("Mini-batch size.", min=1))
+    epochs: int = field(default=1, metadata=_spec("Passes over the training data.", min=1))
+    max_steps: int = field(default=0, metadata=_spec("Stop after this many optimizer steps (0: no limit).", min=0))
+    train_subset: int = field(
+        default=0, metadata=_spec("Train on the first N training images (0: all 60,000).", min=0, max=MNIST_TRAIN_SIZE)
+    )
+    seed: int = field(default=0, metadata=_spec("Seed for init, shuffling and everything else.", min=0))
+    device: str = field(default="auto", metadata=_spec("auto (cuda if available), cpu, cuda or cuda:N."))
+    precision: str = field(default="fp32", metadata=_spec("Parameter and compute precision.", choices=PRECISIONS))
+    log_every: int = field(default=10, metadata=_spec("MLflow metric stride in steps (artifacts keep every step).", min=1))
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace. Logged as config.json and hashed."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def config_hash(self) -> str:
+        """Identity of the run's numbers: the canonical JSON of every field but NOT_HASHED."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps this run will take (if it does not diverge)."""
+        n_train = self.train_subset or MNIST_TRAIN_SIZE
+        per_epoch = -(-n_train // self.batch_size)
+        steps = per_epoch * self.epochs
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def validate(config: RunConfig) -> None:
+    """Raise ConfigError naming the first field that breaks its constraint."""
+    for name, f in FIELDS.items():
+        value = getattr(config, name)
+        _check_field(name, value, f.type, f.metadata)
+    if not _DEVICE_RE.match(config.device):
+        raise ConfigError("device", f"{config.device!r} is not one of auto, cpu, mps, cuda, cuda:N")
+
+
+def _check_field(name: str, value: Any, type_name: str, meta: Any) -> None:
+    expected = {"int": int, "float": (int, float), "str": str}[type_name]
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(name, f"expected {type_name}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(name, f"{value!r} is not one of {', '.join(meta['choices'])}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(name, f"must be >= {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(name, f"must be <= {meta['max']}, got {value!r}")
+    if "gt" in meta and not value > meta["gt"]:
+        raise ConfigError(name, f"must be > {meta['gt']}, got {value!r}")
+    if "lt" in meta and not value < meta["lt"]:
+        raise ConfigError(name, f"must be < {meta['lt']}, got {value!r}")
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from plain values (YAML, JSON, MLflow params); unknown keys fail loudly."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown config key (known: {', '.join(FIELDS)})")
+    coerced = {}
+    for name, value in values.items():
+        # YAML reads 1e-2 as a string and 1 as an int where a float is meant: accept both.
+        if FIELDS[name].type == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(name, f"expected float, got {value!r}") from None
+        coerced[name] = value
+    return RunConfig(**coerced)

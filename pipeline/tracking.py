@@ -1,0 +1,272 @@
+"""The one module that talks to MLflow: experiments, runs, params, batched metrics, artifacts.
+
+It uses `MlflowClient` only (no fluent, process-global active run), so a grid can hold a parent and
+a child open at once and workers can log in parallel. The tracking URI is MLflow's own: the
+embedded default store unless MLFLOW_TRACKING_URI says otherwise.
+
+Under `mlflow run`, MLflow has created the run before the entry point starts (MLFLOW_RUN_ID) and
+logged the -P parameters as strings: a stage adopts that run instead of creating one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from . import plots
+from .config import RunConfig
+from .diagnosis import diagnose, first_last_ratio
+from .monitor import Chunk, act_statistic
+from .data import Mnist
+from .train import ChunkSink, RunResult, train
+
+EXPERIMENT = "gradbench"
+TAG_CONFIG_HASH = "gradbench.config_hash"
+TAG_GRID = "gradbench.grid"
+TAG_DIAGNOSIS = "gradbench.diagnosis"
+TAG_OUTCOME = "gradbench.outcome"
+MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch call
+MAX_PARAMS_PER_CALL = 100
+
+# Metric key prefix of each statistic; per-layer keys end in /L00, /L01, ...
+STEP_METRICS = {
+    "loss": "train/loss",
+    "acc": "train/acc",
+    "global_norm_pre_clip": "grad/global_norm_pre_clip",
+    "global_norm_post_clip": "grad/global_norm_post_clip",
+    "clip_active": "clip/active",
+}
+LAYER_METRICS = {"weight_grad_norm": "grad/weight_norm", "backprop_norm": "grad/backprop_norm", "update_ratio": "update/ratio"}
+
+
+def layer_key(prefix: str, layer: int) -> str:
+    return f"{prefix}/L{layer:02d}"
+
+
+def get_client() -> MlflowClient:
+    return MlflowClient()
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if missing (safe when several processes race)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another process created it between our two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def run_name(config: RunConfig) -> str:
+    clip = "noclip" if config.clip == "none" else f"{config.clip}{config.clip_threshold:g}"
+    init = f"normal{config.init_std:g}" if config.init == "normal" else config.init
+    return f"{config.activation}-d{config.depth}-w{config.width}-{init}-{clip}-s{config.seed}"
+
+
+def _same_param(existing: str, value: object) -> bool:
+    """MLflow params are strings: '1e-2' from `mlflow run -P` and 0.01 from the CLI are the same."""
+    if existing == str(value):
+        return True
+    try:
+        return float(existing) == float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+class RunLogger(ChunkSink):
+    """Streams one training run into one MLflow run: metrics at a stride, then artifacts."""
+
+    def __init__(self, client: MlflowClient, run_id: str, config: RunConfig):
+        self.client = client
+        self.run_id = run_id
+        self.config = config
+        self.act_key = f"act/{act_statistic(config.activation)}"
+        self._last_logged_step = -1
+        self._last_chunk: Chunk | None = None
+
+    @classmethod
+    def start(
+        cls,
+        config: RunConfig,
+        experiment: str = EXPERIMENT,
+        parent_run_id: str | None = None,
+        grid: str | None = None,
+        client: MlflowClient | None = None,
+    ) -> RunLogger:
+        """Open the run for `config`: a new one, a child of `parent_run_id`, or the `mlflow run` one."""
+        client = client or get_client()
+        tags = {TAG_CONFIG_HASH: config.config_hash(), MLFLOW_RUN_NAME: run_name(config)}
+        if grid:
+            tags[TAG_GRID] = grid
+        env_run = os.environ.get("MLFLOW_RUN_ID")
+        if env_run and parent_run_id is None:
+            run_id = env_run
+        else:
+            if parent_run_id:
+                tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+            run = client.create_run(experiment_id(client, experiment), run_name=run_name(config), tags=tags)
+            run_id = run.info.run_id
+        logger = cls(client, run_id, config)
+        logger._log_params_and_tags(tags)
+        return logger
+
+    def _log_params_and_tags(self, tags: dict[str, str]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        params = []
+        for key, value in self.config.to_dict().items():
+            if key in existing:
+                if not _same_param(existing[key], value):
+                    raise ValueError(f"run {self.run_id} already has {key}={existing[key]!r}, not {value!r}")
+                continue
+            params.append(Param(key, str(value)))
+        for i in range(0, max(len(params), 1), MAX_PARAMS_PER_CALL):
+            batch_tags = [RunTag(k, v) for k, v in tags.items()] if i == 0 else []
+            self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_CALL], tags=batch_tags)
+        self.client.log_text(self.run_id, self.config.to_json(), "config.json")
+
+    def log_dataset(self, source: str, digest: str) -> None:
+        with warnings.catch_warnings():  # a local folder matches two equivalent source classes
+            warnings.simplefilter("ignore", UserWarning)
+            resolved = resolve_dataset_source(source)
+        dataset = MetaDataset(source=resolved, name="mnist", digest=digest)
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+    # -- ChunkSink: called by the training loop ---------------------------------------------------
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        self._last_chunk = chunk
+        rows = [i for i, s in enumerate(chunk.step) if s % self.config.log_every == 0]
+        self._log_rows(chunk, rows)
+
+    def on_eval(self, step: int, loss: float, acc: float) -> None:
+        self._log_metrics([Metric("test/loss", loss, _now(), step), Metric("test/acc", acc, _now(), step)])
+
+    def _log_rows(self, chunk: Chunk, rows: list[int]) -> None:
+        now = _now()
+        metrics = []
+        for i in rows:
+            step = int(chunk.step[i])
+            for name, key in STEP_METRICS.items():
+                metrics.append(Metric(key, float(chunk.per_step[name][i]), now, step))
+            for name, prefix in LAYER_METRICS.items() if chunk.per_layer else ():
+                for layer, value in enumerate(chunk.per_layer[name][i]):
+                    metrics.append(Metric(layer_key(prefix, layer), float(value), now, step))
+            if chunk.per_layer:
+                act = chunk.per_layer["act"][i]
+                for layer in range(len(act) - 1):  # hidden layers only
+                    metrics.append(Metric(layer_key(self.act_key, layer), float(act[layer]), now, step))
+            self._last_logged_step = step
+        self._log_metrics(metrics)
+
+    def _log_metrics(self, metrics: list[Metric]) -> None:
+        for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_CALL])
+
+    # -- end of run -------------------------------------------------------------------------------
+
+    def finish(self, result: RunResult) -> str:
+        """Log the last step, summaries, artifacts and tags; mark the run FINISHED. Returns the diagnosis."""
+        chunk = self._last_chunk
+        if chunk is not None and len(chunk.step) and int(chunk.step[-1]) != self._last_logged_step:
+            self._log_rows(chunk, [len(chunk.step) - 1])
+        diagnosis = diagnose(result.outcome, result.table)
+        last = max(result.steps - 1, 0)
+        summaries = {
+            "final/test_acc": result.final_test_acc,
+            "final/test_loss": result.final_test_loss,
+            "run/steps": result.steps,
+            "run/seconds": result.seconds,
+            "grad/first_last_ratio_init": first_last_ratio(result.table, "backprop_norm"),
+            "grad/first_last_weight_ratio_init": first_last_ratio(result.table, "weight_grad_norm"),
+        }
+        self._log_metrics([Metric(k, float(v), _now(), last) for k, v in summaries.items() if not _is_missing(v)])
+        self._log_artifacts(result)
+        self.client.log_batch(
+            self.run_id, tags=[RunTag(TAG_OUTCOME, result.outcome), RunTag(TAG_DIAGNOSIS, diagnosis)]
+        )
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+        return diagnosis
+
+    def fail(self, status: str = "FAILED") -> None:
+        """Mark the run FAILED or KILLED (an exception or an interrupt, not a diverged run)."""
+        self.client.set_terminated(self.run_id, status)
+
+    def _log_artifacts(self, result: RunResult) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            table_path = Path(tmp) / "layer_stats.parquet"
+            result.table.to_parquet(table_path, index=False)
+            self.client.log_artifact(self.run_id, str(table_path), "gradients")
+            hist_path = Path(tmp) / "histograms.npz"
+            np.savez_compressed(hist_path, **result.histograms)
+            self.client.log_artifact(self.run_id, str(hist_path), "gradients")
+        if not result.table.empty:
+            fig = plots.gradient_flow(result.table, run_name(self.config))
+            self.client.log_figure(self.run_id, fig, "plots/gradient_flow.png")
+            plt.close(fig)
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+def _is_missing(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run reports back to the CLI or the grid (one summary line)."""
+
+    run_id: str
+    name: str
+    outcome: str
+    diagnosis: str
+    test_acc: float
+    seconds: float
+
+    def line(self) -> str:
+        return (
+            f"{self.name}: {self.outcome}, {self.diagnosis}, test acc {self.test_acc:.4f}, "
+            f"{self.seconds:.1f} s (run {self.run_id})"
+        )
+
+
+def tracked_train(
+    config: RunConfig,
+    data: Mnist,
+    experiment: str = EXPERIMENT,
+    parent_run_id: str | None = None,
+    grid: str | None = None,
+    client: MlflowClient | None = None,
+) -> RunSummary:
+    """Train one config into one MLflow run. A diverged run is FINISHED (it is a result); an
+    exception marks the run FAILED and an interrupt KILLED, so that a resumed grid redoes it."""
+    logger = RunLogger.start(config, experiment, parent_run_id, grid, client)
+    try:
+        logger.log_dataset(data.location, data.digest)
+        result = train(config, data, logger)
+        diagnosis = logger.finish(result)
+    except (KeyboardInterrupt, SystemExit):
+        logger.fail("KILLED")
+        raise
+    except BaseException:
+        logger.fail("FAILED")
+        raise
+    return RunSummary(logger.run_id, run_name(config), result.outcome, diagnosis, result.final_test_acc, result.seconds)
