@@ -96,7 +96,7 @@ class Monitor:
 
     def _backprop_hook(self, i: int):
         def hook(grad: torch.Tensor) -> None:
-            self._backprop[i] = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+            self._backprop[i] = torch.linalg.vector_norm(grad.detach()).float()
 
         return hook
 

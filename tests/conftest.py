@@ -1,0 +1,93 @@
+"""Shared fixtures: real MNIST through the offline source, a real MLflow store in a tmp dir."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = Path(os.environ.get("GRADBENCH_TEST_MNIST", REPO.parent / "shared" / "data" / "mnist"))
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> str:
+    """Write a uint8 IDX file (gzipped or not); return the MD5 of its uncompressed content."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    content = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(content) if gz else content)
+    return hashlib.md5(content).hexdigest()
+
+
+@pytest.fixture
+def idx_source(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A folder with four tiny MNIST-shaped IDX files (two gzipped, two not) and their MD5s."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "source"
+    folder.mkdir()
+    files = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (32, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, (32,)),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (8, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, (8,)),
+    }
+    checksums = {}
+    for i, (name, array) in enumerate(files.items()):
+        gz = i % 2 == 0
+        checksums[name] = write_idx(folder / (name + (".gz" if gz else "")), array, gz=gz)
+    return folder, checksums
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """The real MNIST, prepared once per session from the offline copy beside the repo."""
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"offline MNIST not found at {SHARED_MNIST} (set GRADBENCH_TEST_MNIST)")
+    from pipeline import data
+
+    data_dir = tmp_path_factory.mktemp("data")
+    data.prepare(data_dir, str(SHARED_MNIST))
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir):
+    """Real MNIST as CPU tensors, loaded once per session."""
+    import torch
+
+    from pipeline import data
+
+    return data.load(mnist_dir, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """One real SQLite MLflow store per session (schema creation costs seconds); tests isolate
+    themselves by experiment name."""
+    uri = "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # create the schema once, before any test races on it
+    return uri
+
+
+@pytest.fixture
+def store(tracking_uri, monkeypatch) -> str:
+    """Point MLflow at the session store, with a fresh experiment name for this test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def runs_of(experiment: str):
+    """All runs of an experiment (none if it does not exist)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], max_results=10_000)

@@ -1,0 +1,62 @@
+import pytest
+
+from pipeline.config import ACTIVATIONS, FIELDS, INITS, ConfigError, RunConfig, from_dict
+
+
+def test_defaults_are_valid_and_hash_is_stable():
+    a, b = RunConfig(), RunConfig()
+    assert a.config_hash() == b.config_hash()
+    assert a.config_hash() != a.replace(seed=1).config_hash()
+
+
+def test_hash_ignores_device_and_metric_stride():
+    base = RunConfig()
+    assert base.replace(device="cpu", log_every=1).config_hash() == base.config_hash()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("activation", "swish"),
+        ("init", "glorot"),
+        ("clip", "sometimes"),
+        ("depth", 1),
+        ("width", 0),
+        ("lr", 0.0),
+        ("lr", -1.0),
+        ("batch_size", 0),
+        ("clip_threshold", 0.0),
+        ("train_subset", 60_001),
+        ("momentum", 1.0),
+        ("device", "tpu"),
+        ("depth", 2.5),
+        ("depth", True),
+    ],
+)
+def test_bad_values_name_the_field(key, value):
+    with pytest.raises(ConfigError) as err:
+        from_dict({key: value})
+    assert err.value.key == key
+
+
+def test_unknown_key_fails_loudly():
+    with pytest.raises(ConfigError, match="unknown config key") as err:
+        from_dict({"activaton": "relu"})
+    assert err.value.key == "activaton"
+
+
+def test_yaml_style_floats_are_accepted():
+    assert from_dict({"lr": "1e-2", "init_std": 2}).lr == 0.01
+
+
+def test_total_steps():
+    assert RunConfig(batch_size=100, epochs=2).total_steps == 1200
+    assert RunConfig(batch_size=100, train_subset=250).total_steps == 3  # last batch is partial
+    assert RunConfig(max_steps=7).total_steps == 7
+
+
+def test_vocabulary_matches_design():
+    assert set(ACTIVATIONS) == {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu", "softsign"}
+    assert "orthogonal" in INITS and "default" in INITS
+    for name in ("init_std", "clip_threshold", "batch_size", "max_steps", "train_subset", "log_every"):
+        assert name in FIELDS

@@ -1,0 +1,101 @@
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import data
+from pipeline.cli import cli
+from tests.conftest import SHARED_MNIST, write_idx
+
+
+def test_prepare_from_folder_decompresses_and_verifies(idx_source, tmp_path):
+    source, checksums = idx_source
+    folder = data.prepare(tmp_path / "d", str(source), checksums)
+    assert folder == tmp_path / "d" / "MNIST" / "raw"
+    for name, md5 in checksums.items():
+        assert data.md5_of(folder / name) == md5
+    assert data.read_idx(folder / "train-images-idx3-ubyte").shape == (32, 28, 28)
+
+
+def test_prepare_is_idempotent(idx_source, tmp_path):
+    source, checksums = idx_source
+    folder = data.prepare(tmp_path / "d", str(source), checksums)
+    stamp = os.stat(folder / "t10k-labels-idx1-ubyte").st_mtime_ns
+    for f in source.iterdir():  # a second prepare must not even read the source
+        f.unlink()
+    data.prepare(tmp_path / "d", str(source), checksums)
+    assert os.stat(folder / "t10k-labels-idx1-ubyte").st_mtime_ns == stamp
+
+
+def test_prepare_from_file_url(idx_source, tmp_path):
+    source, checksums = idx_source
+    folder = data.prepare(tmp_path / "d", source.as_uri(), checksums)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(checksums)
+
+
+def test_corrupt_file_names_file_and_checksum_and_leaves_nothing(idx_source, tmp_path):
+    source, checksums = idx_source
+    write_idx(source / "t10k-labels-idx1-ubyte", np.full(8, 3))  # wrong content, plain file
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.*expected " + checksums["t10k-labels-idx1-ubyte"]):
+        data.prepare(tmp_path / "d", str(source), checksums)
+    leftovers = [p.name for p in (tmp_path / "d" / "MNIST" / "raw").iterdir()]
+    assert "t10k-labels-idx1-ubyte" not in leftovers
+    assert not [n for n in leftovers if n.endswith(".part")]
+
+
+def test_truncated_gzip_is_an_error_naming_the_file(idx_source, tmp_path):
+    source, checksums = idx_source
+    gz = source / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:100])
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz: cannot read"):
+        data.prepare(tmp_path / "d", str(source), checksums)
+    assert not list((tmp_path / "d" / "MNIST" / "raw").glob("*.part"))
+
+
+def test_missing_file_names_what_was_tried(idx_source, tmp_path):
+    source, checksums = idx_source
+    (source / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte not found"):
+        data.prepare(tmp_path / "d", str(source), checksums)
+
+
+def test_read_idx_rejects_a_bad_header(tmp_path):
+    (tmp_path / "f").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")
+    with pytest.raises(data.DataError, match="header says shape"):
+        data.read_idx(tmp_path / "f")
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="offline MNIST not available")
+def test_cli_prepare_real_mnist_from_offline_copy(tmp_path):
+    result = CliRunner().invoke(cli, ["prepare", "--data-dir", str(tmp_path), "--source", str(SHARED_MNIST)])
+    assert result.exit_code == 0, result.output
+    raw = tmp_path / "MNIST" / "raw"
+    assert {p.name for p in raw.iterdir()} == set(data.MNIST_MD5)
+    # The training images of the offline copy were re-compressed: the decompressed content counts.
+    with gzip.open(SHARED_MNIST / "train-images-idx3-ubyte.gz") as f:
+        assert f.read(16) == (raw / "train-images-idx3-ubyte").read_bytes()[:16]
+
+
+def test_cli_prepare_source_from_environment(tmp_path, idx_source, monkeypatch):
+    monkeypatch.setenv(data.SOURCE_ENV, str(tmp_path / "nowhere"))
+    result = CliRunner().invoke(cli, ["prepare", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2
+    assert "--source" in result.output and "nowhere" in result.output
+
+
+def test_cli_prepare_wrong_checksum_exits_2(idx_source, tmp_path):
+    source, _ = idx_source  # tiny files: their content is not MNIST's
+    result = CliRunner().invoke(cli, ["prepare", "--data-dir", str(tmp_path / "d"), "--source", str(source)])
+    assert result.exit_code == 2
+    assert "MD5" in result.output and "expected" in result.output
+
+
+def test_loaded_tensors_are_normalized_and_complete(mnist):
+    assert mnist.x_train.shape == (60_000, 784) and mnist.x_test.shape == (10_000, 784)
+    assert mnist.x_train.dtype == torch.float32 and mnist.y_train.dtype == torch.int64
+    assert abs(mnist.x_train.mean().item()) < 1e-3
+    assert abs(mnist.x_train.std().item() - 1.0) < 1e-3
+    assert set(mnist.y_test.unique().tolist()) == set(range(10))
