@@ -137,3 +137,33 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
     mnist = data.load(data_dir, get_device(config.device), DTYPES[config.precision])
     summary = tracking.tracked_train(config, mnist, experiment)
     click.echo(summary.line())
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes that train in parallel (one per GPU where there are several).")
+@click.option("--rerun", is_flag=True, help="Run every configuration again, finished or not.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@data_dir_option
+@source_option
+@experiment_option
+def grid(spec_path: str, workers: int, rerun: bool, progress: bool, data_dir: str, source: str | None,
+         experiment: str) -> None:
+    """Run every configuration of the grid SPEC (a YAML file, see benchmarks/) as a child run of
+    one parent run named after the spec. Configurations that already have a FINISHED run are
+    skipped, so the same command resumes an interrupted grid; --rerun runs everything again."""
+    from .config import GridSpec, SpecError
+
+    try:
+        spec = GridSpec.from_yaml(spec_path)
+    except SpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="SPEC") from None
+    _check_source(source)
+    _prepare(data_dir, source)
+    _terminate_as_interrupt()
+    from .grid import run_grid
+
+    result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress)
+    if result.failures:
+        raise click.ClickException(f"{len(result.failures)} run(s) failed; run the same command again to retry them")

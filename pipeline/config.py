@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu", "softsign")
 INITS = (
@@ -148,3 +152,110 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
                 raise ConfigError(name, f"expected float, got {value!r}") from None
         coerced[name] = value
     return RunConfig(**coerced)
+
+
+SPEC_KEYS = ("name", "base", "axes", "exclude", "include", "seeds")
+
+
+class SpecError(ValueError):
+    """A grid spec that cannot be expanded; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A study: `base` config, `axes` crossed, `exclude`/`include` for irregular grids, `seeds`.
+
+        name: quick            # optional; defaults to the file name
+        base: {epochs: 1, max_steps: 200}
+        axes: {activation: [sigmoid, relu], init: [default, he_normal],
+               clipping: [{clip: none}, {clip: norm, clip_threshold: 1.0}]}  # a mapping sets several keys
+        exclude: [{activation: sigmoid, init: he_normal}]   # drop matching crossed configs
+        include: [{activation: tanh, init: orthogonal}]     # extra configs (base + these keys)
+        seeds: [0, 1, 2]       # or a count: 3 means seeds 0, 1, 2
+    """
+
+    name: str
+    configs: tuple[RunConfig, ...]
+    source: str  # the YAML text, logged with the grid's parent run
+
+    @property
+    def spec_hash(self) -> str:
+        return hashlib.sha256("".join(c.config_hash() for c in self.configs).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> GridSpec:
+        path = Path(path)
+        text = path.read_text()
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{path}: not valid YAML ({exc})") from None
+        try:
+            return cls.from_dict(raw, default_name=path.stem, source=text)
+        except ConfigError as exc:
+            raise SpecError(f"{path}: {exc.key}: {exc.message}") from None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], default_name: str = "grid", source: str = "") -> GridSpec:
+        if not isinstance(raw, dict):
+            raise ConfigError("spec", "the top level must be a mapping")
+        for key in raw:
+            if key not in SPEC_KEYS:
+                raise ConfigError(key, f"unknown spec key (known: {', '.join(SPEC_KEYS)})")
+        base = _mapping(raw, "base")
+        axes = _mapping(raw, "axes")
+        for key, values in axes.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"axes.{key}", "must be a non-empty list of values")
+        seeds = raw.get("seeds", [base.get("seed", 0)])
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            seeds = list(range(seeds))
+        if not isinstance(seeds, list) or not seeds:
+            raise ConfigError("seeds", "must be a non-empty list of seeds or a count")
+        excludes = _mappings(raw, "exclude")
+        crossed = [_combine(axes, values) for values in itertools.product(*axes.values())]
+        combos = [("axes", c) for c in crossed if not any(_matches({**base, **c}, ex) for ex in excludes)]
+        combos += [(f"include[{j}]", c) for j, c in enumerate(_mappings(raw, "include"))]
+        configs: dict[str, RunConfig] = {}
+        for origin, combo in combos:
+            for seed in seeds:
+                try:
+                    config = from_dict({**base, **combo, "seed": seed})
+                except ConfigError as exc:
+                    where = "seeds" if exc.key == "seed" else f"{origin if exc.key in combo else 'base'}.{exc.key}"
+                    raise ConfigError(where, exc.message) from None
+                configs.setdefault(config.config_hash(), config)
+        if not configs:
+            raise ConfigError("axes", "the grid is empty (every configuration was excluded)")
+        return cls(name=str(raw.get("name", default_name)), configs=tuple(configs.values()), source=source)
+
+
+def _combine(axes: dict[str, list], values: tuple) -> dict[str, Any]:
+    """One point of the crossed axes; a mapping value sets several keys together (clip + threshold)."""
+    combo: dict[str, Any] = {}
+    for key, value in zip(axes, values):
+        combo.update(value if isinstance(value, dict) else {key: value})
+    return combo
+
+
+def _mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, "must be a mapping of config keys to values")
+    return value
+
+
+def _mappings(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = raw.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(key, "must be a list of mappings of config keys to values")
+    for entry in value:
+        for k in entry:
+            if k not in FIELDS:
+                raise ConfigError(f"{key}.{k}", "unknown config key")
+    return value
+
+
+def _matches(values: dict[str, Any], pattern: dict[str, Any]) -> bool:
+    """An exclude entry matches when every key it names has that value (or one of a list)."""
+    return all(values.get(k) in (v if isinstance(v, list) else [v]) for k, v in pattern.items())

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from . import plots
-from .config import RunConfig
+from .config import GridSpec, RunConfig
 from .diagnosis import diagnose, first_last_ratio
 from .monitor import Chunk, act_statistic
 from .data import Mnist
@@ -39,6 +39,8 @@ TAG_CONFIG_HASH = "gradbench.config_hash"
 TAG_GRID = "gradbench.grid"
 TAG_DIAGNOSIS = "gradbench.diagnosis"
 TAG_OUTCOME = "gradbench.outcome"
+TAG_SPEC_HASH = "gradbench.spec_hash"
+TAG_ROLE = "gradbench.role"  # "grid" on a grid's parent run
 MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch call
 MAX_PARAMS_PER_CALL = 100
 
@@ -270,3 +272,67 @@ def tracked_train(
         logger.fail("FAILED")
         raise
     return RunSummary(logger.run_id, run_name(config), result.outcome, diagnosis, result.final_test_acc, result.seconds)
+
+
+# -- grids: one parent run per spec, children found by config hash -----------------------------------
+
+
+def search_all(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
+    """Every run matching the filter (search_runs pages through at most 50,000 at a time)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=50_000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def finished_config_hashes(client: MlflowClient, experiment_id: str) -> set[str]:
+    """Config hashes that already have a FINISHED run in the experiment (diverged runs included)."""
+    runs = search_all(client, experiment_id, f"attributes.status = 'FINISHED' and tags.`{TAG_CONFIG_HASH}` LIKE '%'")
+    return {r.data.tags[TAG_CONFIG_HASH] for r in runs}
+
+
+def fail_stale_runs(client: MlflowClient, experiment_id: str, grid: str) -> int:
+    """Mark RUNNING children of this grid FAILED: a grid starting now means their process is gone
+    (killed outright, so it could not mark them itself). Returns how many were marked."""
+    stale = search_all(
+        client, experiment_id, f"attributes.status = 'RUNNING' and tags.`{TAG_GRID}` = '{grid}' and tags.`{TAG_CONFIG_HASH}` LIKE '%'"
+    )
+    for run in stale:
+        client.set_terminated(run.info.run_id, "FAILED")
+    return len(stale)
+
+
+def open_grid_run(client: MlflowClient, spec: GridSpec, experiment: str) -> tuple[str, str]:
+    """(experiment id, parent run id) for a grid: the `mlflow run` run if there is one, else the
+    unfinished parent of an interrupted run of the same spec (resumed), else a new run."""
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:
+        run = client.get_run(env_run)
+        exp_id, parent_id = run.info.experiment_id, env_run
+    else:
+        exp_id = experiment_id(client, experiment)
+        previous = search_all(
+            client, exp_id, f"tags.`{TAG_SPEC_HASH}` = '{spec.spec_hash}' and attributes.status != 'FINISHED'"
+        )
+        if previous:
+            parent_id = max(previous, key=lambda r: r.info.start_time).info.run_id
+            client.update_run(parent_id, status="RUNNING")
+        else:
+            parent_id = client.create_run(exp_id, run_name=spec.name).info.run_id
+    tags = {TAG_ROLE: "grid", TAG_GRID: spec.name, TAG_SPEC_HASH: spec.spec_hash, MLFLOW_RUN_NAME: spec.name}
+    client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    existing = client.get_run(parent_id).data.params
+    if "grid_runs" not in existing:
+        client.log_batch(parent_id, params=[Param("grid_runs", str(len(spec.configs)))])
+    client.log_text(parent_id, spec.source, "spec.yaml")
+    return exp_id, parent_id
+
+
+def close_grid_run(client: MlflowClient, parent_id: str, counts: dict[str, int], seconds: float, status: str) -> None:
+    metrics = [Metric(f"grid/{k}", float(v), _now(), 0) for k, v in counts.items()]
+    metrics.append(Metric("grid/seconds", seconds, _now(), 0))
+    client.log_batch(parent_id, metrics=metrics)
+    client.set_terminated(parent_id, status)

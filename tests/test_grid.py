@@ -1,0 +1,211 @@
+"""Grid specs, and grids run through the real CLI into a real MLflow store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.config import ConfigError, GridSpec, SpecError
+from tests.conftest import REPO, runs_of
+
+TINY_BASE = {"depth": 3, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 6, "log_every": 2}
+
+
+def write_spec(tmp_path, spec: dict, name="tiny.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def children(experiment):
+    return [r for r in runs_of(experiment) if "gradbench.config_hash" in r.data.tags]
+
+
+def parents(experiment):
+    return [r for r in runs_of(experiment) if r.data.tags.get("gradbench.role") == "grid"]
+
+
+# -- spec expansion --------------------------------------------------------------------------------
+
+
+def test_axes_are_crossed_over_the_base_and_seeds():
+    spec = GridSpec.from_dict(
+        {"base": {"depth": 4}, "axes": {"activation": ["relu", "tanh"], "init": ["default", "he_normal", "orthogonal"]},
+         "seeds": 2}
+    )
+    assert len(spec.configs) == 2 * 3 * 2
+    assert {c.depth for c in spec.configs} == {4}
+    assert {(c.activation, c.init, c.seed) for c in spec.configs} == {
+        (a, i, s) for a in ("relu", "tanh") for i in ("default", "he_normal", "orthogonal") for s in (0, 1)
+    }
+
+
+def test_exclude_and_include_make_irregular_grids():
+    spec = GridSpec.from_dict({
+        "axes": {"activation": ["relu", "tanh"], "depth": [5, 10]},
+        "exclude": [{"activation": "tanh", "depth": [10]}],
+        "include": [{"activation": "selu", "init": "lecun_normal"}],
+        "seeds": [3],
+    })
+    assert sorted((c.activation, c.depth, c.init) for c in spec.configs) == [
+        ("relu", 5, "default"), ("relu", 10, "default"), ("selu", 10, "lecun_normal"), ("tanh", 5, "default")
+    ]
+    assert {c.seed for c in spec.configs} == {3}
+
+
+def test_duplicate_configs_are_run_once():
+    spec = GridSpec.from_dict({"axes": {"depth": [5, 5]}, "include": [{"depth": 5}]})
+    assert len(spec.configs) == 1
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"axes": {"activation": ["relu", "swish"]}}, "axes.activation"),
+        ({"base": {"dept": 3}}, "base.dept"),
+        ({"axes": {"depth": []}}, "axes.depth"),
+        ({"axez": {}}, "axez"),
+        ({"include": [{"widht": 3}]}, "include.widht"),
+        ({"include": [{"lr": -1}]}, "include[0].lr"),
+        ({"seeds": []}, "seeds"),
+        ({"seeds": [-1]}, "seeds"),
+        ({"axes": {"depth": [5]}, "exclude": [{"depth": 5}]}, "axes"),
+    ],
+)
+def test_spec_errors_name_the_key(raw, key):
+    with pytest.raises(ConfigError) as err:
+        GridSpec.from_dict(raw)
+    assert err.value.key == key
+
+
+def test_spec_file_errors_name_the_file(tmp_path):
+    path = write_spec(tmp_path, {"axes": {"clip": ["none", "sometimes"]}})
+    with pytest.raises(SpecError, match=r"tiny.yaml: axes.clip: 'sometimes' is not one of"):
+        GridSpec.from_yaml(path)
+
+
+@pytest.mark.parametrize("name", ["quick.yaml", "standard.yaml"])
+def test_shipped_specs_are_valid(name):
+    spec = GridSpec.from_yaml(REPO / "benchmarks" / name)
+    assert spec.name == name.removesuffix(".yaml")
+    text = (REPO / "benchmarks" / name).read_text()
+    assert text.startswith("#") and f"gradbench grid benchmarks/{name}" in text  # header with the command
+    assert f"= {len(spec.configs)} runs" in text  # the header states the true run count
+
+
+def test_quick_spec_covers_the_study():
+    configs = GridSpec.from_yaml(REPO / "benchmarks" / "quick.yaml").configs
+    assert len({c.activation for c in configs}) >= 3 and len({c.init for c in configs}) >= 4
+    assert len({c.depth for c in configs}) >= 2 and {c.clip for c in configs} >= {"none", "norm"}
+
+
+# -- grids through the CLI -------------------------------------------------------------------------
+
+
+def grid_cli(spec_path, store, mnist_dir, *extra):
+    return CliRunner().invoke(
+        cli, ["grid", str(spec_path), "--data-dir", str(mnist_dir), "--experiment", store, "--no-progress", *extra],
+        catch_exceptions=False,
+    )
+
+
+def test_bad_spec_exits_2_and_creates_no_parent_run(store, mnist_dir, tmp_path):
+    path = write_spec(tmp_path, {"base": TINY_BASE, "axes": {"depth": [3, 1]}})
+    result = grid_cli(path, store, mnist_dir)
+    assert result.exit_code == 2
+    assert "tiny.yaml" in result.output and "axes.depth" in result.output
+    assert runs_of(store) == []
+
+
+def test_grid_makes_one_parent_and_a_child_per_config_and_resumes(store, mnist_dir, tmp_path):
+    spec = {"name": "tiny", "base": TINY_BASE, "axes": {"activation": ["relu", "tanh"]},
+            "include": [{"activation": "relu", "depth": 6, "width": 64, "init": "normal", "init_std": 1.0}]}
+    path = write_spec(tmp_path, spec)
+    result = grid_cli(path, store, mnist_dir)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("(run ") == 3  # one summary line per finished run
+    (parent,) = parents(store)
+    assert parent.info.run_name == "tiny" and parent.info.status == "FINISHED"
+    kids = children(store)
+    assert len(kids) == 3
+    for kid in kids:
+        assert kid.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert kid.data.tags["gradbench.grid"] == "tiny"
+        assert kid.data.params["depth"] in ("3", "6") and kid.info.status == "FINISHED"
+    # the diverging configuration is a result inside the grid, not the end of it
+    assert Counter(k.data.tags["gradbench.outcome"] for k in kids) == {"completed": 2, "diverged": 1}
+
+    again = grid_cli(path, store, mnist_dir)
+    assert again.exit_code == 0 and "3 already finished, 0 to run" in again.output
+    assert len(children(store)) == 3
+    rerun = grid_cli(path, store, mnist_dir, "--rerun")
+    assert rerun.exit_code == 0 and len(children(store)) == 6
+
+
+def test_two_workers_produce_every_run_exactly_once(store, mnist_dir, tmp_path):
+    spec = {"name": "pair", "base": TINY_BASE, "axes": {"activation": ["relu", "tanh", "elu"], "init": ["default", "he_normal"]}}
+    path = write_spec(tmp_path, spec)
+    result = grid_cli(path, store, mnist_dir, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    expected = {c.config_hash() for c in GridSpec.from_yaml(path).configs}
+    hashes = [k.data.tags["gradbench.config_hash"] for k in children(store)]
+    assert sorted(hashes) == sorted(expected)  # no duplicate, no missing run
+    assert all(k.info.status == "FINISHED" for k in children(store))
+    assert all(len(k.data.metrics) > 20 for k in children(store))  # workers logged everything
+
+
+@pytest.mark.slow
+def test_grid_killed_outright_resumes_without_duplicates(store, mnist_dir, tmp_path, tracking_uri):
+    spec = {"name": "killme", "base": {**TINY_BASE, "width": 64, "max_steps": 40},
+            "axes": {"activation": ["relu", "tanh", "elu", "gelu"], "init": ["default", "he_normal"]}}
+    path = write_spec(tmp_path, spec)
+    expected = {c.config_hash() for c in GridSpec.from_yaml(path).configs}
+    cmd = [sys.executable, "-m", "pipeline", "grid", str(path), "--data-dir", str(mnist_dir), "--experiment", store,
+           "--no-progress"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(k.info.status == "FINISHED" for k in children(store)) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = {k.data.tags["gradbench.config_hash"] for k in children(store) if k.info.status == "FINISHED"}
+    assert 2 <= len(first) < len(expected)
+
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{len(first)} already finished" in resumed.stdout
+    finished = [k.data.tags["gradbench.config_hash"] for k in children(store) if k.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(expected)
+    assert all(k.info.status in ("FINISHED", "FAILED") for k in children(store))  # nothing left RUNNING
+    (parent,) = parents(store)  # the interrupted parent was resumed, not duplicated
+    assert parent.info.status == "FINISHED"
+
+
+def test_an_axis_of_mappings_sets_keys_together():
+    spec = GridSpec.from_dict({"axes": {"depth": [3, 4], "clipping": [{"clip": "none"}, {"clip": "agc", "clip_threshold": 0.01}]},
+                               "exclude": [{"clip": "agc", "depth": 4}]})
+    assert sorted((c.depth, c.clip, c.clip_threshold) for c in spec.configs) == [
+        (3, "agc", 0.01), (3, "none", 1.0), (4, "none", 1.0)]
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_runs_a_grid_under_the_project_run(store, mnist_dir, tmp_path):
+    """`mlflow run .` (main): the project run becomes the grid's parent; children nest under it."""
+    path = write_spec(tmp_path, {"name": "tiny", "base": TINY_BASE, "axes": {"activation": ["relu", "tanh"]}})
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", store,
+           "-P", f"spec={path}", "-P", f"data_dir={mnist_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (parent,) = parents(store)
+    assert parent.info.run_name == "tiny" and parent.data.params["spec"] == str(path)
+    kids = children(store)
+    assert len(kids) == 2 and all(k.data.tags["mlflow.parentRunId"] == parent.info.run_id for k in kids)
