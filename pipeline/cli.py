@@ -167,3 +167,23 @@ def grid(spec_path: str, workers: int, rerun: bool, progress: bool, data_dir: st
     result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress)
     if result.failures:
         raise click.ClickException(f"{len(result.failures)} run(s) failed; run the same command again to retry them")
+
+
+@cli.command()
+@click.option("--grid-run", "grid_run_id", metavar="RUN_ID", default=None,
+              help="The grid's parent run (default: the latest grid in the experiment).")
+@click.option("--out-dir", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="Where the HTML file is written.")
+@experiment_option
+def report(grid_run_id: str | None, out_dir: str, experiment: str) -> None:
+    """Render a grid as one self-contained HTML report (seaborn figures inline, no network), written
+    to OUT_DIR/<grid>-<date>.html and logged as an artifact of the grid's parent run. Everything
+    comes from MLflow: runs, params, metrics and artifacts."""
+    from . import tracking
+    from .report import build_report
+
+    try:
+        path = build_report(experiment, grid_run_id or None, out_dir)  # '' from MLproject means none
+    except tracking.NotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"report written to {path}")

@@ -227,6 +227,7 @@ class GridSpec:
                 configs.setdefault(config.config_hash(), config)
         if not configs:
             raise ConfigError("axes", "the grid is empty (every configuration was excluded)")
+        source = source or yaml.safe_dump(raw, sort_keys=False)  # what is logged must rebuild this spec
         return cls(name=str(raw.get("name", default_name)), configs=tuple(configs.values()), source=source)
 
 

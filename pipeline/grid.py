@@ -158,13 +158,14 @@ def run_grid(
             else map(runner, todo)
         )
         with tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True) as bar:
+            write = bar.write if progress else echo  # lines above the bar, not through it
             for config, summary, error in stream:
                 if summary is not None:
                     result.summaries.append(summary)
-                    bar.write(summary.line())
+                    write(summary.line())
                 else:
                     result.failures.append((config, error))
-                    bar.write(f"FAILED {tracking.run_name(config)}: {error}")
+                    write(f"FAILED {tracking.run_name(config)}: {error}")
                 bar.update()
         status = "FAILED" if result.failures else "FINISHED"
     finally:

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import mlflow
 import numpy as np
+import yaml
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -33,6 +35,9 @@ from .diagnosis import diagnose, first_last_ratio
 from .monitor import Chunk, act_statistic
 from .data import Mnist
 from .train import ChunkSink, RunResult, train
+
+# One progress bar per artifact download drowns the report's output; users can still turn it on.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 EXPERIMENT = "gradbench"
 TAG_CONFIG_HASH = "gradbench.config_hash"
@@ -336,3 +341,81 @@ def close_grid_run(client: MlflowClient, parent_id: str, counts: dict[str, int],
     metrics.append(Metric("grid/seconds", seconds, _now(), 0))
     client.log_batch(parent_id, metrics=metrics)
     client.set_terminated(parent_id, status)
+
+
+# -- reading back: what the report stage needs, from MLflow alone ----------------------------------
+
+
+class NotFound(LookupError):
+    """The experiment, grid or run asked for is not in the tracking store."""
+
+
+def find_grid_run(client: MlflowClient, experiment: str, grid_run_id: str | None = None):
+    """The grid's parent run: `grid_run_id`; else the `mlflow run` run if it is a grid (the main
+    entry point); else the latest grid in the experiment (the `mlflow run` one's, if any)."""
+    if grid_run_id:
+        run = _get_run(client, grid_run_id)
+        if run.data.tags.get(TAG_ROLE) != "grid":
+            raise NotFound(f"run {grid_run_id} is not a grid's parent run")
+        return run
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:
+        run = _get_run(client, env_run)
+        if run.data.tags.get(TAG_ROLE) == "grid":
+            return run
+        found = client.get_experiment(run.info.experiment_id)
+    else:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise NotFound(f"no experiment {experiment!r} in {mlflow.get_tracking_uri()}: run `gradbench grid SPEC` first")
+    grids = search_all(client, found.experiment_id, f"tags.`{TAG_ROLE}` = 'grid'")
+    if not grids:
+        raise NotFound(f"experiment {found.name!r} has no grid runs: run `gradbench grid SPEC` first")
+    return max(grids, key=lambda r: r.info.start_time)
+
+
+def _get_run(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise NotFound(f"no run {run_id} in the tracking store {mlflow.get_tracking_uri()}") from None
+
+
+def grid_spec_of(client: MlflowClient, parent) -> GridSpec:
+    """The spec a grid ran, from its spec.yaml artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(parent.info.run_id, "spec.yaml", tmp)
+        text = Path(path).read_text()
+    raw = yaml.safe_load(text) or {}
+    return GridSpec.from_dict(raw, default_name=parent.data.tags.get(TAG_GRID, "grid"), source=text)
+
+
+def latest_finished_runs(client: MlflowClient, experiment_id: str, hashes: set[str]) -> dict[str, object]:
+    """config hash -> its most recent FINISHED run in the experiment (the run a resume would skip to)."""
+    runs = search_all(client, experiment_id, f"attributes.status = 'FINISHED' and tags.`{TAG_CONFIG_HASH}` LIKE '%'")
+    latest: dict[str, object] = {}
+    for run in runs:
+        h = run.data.tags[TAG_CONFIG_HASH]
+        if h in hashes and (h not in latest or run.info.start_time > latest[h].info.start_time):
+            latest[h] = run
+    return latest
+
+
+def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str) -> Path | None:
+    """A run's artifact as a local file, or None if the run does not have it."""
+    try:
+        return Path(client.download_artifacts(run_id, path, dst))
+    except (MlflowException, OSError):
+        return None
+
+
+def log_report(client: MlflowClient, parent_run_id: str, path: Path) -> None:
+    client.log_artifact(parent_run_id, str(path), "report")
+
+
+def run_url(run) -> str | None:
+    """Link to a run in the MLflow UI, when the tracking URI is a server."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"

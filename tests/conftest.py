@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -76,12 +77,17 @@ def tracking_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def store(tracking_uri, monkeypatch) -> str:
-    """Point MLflow at the session store, with a fresh experiment name for this test."""
+def store(tracking_uri, monkeypatch, tmp_path) -> str:
+    """Point MLflow at the session store, with a fresh experiment for this test whose artifacts
+    live in the test's tmp dir (MLflow's default would be ./mlruns wherever the test runs)."""
+    from mlflow import MlflowClient
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
-    return f"test-{uuid.uuid4().hex[:8]}"
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    MlflowClient(tracking_uri).create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
+    return name
 
 
 def runs_of(experiment: str):
@@ -91,3 +97,29 @@ def runs_of(experiment: str):
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     return [] if found is None else client.search_runs([found.experiment_id], max_results=10_000)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium through playwright. Skips locally without one; CI must have it."""
+    missing = None
+    if CHROMIUM is None:
+        missing = "no chromium on PATH"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            missing = "playwright is not installed"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests must run in CI: {missing}")
+        pytest.skip(missing)
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()

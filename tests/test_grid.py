@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import yaml
 from click.testing import CliRunner
+from mlflow import MlflowClient
 
 from pipeline.cli import cli
 from pipeline.config import ConfigError, GridSpec, SpecError
@@ -202,10 +203,19 @@ def test_mlflow_run_main_runs_a_grid_under_the_project_run(store, mnist_dir, tmp
     path = write_spec(tmp_path, {"name": "tiny", "base": TINY_BASE, "axes": {"activation": ["relu", "tanh"]}})
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", store,
-           "-P", f"spec={path}", "-P", f"data_dir={mnist_dir}"]
+           "-P", f"spec={path}", "-P", f"data_dir={mnist_dir}", "-P", f"out_dir={tmp_path / 'reports'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (parent,) = parents(store)
     assert parent.info.run_name == "tiny" and parent.data.params["spec"] == str(path)
     kids = children(store)
     assert len(kids) == 2 and all(k.data.tags["mlflow.parentRunId"] == parent.info.run_id for k in kids)
+    # ... and ends with the report, in reports/ and as an artifact of the project run
+    assert list((tmp_path / "reports").glob("tiny-*.html"))
+    assert [a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "report")]
+
+
+def test_a_spec_rebuilds_from_its_logged_source():
+    spec = GridSpec.from_dict({"name": "x", "axes": {"depth": [3, 4]}, "seeds": 2})
+    again = GridSpec.from_dict(yaml.safe_load(spec.source))
+    assert again.spec_hash == spec.spec_hash and again.name == "x"

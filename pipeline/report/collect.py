@@ -1,0 +1,61 @@
+"""Gather what a report needs from MLflow alone: the grid's runs, and their per-step tables."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .. import tracking
+from ..config import FIELDS
+
+
+@dataclass
+class ReportData:
+    grid: str
+    parent_run_id: str
+    experiment: str
+    runs: pd.DataFrame  # one row per configuration that has a finished run
+    layers: pd.DataFrame  # layer_stats of those runs, with the run's config columns joined
+    missing: list[str] = field(default_factory=list)  # what the report could not show, and why
+
+
+def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
+    client = tracking.get_client()
+    parent = tracking.find_grid_run(client, experiment, grid_run_id)
+    spec = tracking.grid_spec_of(client, parent)
+    configs = {c.config_hash(): c for c in spec.configs}
+    found = tracking.latest_finished_runs(client, parent.info.experiment_id, set(configs))
+    missing = [
+        f"{tracking.run_name(c)}: no finished run" for h, c in configs.items() if h not in found
+    ]
+    rows, tables = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for h, run in found.items():
+            config = configs[h]
+            metrics, tags = run.data.metrics, run.data.tags
+            row = {
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+                **config.to_dict(),
+                "outcome": tags.get(tracking.TAG_OUTCOME, "unknown"),
+                "diagnosis": tags.get(tracking.TAG_DIAGNOSIS, "unknown"),
+                "test_acc": metrics.get("final/test_acc", float("nan")),
+                "first_last_ratio": metrics.get("grad/first_last_ratio_init", float("nan")),
+                "url": tracking.run_url(run),
+            }
+            rows.append(row)
+            path = tracking.download_artifact(client, run.info.run_id, "gradients/layer_stats.parquet", f"{tmp}/{h}")
+            if path is None:
+                missing.append(f"{run.info.run_name}: no gradients/layer_stats.parquet artifact")
+                continue
+            table = pd.read_parquet(path)
+            table["run_id"] = run.info.run_id
+            tables.append(table)
+    runs = pd.DataFrame(rows, columns=["run_id", "run_name", *FIELDS, "outcome", "diagnosis", "test_acc",
+                                       "first_last_ratio", "url"])
+    layers = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
+    layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis"]], on="run_id") if tables else layers
+    experiment_name = client.get_experiment(parent.info.experiment_id).name
+    return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing)

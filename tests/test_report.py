@@ -1,0 +1,192 @@
+"""The report stage, from a real MLflow store, and the report and MLflow UI in headless Chromium."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from pipeline.cli import cli
+from pipeline.config import GridSpec
+from pipeline.grid import run_grid
+from tests.conftest import runs_of
+
+TINY_BASE = {"depth": 4, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 8, "log_every": 2}
+SPEC = {
+    "name": "tiny",
+    "base": TINY_BASE,
+    "axes": {"activation": ["relu", "tanh"], "init": ["default", "he_normal"],
+             "clipping": [{"clip": "none"}, {"clip": "norm", "clip_threshold": 0.5}]},
+}
+FIGURES = ["accuracy", "gradient-flow", "layer-step", "training", "clipping", "outcomes"]
+
+
+def make_grid(tmp_path, mnist_dir, store, spec=SPEC):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return run_grid(GridSpec.from_yaml(path), str(mnist_dir), experiment=store, echo=lambda s: None, progress=False)
+
+
+def report_cli(store, out_dir, *extra):
+    return CliRunner().invoke(cli, ["report", "--experiment", store, "--out-dir", str(out_dir), *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory, mnist_dir, tracking_uri):
+    """One tiny grid (8 runs) and its report, shared by the tests that only read them."""
+    tmp = tmp_path_factory.mktemp("report")
+    client = MlflowClient(tracking_uri)
+    store = "report-tiny"
+    client.create_experiment(store, artifact_location=(tmp / "artifacts").as_uri())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        grid = make_grid(tmp, mnist_dir, store)
+        # A run name is user data: it must come out of the report as text, never as markup.
+        victim = grid.summaries[0].run_id
+        client.set_tag(victim, "mlflow.runName", "<script>alert(1)</script>")
+        result = report_cli(store, tmp / "reports")
+    assert result.exit_code == 0, result.output
+    (html,) = (tmp / "reports").glob("tiny-*.html")
+    return html, grid, client
+
+
+def test_report_has_every_section_and_is_logged_to_the_grid_run(tiny_report):
+    html, grid, client = tiny_report
+    text = html.read_text()
+    for key in FIGURES:
+        assert f'<figure id="{key}">' in text, key
+    assert text.count('src="data:image/png;base64,') == len(FIGURES)
+    assert text.count("<tr>") == 1 + 8  # header + one row per configuration
+    artifacts = [a.path for a in client.list_artifacts(grid.parent_run_id, "report")]
+    assert artifacts == [f"report/{html.name}"]
+
+
+def test_strings_from_mlflow_are_escaped(tiny_report):
+    text = tiny_report[0].read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<script>alert(1)</script>" not in text
+
+
+def test_report_is_self_contained(tiny_report):
+    text = tiny_report[0].read_text()
+    for reference in ("http://", "https://", 'src="/', "url("):
+        assert reference not in text.split("<body>", 1)[1], reference
+
+
+def test_empty_experiment_is_a_clear_message(store, tmp_path):
+    result = report_cli(store, tmp_path)
+    assert result.exit_code == 1
+    assert "has no grid runs" in result.output and "Traceback" not in result.output
+    unknown = report_cli("no-such-experiment-xyz", tmp_path)
+    assert unknown.exit_code == 1 and "no experiment 'no-such-experiment-xyz'" in unknown.output
+    bad_id = report_cli(store, tmp_path, "--grid-run", "0" * 32)
+    assert bad_id.exit_code == 1 and "no run" in bad_id.output
+
+
+def test_grid_without_finished_runs_reports_what_is_missing(store, tmp_path, mnist_dir):
+    from pipeline import tracking
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(json.dumps(SPEC))
+    client = tracking.get_client()
+    _, parent = tracking.open_grid_run(client, GridSpec.from_yaml(path), store)  # a grid killed before any run
+    tracking.close_grid_run(client, parent, {}, 0.0, "KILLED")
+    result = report_cli(store, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    text = next((tmp_path / "out").glob("*.html")).read_text()
+    assert "has no finished runs" in text and text.count("no finished run</li>") == 8
+
+
+def test_run_missing_its_statistics_artifact_is_named(store, tmp_path, mnist_dir):
+    grid = make_grid(tmp_path, mnist_dir, store, {**SPEC, "axes": {"activation": ["relu", "tanh"]}})
+    victim = MlflowClient().get_run(grid.summaries[0].run_id)
+    artifact = Path(victim.info.artifact_uri.removeprefix("file://")) / "gradients" / "layer_stats.parquet"
+    artifact.unlink()
+    result = report_cli(store, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    text = next((tmp_path / "out").glob("*.html")).read_text()
+    assert f"{victim.info.run_name}: no gradients/layer_stats.parquet artifact" in text
+
+
+# -- in a real browser ------------------------------------------------------------------------------
+
+
+def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
+    html = tiny_report[0]
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(html.as_uri())
+    widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+    assert len(widths) == len(FIGURES) and all(w > 0 for w in widths)
+    assert errors == []
+    assert requests == [html.as_uri()]  # the page itself, nothing else
+    # the summary table sorts on click: test accuracy ascending, then descending
+    header = page.locator("#summary th", has_text="test_acc")
+    header.click()
+    col = page.evaluate("Array.from(document.querySelectorAll('#summary th')).findIndex(h => h.textContent == 'test_acc')")
+    values = page.evaluate(f"Array.from(document.querySelectorAll('#summary tbody tr')).map(r => parseFloat(r.cells[{col}].textContent))")
+    assert values == sorted(values)
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    assert (tmp_path / "report.png").stat().st_size > 50_000
+    page.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tracking_uri):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_mlflow_ui_lists_the_grid_and_offers_layer_metrics(tiny_report, browser, mlflow_server, tmp_path):
+    _, grid, client = tiny_report
+    parent = client.get_run(grid.parent_run_id)
+    exp_id = parent.info.experiment_id
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{mlflow_server}/#/experiments/{exp_id}/runs")
+    page.wait_for_selector("text=tiny", timeout=60_000)  # the grid's parent run, children nested under it
+    page.screenshot(path=str(tmp_path / "experiment.png"))
+    kids = [s.run_id for s in grid.summaries[:3]]
+    page.goto(f"{mlflow_server}/#/compare-runs?runs={json.dumps(kids)}&experiments={json.dumps([exp_id])}")
+    page.wait_for_selector("text=grad/backprop_norm/L00", timeout=60_000)
+    body = page.inner_text("body")
+    # the metric table is virtualized: the first screenful holds these, in alphabetical order
+    for name in ("clip/active", "grad/backprop_norm/L01", "grad/backprop_norm/L03"):
+        assert name in body, name
+    page.close()
