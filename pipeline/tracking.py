@@ -29,7 +29,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, Ru
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from . import plots
+from . import plots, theory
 from .config import GridSpec, RunConfig
 from .diagnosis import diagnose, first_last_ratio
 from .monitor import Chunk, act_statistic
@@ -202,7 +202,8 @@ class RunLogger(ChunkSink):
             "grad/first_last_ratio_init": first_last_ratio(result.table, "backprop_norm"),
             "grad/first_last_weight_ratio_init": first_last_ratio(result.table, "weight_grad_norm"),
         }
-        self._log_metrics([Metric(k, float(v), _now(), last) for k, v in summaries.items() if not _is_missing(v)])
+        summaries.update(theory_metrics(self.config, result))
+        self._log_metrics([Metric(k, float(v), _now(), last) for k, v in summaries.items() if math.isfinite(v)])
         self._log_artifacts(result)
         self.client.log_batch(
             self.run_id, tags=[RunTag(TAG_OUTCOME, result.outcome), RunTag(TAG_DIAGNOSIS, diagnosis)]
@@ -232,8 +233,20 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _is_missing(value: float) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def theory_metrics(config: RunConfig, result: RunResult) -> dict[str, float]:
+    """Mean-field prediction for the config against the slope measured at step 0."""
+    prediction = theory.predict(config, result.input_sq_mean)
+    init = result.table[result.table.step == 0].sort_values("layer")
+    measured = theory.measured_slope(init.backprop_norm.to_numpy()) if len(init) else math.nan
+    return {
+        "theory/chi1": prediction.chi1,
+        "theory/q_star": prediction.q_star,
+        "theory/xi": prediction.xi,
+        "theory/slope_fixed_point": prediction.slope,
+        "theory/slope_pred": prediction.finite_slope,
+        "theory/slope_measured": measured,
+        "theory/slope_error": measured - prediction.finite_slope,
+    }
 
 
 

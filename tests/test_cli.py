@@ -39,7 +39,8 @@ def test_train_records_one_run_with_the_full_contract(store, mnist_dir, tmp_path
     client = MlflowClient()
     metrics = run.data.metrics
     for key in ["train/loss", "train/acc", "test/loss", "test/acc", "grad/global_norm_pre_clip",
-                "grad/global_norm_post_clip", "clip/active", "final/test_acc", "grad/first_last_ratio_init"]:
+                "grad/global_norm_post_clip", "clip/active", "final/test_acc", "grad/first_last_ratio_init",
+                "theory/chi1", "theory/slope_pred", "theory/slope_measured", "theory/slope_error"]:
         assert key in metrics, key
     for layer in range(4):
         for prefix in ("grad/weight_norm", "grad/backprop_norm", "update/ratio"):

@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .. import theory  # noqa: E402
+from ..config import FIELDS, from_dict  # noqa: E402
 from ..diagnosis import LABELS  # noqa: E402
 
 MAX_POINTS = 150  # steps per curve: enough to read a curve, few enough to draw 100 runs fast
@@ -84,14 +86,40 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
                       var_name="statistic", value_name="norm")
     long["log10 norm"] = _log10(long["norm"])
     long["statistic"] = long.statistic.map({"backprop_norm": "||dL/dh||", "weight_grad_norm": "||dL/dW||"})
-    grid = sns.relplot(data=long, x="layer", y="log10 norm", hue="init", col="activation", row="statistic",
-                       kind="line", marker="o", height=2.6, aspect=1.2, facet_kws={"sharey": "row"})
+    inits = sorted(start.init.unique())
+    palette = dict(zip(inits, sns.color_palette(n_colors=len(inits))))
+    grid = sns.relplot(data=long, x="layer", y="log10 norm", hue="init", hue_order=inits, palette=palette,
+                       col="activation", row="statistic", kind="line", marker="o", height=2.6, aspect=1.2,
+                       facet_kws={"sharey": "row"})
+    for activation, ax in zip(grid.col_names, grid.axes[0]):
+        for init in inits:
+            line = theory_line(start[(start.activation == activation) & (start.init == init)])
+            if line is not None:
+                ax.plot(*line, linestyle="--", color=palette[init], linewidth=1.2)
     grid.set_titles("{row_name} - {col_name}")
     return Figure("gradient-flow", f"Gradient flow at initialization (depth {depth})",
                   "log10 norm of the error signal dL/dh (top) and of the weight gradient dL/dW (bottom) per layer "
                   "at step 0, layer 0 next to the input, colour = init (Glorot & Bengio's picture). A line that "
                   "falls towards layer 0 is a vanishing gradient; one that rises is an exploding gradient; flat is "
-                  "what a good init achieves.", _encode(grid.figure))
+                  "what a good init achieves. Dashed: the mean-field prediction (pipeline/theory.py) for the hidden "
+                  "layers, anchored at the last hidden layer's measured value.", _encode(grid.figure))
+
+
+def theory_line(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """Predicted log10 ||dL/dh|| over the hidden layers of one config's runs (step 0), from the
+    finite-depth mean-field slopes, anchored at the mean measured value of the last hidden layer."""
+    if rows.empty:
+        return None
+    values = {k: (v.item() if hasattr(v, "item") else v) for k, v in rows.iloc[0].items() if k in FIELDS}
+    prediction = theory.predict(from_dict(values))
+    last_hidden = int(rows.layer.max()) - 1
+    anchor = _log10(rows[rows.layer == last_hidden].backprop_norm).mean()
+    if not np.isfinite(anchor) or not prediction.layer_slopes:
+        return None
+    # going from layer l+1 down to layer l adds slope_l (natural log) to ln||dL/dh||
+    steps = np.array(prediction.layer_slopes[::-1]) / np.log(10)
+    layers = np.arange(last_hidden, -1, -1)
+    return layers, anchor + np.concatenate([[0.0], np.cumsum(steps)])[: len(layers)]
 
 
 def telling_runs(runs: pd.DataFrame) -> list[tuple[str, pd.Series]]:
