@@ -187,3 +187,28 @@ def report(grid_run_id: str | None, out_dir: str, experiment: str) -> None:
     except tracking.NotFound as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"report written to {path}")
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="Smaller budgets: the whole suite in under two minutes on 2 CPU cores.")
+@click.option("--out", default="reports/perf.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Where the JSON results are written.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda or cuda:N.")
+@data_dir_option
+@source_option
+def bench(quick: bool, out: str, device: str, data_dir: str, source: str | None) -> None:
+    """Measure gradbench's speed and the cost of its instrumentation, each as a ratio of two
+    things timed side by side in this process: the loop against the classic PyTorch MNIST
+    example's, monitoring on/off, MLflow on/off, FLOP/s against the measured matmul peak, and
+    peak memory. Prints a markdown table and writes JSON to --out."""
+    _prepare(data_dir, source)
+    from .bench import markdown, run_bench, write_json
+    from .train import get_device
+
+    try:
+        get_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    results = run_bench(data_dir, source, quick, device, echo=lambda s: click.echo(s, err=True))
+    click.echo(markdown(results))
+    click.echo(f"\nwritten to {write_json(results, out)}", err=True)

@@ -63,6 +63,12 @@ class RunConfig:
     width: int = field(default=256, metadata=_spec("Units in each hidden layer.", min=1))
     init: str = field(default="default", metadata=_spec("Weight initialization scheme.", choices=INITS))
     init_std: float = field(default=1.0, metadata=_spec("Std of the weights for --init normal.", gt=0.0))
+    init_gain: float = field(
+        default=1.0, metadata=_spec("Multiplies the weight std of xavier_*, he_*, lecun_normal, orthogonal.", gt=0.0)
+    )
+    bias_std: float = field(
+        default=0.0, metadata=_spec("Biases ~ N(0, bias_std^2) for every init but default (0: zero).", min=0.0)
+    )
     clip: str = field(default="none", metadata=_spec("Gradient clipping mode.", choices=CLIPS))
     clip_threshold: float = field(
         default=1.0, metadata=_spec("Max global norm (norm), max |g| (value) or max ratio (agc).", gt=0.0)
@@ -154,7 +160,8 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
     return RunConfig(**coerced)
 
 
-SPEC_KEYS = ("name", "base", "axes", "exclude", "include", "seeds")
+SPEC_KEYS = ("name", "base", "axes", "exclude", "include", "seeds", "reproduces")
+PAPERS = ("glorot2010", "he2015", "pascanu2013", "schoenholz2017")  # see report/papers.py
 
 
 class SpecError(ValueError):
@@ -172,11 +179,13 @@ class GridSpec:
         exclude: [{activation: sigmoid, init: he_normal}]   # drop matching crossed configs
         include: [{activation: tanh, init: orthogonal}]     # extra configs (base + these keys)
         seeds: [0, 1, 2]       # or a count: 3 means seeds 0, 1, 2
+        reproduces: he2015     # optional: the report compares with that paper's findings
     """
 
     name: str
     configs: tuple[RunConfig, ...]
     source: str  # the YAML text, logged with the grid's parent run
+    reproduces: str | None = None  # a paper of PAPERS: the report sets its numbers beside ours
 
     @property
     def spec_hash(self) -> str:
@@ -212,6 +221,9 @@ class GridSpec:
             seeds = list(range(seeds))
         if not isinstance(seeds, list) or not seeds:
             raise ConfigError("seeds", "must be a non-empty list of seeds or a count")
+        reproduces = raw.get("reproduces")
+        if reproduces is not None and reproduces not in PAPERS:
+            raise ConfigError("reproduces", f"{reproduces!r} is not one of {', '.join(PAPERS)}")
         excludes = _mappings(raw, "exclude")
         crossed = [_combine(axes, values) for values in itertools.product(*axes.values())]
         combos = [("axes", c) for c in crossed if not any(_matches({**base, **c}, ex) for ex in excludes)]
@@ -228,7 +240,7 @@ class GridSpec:
         if not configs:
             raise ConfigError("axes", "the grid is empty (every configuration was excluded)")
         source = source or yaml.safe_dump(raw, sort_keys=False)  # what is logged must rebuild this spec
-        return cls(name=str(raw.get("name", default_name)), configs=tuple(configs.values()), source=source)
+        return cls(str(raw.get("name", default_name)), tuple(configs.values()), source, reproduces)
 
 
 def _combine(axes: dict[str, list], values: tuple) -> dict[str, Any]:

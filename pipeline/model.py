@@ -32,12 +32,12 @@ SATURATION_THRESHOLD = {"sigmoid": 3.6369, "tanh": 1.8184, "softsign": 2.1623}
 RECTIFIERS = ("relu", "leaky_relu", "elu", "gelu", "selu")
 
 
-def _zero_bias(init_weight: Callable[[torch.Tensor, RunConfig], object]) -> Callable[[nn.Linear, RunConfig], None]:
-    """An init that sets W with `init_weight(W, config)` and b to zero."""
+def _fan_based(init_weight: Callable[[torch.Tensor, RunConfig], object]) -> Callable[[nn.Linear, RunConfig], None]:
+    """An init that sets W with `init_weight(W, config)` and b ~ N(0, bias_std^2) (zero by default)."""
 
     def init(layer: nn.Linear, config: RunConfig) -> None:
         init_weight(layer.weight, config)
-        nn.init.zeros_(layer.bias)
+        nn.init.normal_(layer.bias, 0.0, config.bias_std) if config.bias_std > 0 else nn.init.zeros_(layer.bias)
 
     return init
 
@@ -46,15 +46,17 @@ def _keep_default(layer: nn.Linear, config: RunConfig) -> None:
     """PyTorch's own Linear init: W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Glorot's 'standard')."""
 
 
+_RELU_GAIN = math.sqrt(2.0)
 INITS: dict[str, Callable[[nn.Linear, RunConfig], None]] = {
     "default": _keep_default,
-    "normal": _zero_bias(lambda w, cfg: nn.init.normal_(w, 0.0, cfg.init_std)),
-    "xavier_uniform": _zero_bias(lambda w, cfg: nn.init.xavier_uniform_(w)),
-    "xavier_normal": _zero_bias(lambda w, cfg: nn.init.xavier_normal_(w)),
-    "he_uniform": _zero_bias(lambda w, cfg: nn.init.kaiming_uniform_(w, mode="fan_in", nonlinearity="relu")),
-    "he_normal": _zero_bias(lambda w, cfg: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu")),
-    "lecun_normal": _zero_bias(lambda w, cfg: nn.init.normal_(w, 0.0, 1.0 / math.sqrt(w.shape[1]))),
-    "orthogonal": _zero_bias(lambda w, cfg: nn.init.orthogonal_(w)),
+    "normal": _fan_based(lambda w, cfg: nn.init.normal_(w, 0.0, cfg.init_std)),
+    "xavier_uniform": _fan_based(lambda w, cfg: nn.init.xavier_uniform_(w, gain=cfg.init_gain)),
+    "xavier_normal": _fan_based(lambda w, cfg: nn.init.xavier_normal_(w, gain=cfg.init_gain)),
+    # He et al.: Var[W] = 2 / fan_in, the ReLU gain sqrt(2) on LeCun's 1 / fan_in
+    "he_uniform": _fan_based(lambda w, cfg: nn.init.kaiming_uniform_(w, a=0.0, mode="fan_in", nonlinearity="relu").mul_(cfg.init_gain)),
+    "he_normal": _fan_based(lambda w, cfg: nn.init.normal_(w, 0.0, cfg.init_gain * _RELU_GAIN / math.sqrt(w.shape[1]))),
+    "lecun_normal": _fan_based(lambda w, cfg: nn.init.normal_(w, 0.0, cfg.init_gain / math.sqrt(w.shape[1]))),
+    "orthogonal": _fan_based(lambda w, cfg: nn.init.orthogonal_(w, gain=cfg.init_gain)),
 }
 
 

@@ -92,7 +92,9 @@ def test_spec_file_errors_name_the_file(tmp_path):
         GridSpec.from_yaml(path)
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "standard.yaml"])
+@pytest.mark.parametrize(
+    "name", ["quick.yaml", "standard.yaml", "glorot2010.yaml", "he2015.yaml", "pascanu2013.yaml", "schoenholz2017.yaml"]
+)
 def test_shipped_specs_are_valid(name):
     spec = GridSpec.from_yaml(REPO / "benchmarks" / name)
     assert spec.name == name.removesuffix(".yaml")

@@ -66,3 +66,13 @@ def test_build_model_is_seeded_by_the_global_rng():
     torch.manual_seed(1)
     b = build_model(cfg)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("init", ["xavier_normal", "he_uniform", "he_normal", "lecun_normal", "orthogonal"])
+def test_init_gain_scales_the_std_and_bias_std_sets_the_biases(init):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(FAN_IN, FAN_OUT)
+    with torch.no_grad():
+        INIT_REGISTRY[init](layer, RunConfig(init=init, init_gain=1.5, bias_std=0.3))
+    assert layer.weight.double().var().item() == pytest.approx(1.5**2 * EXPECTED_VAR[init], rel=0.03)
+    assert layer.bias.double().std().item() == pytest.approx(0.3, rel=0.25)  # 400 samples

@@ -68,3 +68,13 @@ def test_predicted_slope_matches_the_measured_one(mnist, activation, init, std):
     prediction = theory.predict(cfg, float(mnist.x_train.pow(2).mean()))
     init_norms = train(cfg, mnist).table.query("step == 0").sort_values("layer").backprop_norm.to_numpy()
     assert theory.measured_slope(init_norms) == pytest.approx(prediction.finite_slope, abs=0.05)
+
+
+def test_gain_and_bias_variance_enter_the_prediction():
+    # LeCun with gain sqrt(2) is He: critical for ReLU
+    assert theory.predict(RunConfig(activation="relu", init="lecun_normal", init_gain=math.sqrt(2))).chi1 == pytest.approx(1.0)
+    cfg = RunConfig(activation="tanh", init="lecun_normal", init_gain=1.5, bias_std=0.2)
+    assert theory.sigma_w2_of(cfg, 256, 256) == pytest.approx(2.25)
+    assert theory.sigma_b2_of(cfg, 256) == pytest.approx(0.04)
+    # with biases, q* stays away from zero even in the ordered phase
+    assert theory.predict(cfg.replace(init_gain=0.8)).q_star > 0.01

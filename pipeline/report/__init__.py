@@ -19,6 +19,7 @@ import mlflow
 from .. import tracking
 from .collect import ReportData, collect
 from .figures import all_figures
+from .papers import section
 
 SUMMARY_COLUMNS = ["run_name", "activation", "depth", "width", "init", "clip", "clip_threshold", "seed", "outcome",
                    "diagnosis", "test_acc", "first_last_ratio"]
@@ -40,6 +41,7 @@ def render(data: ReportData, n_configs: int) -> str:
         tracking_uri=mlflow.get_tracking_uri(),
         missing=data.missing,
         figures=all_figures(data.runs, data.layers),
+        paper=section(data.reproduces, data.runs, data.layers),
         columns=SUMMARY_COLUMNS,
         rows=rows,
         any_url=any(r["url"] for r in rows),

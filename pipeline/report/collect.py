@@ -19,6 +19,7 @@ class ReportData:
     runs: pd.DataFrame  # one row per configuration that has a finished run
     layers: pd.DataFrame  # layer_stats of those runs, with the run's config columns joined
     missing: list[str] = field(default_factory=list)  # what the report could not show, and why
+    reproduces: str | None = None  # the paper the grid's spec reproduces, if any
 
 
 def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
@@ -58,4 +59,4 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
     layers = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
     layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis"]], on="run_id") if tables else layers
     experiment_name = client.get_experiment(parent.info.experiment_id).name
-    return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing)
+    return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing, spec.reproduces)

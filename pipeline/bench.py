@@ -1,0 +1,230 @@
+"""bench: how fast gradbench trains, and what its instrumentation costs.
+
+    gradbench bench [--quick] [--out reports/perf.json]
+
+Every figure is a ratio of two things timed side by side in this process, on the same machine:
+1. gradbench's loop (full monitoring on) against the seed-style loop of the classic PyTorch MNIST
+   example: torchvision MNIST with ToTensor + Normalize through a DataLoader (batch 64,
+   num_workers 0), a host copy per batch, loss.item() every 10 steps, the 784-512-256-10 ReLU net;
+2. full per-layer monitoring against monitoring off, same loop and config;
+3. MLflow tracking on (a real SQLite store) against off: the fraction of the run time it adds;
+4. achieved FLOP/s of the loop (6 x parameters x samples / time) at depth 20, widths 256 and 1024,
+   against the fp32 matmul peak measured here and now;
+5. peak resident memory of one quick-grid run (a subprocess), and peak GPU memory where there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import RunConfig
+from .data import MEAN, STD, Mnist, load
+from .train import get_device, train
+
+REFERENCE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int  # training steps per timed loop
+    repeats: int  # best of this many (the least disturbed measurement)
+    quick_grid: bool  # also time the quick grid end to end
+
+
+QUICK = Budget(steps=150, repeats=2, quick_grid=False)
+FULL = Budget(steps=600, repeats=3, quick_grid=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def reference_loop(data_dir: str, device: torch.device, steps: int) -> Callable[[], None]:
+    """The seed-style loop, as in pytorch/examples' mnist/main.py, cut to `steps` steps."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+    dataset = datasets.MNIST(data_dir, train=True, download=False, transform=transform)
+
+    def run() -> None:
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=REFERENCE_BATCH, shuffle=True, num_workers=0)
+        model = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256),
+            torch.nn.ReLU(), torch.nn.Linear(256, 10),
+        ).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model.train()
+        for batch_idx, (x, y) in enumerate(loader):
+            if batch_idx == steps:
+                break
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            if batch_idx % 10 == 0:
+                loss.item()  # the example prints the loss every log_interval = 10 batches
+
+    return run
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """fp32 matmul FLOP/s: the best of `repeats` n x n x n products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.mm(a, b)  # warm up
+    seconds = _best_seconds(lambda: torch.mm(a, b), device, repeats)
+    return 2 * n**3 / seconds
+
+
+def _params(config: RunConfig) -> int:
+    w = config.width
+    return 785 * w + (config.depth - 2) * (w + 1) * w + (w + 1) * 10
+
+
+def _quick_run_rss_mb(data_dir: str) -> float:
+    """Peak RSS (MB) of one quick-grid run (its deepest config), tracked into a throwaway store."""
+    args = ["--activation", "sigmoid", "--depth", "20", "--width", "128", "--max-steps", "300",
+            "--train-subset", "38400", "--data-dir", data_dir, "--experiment", "bench"]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        env.pop("MLFLOW_RUN_ID", None)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        subprocess.run([sys.executable, "-m", "pipeline", "train", *args], env=env, cwd=tmp, check=True,
+                       capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(after, before) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _quick_grid_seconds(data_dir: str) -> float:
+    spec = Path(__file__).resolve().parents[1] / "benchmarks" / "quick.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        env.pop("MLFLOW_RUN_ID", None)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pipeline", "grid", str(spec), "--data-dir", data_dir, "--no-progress"],
+                       env=env, cwd=tmp, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def run_bench(data_dir: str, source: str | None = None, quick: bool = False, device_name: str = "auto",
+              echo: Callable[[str], None] = print) -> dict:
+    budget = QUICK if quick else FULL
+    device = get_device(device_name)
+    data: Mnist = load(data_dir, device, source=source)
+    steps = budget.steps
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "torch_threads": torch.get_num_threads(), "steps": steps, "quick": quick}
+
+    def timed(config: RunConfig, **kwargs) -> float:
+        return _best_seconds(lambda: train(config, data, **kwargs), device, budget.repeats)
+
+    echo("1/5 gradbench loop against the seed-style loop")
+    ours_cfg = RunConfig(activation="relu", depth=3, width=512, batch_size=REFERENCE_BATCH, max_steps=steps,
+                         device=str(device))
+    reference = _best_seconds(reference_loop(data_dir, device, steps), device, budget.repeats)
+    ours = timed(ours_cfg)
+    results["seed_loop_samples_per_s"] = steps * REFERENCE_BATCH / reference
+    results["gradbench_samples_per_s"] = steps * REFERENCE_BATCH / ours
+    results["speedup_vs_seed_loop"] = reference / ours
+
+    echo("2/5 monitoring on against off")
+    monitored_cfg = RunConfig(activation="tanh", depth=10, width=256, max_steps=steps, device=str(device))
+    on, off = timed(monitored_cfg), timed(monitored_cfg, full_monitor=False)
+    results["monitor_overhead"] = on / off
+
+    echo("3/5 MLflow tracking on against off")
+    results["mlflow_overhead"] = _mlflow_overhead(monitored_cfg, data, device, budget.repeats)
+
+    echo("4/5 achieved FLOP/s against the matmul peak")
+    peak = matmul_peak(device)
+    results["matmul_peak_gflops"] = peak / 1e9
+    for width in (256, 1024):
+        cfg = RunConfig(activation="relu", depth=20, width=width, init="he_normal", max_steps=steps // 3,
+                        device=str(device))
+        seconds = timed(cfg)
+        flops = 6 * _params(cfg) * cfg.batch_size * cfg.max_steps / seconds
+        results[f"loop_gflops_w{width}"] = flops / 1e9
+        results[f"peak_fraction_w{width}"] = flops / peak
+
+    echo("5/5 peak memory of a quick-grid run")
+    results["peak_rss_mb"] = _quick_run_rss_mb(data_dir)
+    if device.type == "cuda":
+        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if budget.quick_grid:
+        echo("   and the quick grid end to end")
+        results["quick_grid_seconds"] = _quick_grid_seconds(data_dir)
+    return results
+
+
+def _mlflow_overhead(config: RunConfig, data: Mnist, device: torch.device, repeats: int) -> float:
+    """Fraction of a tracked run's time that MLflow adds: (tracked - untracked) / tracked."""
+    from . import tracking
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        try:
+            client = tracking.get_client()
+            client.create_experiment("bench", artifact_location=Path(tmp, "artifacts").as_uri())
+            tracked = _best_seconds(lambda: tracking.tracked_train(config, data, "bench", client=client), device, repeats)
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_TRACKING_URI")
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved
+    plain = _best_seconds(lambda: train(config, data), device, repeats)
+    return (tracked - plain) / tracked
+
+
+def markdown(results: dict) -> str:
+    rows = [
+        ("device", results["device"], ""),
+        ("gradbench loop, samples/s", f"{results['gradbench_samples_per_s']:,.0f}", "full monitoring on"),
+        ("seed-style loop, samples/s", f"{results['seed_loop_samples_per_s']:,.0f}", "DataLoader + transforms"),
+        ("speedup vs seed loop", f"{results['speedup_vs_seed_loop']:.2f}x", "target >= 5x"),
+        ("monitoring on / off", f"{results['monitor_overhead']:.3f}", "target <= 1.10"),
+        ("MLflow share of run time", f"{results['mlflow_overhead']:.1%}", "target <= 5%"),
+        ("fp32 matmul peak", f"{results['matmul_peak_gflops']:.0f} GFLOP/s", "measured here"),
+        ("depth 20, width 256", f"{results['peak_fraction_w256']:.1%} of peak", f"{results['loop_gflops_w256']:.0f} GFLOP/s"),
+        ("depth 20, width 1024", f"{results['peak_fraction_w1024']:.1%} of peak", f"{results['loop_gflops_w1024']:.0f} GFLOP/s; target >= 50%"),
+        ("peak RSS, one quick-grid run", f"{results['peak_rss_mb']:.0f} MB", ""),
+    ]
+    if "peak_gpu_mb" in results:
+        rows.append(("peak GPU memory", f"{results['peak_gpu_mb']:.0f} MB", ""))
+    if "quick_grid_seconds" in results:
+        rows.append(("quick grid end to end", f"{results['quick_grid_seconds']:.0f} s", "48 runs"))
+    lines = ["| measure | value | note |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def write_json(results: dict, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return out

@@ -1,0 +1,156 @@
+"""Paper reproductions: for a spec with `reproduces: <paper>`, a report section that sets the
+paper's numbers or findings beside the measured ones. One function per paper of config.PAPERS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from .. import theory
+from .figures import Figure, _encode
+
+# Glorot & Bengio 2010, Table 1, MNIST column: test error (%) after training; "N" (normalized
+# init) is xavier_uniform, the plain rows used U(+-1/sqrt(fan_in)), PyTorch's default.
+GLOROT_TABLE1_MNIST = {
+    ("softsign", "default"): 1.64,
+    ("softsign", "xavier_uniform"): 1.72,
+    ("tanh", "default"): 1.76,
+    ("tanh", "xavier_uniform"): 1.64,
+    ("sigmoid", "default"): 2.21,
+}
+CONVERGED_ACC = 0.5  # a run "converges" if its final test accuracy is above this (chance is 0.10)
+
+
+@dataclass
+class Section:
+    paper: str
+    finding: str
+    columns: list[str]
+    rows: list[list[object]]
+    figures: list[Figure] = field(default_factory=list)
+    note: str = ""
+
+
+def _mean_sd(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
+    values = values.dropna() * scale
+    if values.empty:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def glorot2010(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
+    rows = []
+    for (activation, init), group in runs.groupby(["activation", "init"]):
+        paper = GLOROT_TABLE1_MNIST.get((activation, init))
+        rows.append([activation, "normalized (xavier_uniform)" if init == "xavier_uniform" else "standard (default)",
+                     "n/a" if paper is None else f"{paper:.2f}", _mean_sd(1 - group.test_acc, 100), len(group)])
+    return Section(
+        "Glorot & Bengio 2010",
+        "With 5 hidden layers of 1000 units, sigmoid trains worst; the normalized init helps tanh; "
+        "softsign is robust to the init. Back-propagated gradients shrink towards the input with the "
+        "standard init and stay level with the normalized one (see the gradient-flow figure).",
+        ["activation", "init", "paper: test error %", "measured: test error %", "runs"],
+        rows,
+        note="Paper numbers: their Table 1, MNIST column (the paper did not report sigmoid with the normalized init).",
+    )
+
+
+def _steps_to_loss(layers: pd.DataFrame, run_id: str, threshold: float = 0.5, window: int = 20) -> float:
+    """First step at which the training loss, averaged over `window` steps, falls below `threshold`."""
+    loss = layers[(layers.run_id == run_id) & (layers.layer == 0)].sort_values("step").set_index("step").loss
+    smooth = loss.rolling(window, min_periods=window).mean()
+    below = smooth[smooth < threshold]
+    return float(below.index[0]) if len(below) else float("nan")
+
+
+def he2015(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
+    paper = {(22, "xavier_normal"): "converges (later)", (22, "he_normal"): "converges (sooner)",
+             (30, "xavier_normal"): "stalls", (30, "he_normal"): "converges"}
+    rows = []
+    for (depth, init), group in runs.groupby(["depth", "init"]):
+        steps = pd.Series([_steps_to_loss(layers, r) for r in group.run_id])
+        rows.append([depth, init, paper.get((depth, init), "n/a"), f"{int(steps.notna().sum())} of {len(group)}",
+                     _mean_sd(steps, digits=0), _mean_sd(group.test_acc, digits=3)])
+    return Section(
+        "He et al. 2015",
+        "ReLU nets: with Xavier init the error signal halves in variance at every layer "
+        "(chi_1 = 1/2), with He init it is preserved (chi_1 = 1). At depth 22 both train, He's sooner; "
+        "at depth 30 Xavier stalls.",
+        ["depth", "init", "paper", "measured: runs that converged", "steps to converge", "final test accuracy"],
+        rows,
+        note="Converged: the training loss, averaged over 20 steps, fell below 0.5 within the budget. Paper: "
+             "their Figures 2 and 3 (ImageNet, convolutional nets); here MLPs of the same depths on MNIST.",
+    )
+
+
+def pascanu2013(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
+    unclipped = layers[(layers["clip"] == "none") & (layers.layer == 0)]
+    mean_norm = float(unclipped.global_norm_pre_clip.replace([np.inf, -np.inf], np.nan).mean())
+    rows = []
+    for (clip, threshold), group in runs.groupby(["clip", "clip_threshold"]):
+        per_step = layers[layers.run_id.isin(group.run_id) & (layers.layer == 0)]
+        label = "none" if clip == "none" else f"{threshold:g}"
+        ratio = "" if clip == "none" else f"{threshold / mean_norm:.2f}"
+        outcomes = ", ".join(f"{n} {d}" for d, n in group.diagnosis.value_counts().items())
+        rows.append([label, ratio, f"{per_step.clip_active.mean():.2f}", _mean_sd(group.test_acc, digits=3), outcomes])
+    rows.sort(key=lambda r: (r[0] != "none", float(r[0]) if r[0] != "none" else 0.0))
+    return Section(
+        "Pascanu et al. 2013",
+        "Clipping the global gradient norm keeps an exploding model trainable; any threshold from about "
+        "half to ten times the average gradient norm works.",
+        ["norm clip threshold", "x mean unclipped norm", "fraction of steps clipped", "test accuracy", "diagnosis"],
+        rows,
+        note=f"Mean unclipped global gradient norm, measured over the unclipped runs: {mean_norm:.3g}.",
+    )
+
+
+def schoenholz2017(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
+    runs = runs.assign(sigma_w2=(runs.init_gain**2).round(3))
+    sigma_b2 = float(runs.bias_std.iloc[0] ** 2)
+    table = runs.pivot_table(index="depth", columns="sigma_w2", values="test_acc")
+    grid = np.linspace(runs.sigma_w2.min(), runs.sigma_w2.max(), 25)
+    activation = runs.activation.iloc[0]
+    xi_c = [theory.correlation_depth(activation, theory.fixed_point(activation, s, sigma_b2), s, sigma_b2) for s in grid]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    sns.heatmap(table, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", ax=ax, cbar_kws={"label": "test accuracy"})
+    ax.invert_yaxis()
+    # heatmap cells sit at integer positions: map sigma_w^2 and depth onto them by interpolation
+    xs = np.interp(grid, table.columns.to_numpy(dtype=float), np.arange(len(table.columns)) + 0.5)
+    ys = np.interp(6 * np.array(xi_c), table.index.to_numpy(dtype=float), np.arange(len(table.index)) + 0.5,
+                   left=np.nan, right=len(table.index))
+    ax.plot(xs, ys, "w--", lw=2, label="6 xi_c (theory)")
+    ax.legend(loc="upper right")
+    ax.set(xlabel="sigma_w^2", ylabel="depth", title=f"{activation}, sigma_b^2 = {sigma_b2:.2f}")
+    figure = Figure("schoenholz", "Trainability against depth and sigma_w^2",
+                    "Final test accuracy per depth and weight variance; the dashed line is 6 xi_c from mean-field "
+                    "theory. Schoenholz et al. find networks trainable below the line and untrainable above it.",
+                    _encode(fig))
+    rows = []
+    for s in table.columns:
+        xi = theory.correlation_depth(activation, theory.fixed_point(activation, s, sigma_b2), s, sigma_b2)
+        trained = table[s][table[s] > CONVERGED_ACC]
+        rows.append([f"{s:g}", f"{6 * xi:.0f}", int(trained.index.max()) if len(trained) else "none"])
+    return Section(
+        "Schoenholz et al. 2017",
+        "Signals propagate over a depth scale xi_c that diverges at the order-to-chaos boundary "
+        "(sigma_w^2 ~ 1.76 for tanh with sigma_b^2 = 0.05); networks deeper than about 6 xi_c do not train.",
+        ["sigma_w^2", "paper's bound: 6 xi_c (theory)", "measured: deepest depth that trained"],
+        rows,
+        [figure],
+        note=f"Trained: final test accuracy above {CONVERGED_ACC}. Reduced budget; see the spec's header.",
+    )
+
+
+SECTIONS = {"glorot2010": glorot2010, "he2015": he2015, "pascanu2013": pascanu2013, "schoenholz2017": schoenholz2017}
+
+
+def section(paper: str | None, runs: pd.DataFrame, layers: pd.DataFrame) -> Section | None:
+    if paper is None or runs.empty or layers.empty:
+        return None
+    return SECTIONS[paper](runs, layers)
