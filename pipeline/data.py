@@ -179,6 +179,7 @@ class Mnist:
     y_test: torch.Tensor
     digest: str  # of the verified checksums: the MLflow dataset digest
     location: str  # the folder the tensors were read from
+    input_sq_mean: float  # E[x^2] over the training images, the theory's input statistic
 
 
 def load(
@@ -195,16 +196,18 @@ def load(
 
     def images(name: str) -> torch.Tensor:
         pixels = torch.from_numpy(read_idx(folder / name).reshape(-1, 28 * 28).copy()).to(device)
-        return ((pixels.to(dtype) / 255.0) - MEAN) / STD
+        return pixels.to(dtype).div_(255.0).sub_(MEAN).div_(STD)  # in place: one float copy at peak
 
     def labels(name: str) -> torch.Tensor:
         return torch.from_numpy(read_idx(folder / name).astype(np.int64)).to(device)
 
+    x_train = images("train-images-idx3-ubyte")
     return Mnist(
-        x_train=images("train-images-idx3-ubyte"),
+        x_train=x_train,
         y_train=labels("train-labels-idx1-ubyte"),
         x_test=images("t10k-images-idx3-ubyte"),
         y_test=labels("t10k-labels-idx1-ubyte"),
         digest=dataset_digest(),
         location=str(folder.resolve()),
+        input_sq_mean=float(torch.linalg.vector_norm(x_train) ** 2 / x_train.numel()),
     )

@@ -88,11 +88,13 @@ class Monitor:
         for i, z in enumerate(preacts):
             z.register_hook(self._backprop_hook(i))
         act = self._per_layer[LAYER_STATS.index("act"), self._row]
-        hidden = preacts[:-1]  # the output layer has no activation
+        # One stacked copy (layers, batch, width) of the hidden pre-activations (the output layer has
+        # no activation), worked on in place: a handful of kernels whatever the depth.
+        hidden = torch.stack(preacts[:-1])
         if self._saturation is not None:
-            act[: len(hidden)] = torch.stack([(z.abs() > self._saturation).float().mean() for z in hidden])
+            act[: len(hidden)] = hidden.abs_().gt_(self._saturation).mean(dim=(1, 2))
         elif self._rectifier:
-            act[: len(hidden)] = torch.stack([(~(z > 0).any(dim=0)).float().mean() for z in hidden])
+            act[: len(hidden)] = hidden.gt_(0).amax(dim=1).mean(dim=1).neg_().add_(1)  # 1 - P(unit fires)
 
     def _backprop_hook(self, i: int):
         def hook(grad: torch.Tensor) -> None:

@@ -105,6 +105,7 @@ class RunLogger(ChunkSink):
         self.act_key = f"act/{act_statistic(config.activation)}"
         self._last_logged_step = -1
         self._last_chunk: Chunk | None = None
+        self._pending: list = []  # async log_batch operations not yet confirmed
 
     @classmethod
     def start(
@@ -182,8 +183,17 @@ class RunLogger(ChunkSink):
         self._log_metrics(metrics)
 
     def _log_metrics(self, metrics: list[Metric]) -> None:
+        """Queued for MLflow's background logger, so that training goes on meanwhile; finish()
+        waits for every queued batch before the run is marked FINISHED."""
         for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_CALL])
+            self._pending.append(
+                self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_CALL], synchronous=False)
+            )
+
+    def _wait(self) -> None:
+        for operation in self._pending:
+            operation.wait()
+        self._pending.clear()
 
     # -- end of run -------------------------------------------------------------------------------
 
@@ -208,12 +218,16 @@ class RunLogger(ChunkSink):
         self.client.log_batch(
             self.run_id, tags=[RunTag(TAG_OUTCOME, result.outcome), RunTag(TAG_DIAGNOSIS, diagnosis)]
         )
+        self._wait()  # every metric is stored before the run counts as FINISHED (and is skipped on resume)
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
         return diagnosis
 
     def fail(self, status: str = "FAILED") -> None:
         """Mark the run FAILED or KILLED (an exception or an interrupt, not a diverged run)."""
-        self.client.set_terminated(self.run_id, status)
+        try:
+            self._wait()
+        finally:
+            self.client.set_terminated(self.run_id, status)
 
     def _log_artifacts(self, result: RunResult) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -225,7 +239,7 @@ class RunLogger(ChunkSink):
             self.client.log_artifact(self.run_id, str(hist_path), "gradients")
         if not result.table.empty:
             fig = plots.gradient_flow(result.table, run_name(self.config))
-            self.client.log_figure(self.run_id, fig, "plots/gradient_flow.png")
+            self.client.log_figure(self.run_id, fig, "plots/gradient_flow.png", save_kwargs={"dpi": 72})
             plt.close(fig)
 
 

@@ -132,7 +132,6 @@ def train(config: RunConfig, data: Mnist, sink: ChunkSink | None = None, full_mo
 
     n_train = config.train_subset or len(data.x_train)
     x_train, y_train = data.x_train[:n_train], data.y_train[:n_train]
-    input_sq_mean = float(x_train.pow(2).mean())  # one host sync, before the loop
     shuffle = torch.Generator(device=device).manual_seed(config.seed)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
 
@@ -190,7 +189,7 @@ def train(config: RunConfig, data: Mnist, sink: ChunkSink | None = None, full_mo
         evals=evals,
         table=layer_table(chunks, config.activation),
         histograms=monitor.histograms(step - 1),
-        input_sq_mean=input_sq_mean,
+        input_sq_mean=data.input_sq_mean,
         chunks=chunks,
     )
 
