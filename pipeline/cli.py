@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import urllib.parse
 from typing import Any, Callable
 
@@ -83,7 +84,8 @@ def _terminate_as_interrupt() -> None:
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _prepare(data_dir: str, source: str | None):
@@ -145,14 +147,20 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
               help="Processes that train in parallel (one per GPU where there are several).")
 @click.option("--rerun", is_flag=True, help="Run every configuration again, finished or not.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine (--workers processes); ray: one Ray task per configuration.")
+@click.option("--address", metavar="ADDR", default=None, envvar="RAY_ADDRESS",
+              help="Ray cluster to join (e.g. auto, or ray://head:10001); default: start a local one. Env: RAY_ADDRESS.")
 @data_dir_option
 @source_option
 @experiment_option
-def grid(spec_path: str, workers: int, rerun: bool, progress: bool, data_dir: str, source: str | None,
-         experiment: str) -> None:
+def grid(spec_path: str, workers: int, rerun: bool, progress: bool, executor: str, address: str | None,
+         data_dir: str, source: str | None, experiment: str) -> None:
     """Run every configuration of the grid SPEC (a YAML file, see benchmarks/) as a child run of
     one parent run named after the spec. Configurations that already have a FINISHED run are
-    skipped, so the same command resumes an interrupted grid; --rerun runs everything again."""
+    skipped, so the same command resumes an interrupted grid; --rerun runs everything again.
+    With --executor ray each configuration is a Ray task (a GPU share each where the cluster has
+    GPUs); point MLFLOW_TRACKING_URI at a tracking server that every node can reach."""
     from .config import GridSpec, SpecError
 
     try:
@@ -160,11 +168,26 @@ def grid(spec_path: str, workers: int, rerun: bool, progress: bool, data_dir: st
     except SpecError as exc:
         raise click.BadParameter(str(exc), param_hint="SPEC") from None
     _check_source(source)
+    if executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise click.BadParameter("Ray is not installed: pip install 'gradbench[ray]'", param_hint="--executor")
     _prepare(data_dir, source)
     _terminate_as_interrupt()
-    from .grid import run_grid
+    from .grid import ExecutorError, run_grid
+    from .tracking import MlflowException
 
-    result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress)
+    try:
+        result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress,
+                          executor=executor, address=address)
+    except ExecutorError as exc:
+        raise click.ClickException(str(exc)) from None
+    except MlflowException as exc:
+        raise click.ClickException(
+            f"the tracking store failed ({exc.message.splitlines()[0]}); fix it (is the tracking server up?) "
+            "and run the same command again: finished runs are kept"
+        ) from None
     if result.failures:
         raise click.ClickException(f"{len(result.failures)} run(s) failed; run the same command again to retry them")
 

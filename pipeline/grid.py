@@ -1,13 +1,15 @@
-"""grid stage: expand a spec, skip finished configs, run the rest (in this process or N workers).
+"""grid stage: expand a spec, skip finished configs, run the rest: in this process, in N local
+worker processes, or as Ray tasks on a cluster.
 
-    gradbench grid benchmarks/quick.yaml [--workers 2] [--rerun]
+    gradbench grid benchmarks/quick.yaml [--workers 2] [--rerun] [--executor ray --address auto]
 
 A grid is one MLflow parent run (named after the spec) with one child run per configuration.
 Resuming is keyed on the config hash: a configuration with a FINISHED run in the experiment is
 skipped, so running the same command again after an interruption completes only what is missing.
-Runs left RUNNING by a process that was killed outright are marked FAILED first.
+Runs left RUNNING by a process of this host that is gone (killed outright) are marked FAILED first;
+a Ray task retried after its worker was lost marks the attempt it replaces FAILED itself.
 
-Workers are separate processes (spawned, so CUDA is safe). The driver creates the store, the
+Local workers are separate processes (spawned, so CUDA is safe). The driver creates the store, the
 experiment and the parent run before any worker starts: concurrent first-time schema creation in a
 SQLite file is what breaks it, while concurrent writers to an existing one are safe.
 """
@@ -53,13 +55,16 @@ class GridResult:
         )
 
 
+_DATA: dict[tuple[str, str, str], object] = {}  # per process: (data_dir, device, precision) -> Mnist
+
+
 class _Runner:
-    """Runs configs in one process, loading each (device, precision) of MNIST once."""
+    """Runs one config in this process (the driver, a pool worker or a Ray worker). Picklable: the
+    data it loads is cached per process, so a worker loads MNIST once for all its configs."""
 
     def __init__(self, data_dir: str, source: str | None, experiment: str, parent_run_id: str, grid: str):
         self.data_dir, self.source = data_dir, source
         self.experiment, self.parent_run_id, self.grid = experiment, parent_run_id, grid
-        self._data: dict[tuple[str, str], object] = {}
 
     def __call__(self, config: RunConfig) -> tuple[RunConfig, RunSummary | None, str | None]:
         from . import data, tracking
@@ -67,10 +72,10 @@ class _Runner:
 
         try:
             device = get_device(config.device)
-            key = (str(device), config.precision)
-            if key not in self._data:
-                self._data[key] = data.load(self.data_dir, device, DTYPES[config.precision], self.source)
-            summary = tracking.tracked_train(config, self._data[key], self.experiment, self.parent_run_id, self.grid)
+            key = (self.data_dir, str(device), config.precision)
+            if key not in _DATA:
+                _DATA[key] = data.load(self.data_dir, device, DTYPES[config.precision], self.source)
+            summary = tracking.tracked_train(config, _DATA[key], self.experiment, self.parent_run_id, self.grid)
             return config, summary, None
         except Exception as exc:  # the run is marked FAILED; the grid goes on and reports it
             return config, None, f"{type(exc).__name__}: {exc}"
@@ -120,6 +125,63 @@ def _run_parallel(runner: _Runner, todo: list[RunConfig], workers: int, tracking
         pool.join()
 
 
+EXECUTORS = ("local", "ray")
+RAY_RETRIES = 3  # a task whose worker is lost (node down, process killed) runs again this often
+
+
+class ExecutorError(RuntimeError):
+    """The executor cannot run the grid (Ray not installed, cluster unreachable)."""
+
+
+def gpus_for(config: RunConfig) -> float:
+    """GPU share a Ray task asks for: small nets leave a GPU mostly idle, so four share one."""
+    return 0.25 if config.width <= 512 and config.depth <= 20 else 1.0
+
+
+def _ray_task(runner: _Runner, config: RunConfig, tracking_uri: str):
+    """One config on a Ray worker. A retry (the last attempt's worker was lost) first marks the
+    attempt it replaces FAILED, so the grid ends with exactly one FINISHED run per config."""
+    from . import tracking
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    tracking.fail_earlier_attempts(tracking.get_client(), runner.parent_run_id, config)
+    return runner(config)
+
+
+def _run_ray(runner: _Runner, todo: list[RunConfig], tracking_uri: str, address: str | None) -> Iterator:
+    try:
+        import ray
+    except ImportError:
+        raise ExecutorError("--executor ray needs Ray: pip install 'gradbench[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ExecutorError(f"cannot reach the Ray cluster at {address or 'a new local cluster'}: {exc}") from None
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    task = ray.remote(max_retries=RAY_RETRIES)(_ray_task)
+    pending = {}
+    for config in todo:
+        options = {"num_cpus": 1, "num_gpus": gpus_for(config)} if has_gpus else {"num_cpus": 1}
+        pending[task.options(**options).remote(runner, config, tracking_uri)] = config
+    try:
+        while pending:
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            config = pending.pop(done)
+            try:
+                yield ray.get(done)
+            except ray.exceptions.RayError as exc:  # retries exhausted: a failed config, not a lost one
+                yield config, None, f"{type(exc).__name__}: {exc}"
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def run_grid(
     spec: GridSpec,
     data_dir: str,
@@ -129,8 +191,11 @@ def run_grid(
     rerun: bool = False,
     echo: Callable[[str], None] = print,
     progress: bool = True,
+    executor: str = "local",
+    address: str | None = None,
 ) -> GridResult:
-    """Run every configuration of `spec` that has no FINISHED run yet (all of them with rerun)."""
+    """Run every configuration of `spec` that has no FINISHED run yet (all of them with rerun), in
+    this process, in `workers` local processes, or as Ray tasks (executor="ray")."""
     import mlflow
     from tqdm import tqdm
 
@@ -148,15 +213,17 @@ def run_grid(
     echo(f"grid {spec.name}: {len(spec.configs)} configs, {result.skipped} already finished, {len(todo)} to run")
 
     experiment_name = client.get_experiment(exp_id).name
-    runner = _Runner(data_dir, source, experiment_name, parent_id, spec.name)
+    # absolute: pool and Ray workers do not share the driver's working directory
+    runner = _Runner(os.path.abspath(data_dir), source, experiment_name, parent_id, spec.name)
     start = time.perf_counter()
     status = "KILLED"
     try:
-        stream = (
-            _run_parallel(runner, todo, workers, mlflow.get_tracking_uri())
-            if workers > 1 and len(todo) > 1
-            else map(runner, todo)
-        )
+        if executor == "ray":
+            stream = _run_ray(runner, todo, mlflow.get_tracking_uri(), address)
+        elif workers > 1 and len(todo) > 1:
+            stream = _run_parallel(runner, todo, workers, mlflow.get_tracking_uri())
+        else:
+            stream = map(runner, todo)
         with tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True) as bar:
             write = bar.write if progress else echo  # lines above the bar, not through it
             for config, summary, error in stream:

@@ -14,7 +14,8 @@ import pandas as pd  # noqa: E402
 def gradient_flow(table: pd.DataFrame, title: str) -> plt.Figure:
     """log10 of ||dL/dh|| and ||dL/dW|| against layer index, at the first, middle and last step."""
     steps = sorted({int(table.step.min()), int(table.step.median()), int(table.step.max())})
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3), sharex=True, constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3), sharex=True)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.8, wspace=0.25)  # fixed: one draw, not two
     for ax, column, label in zip(axes, ["backprop_norm", "weight_grad_norm"], ["||dL/dh||", "||dL/dW||"]):
         for step in steps:
             rows = table[table.step == step].sort_values("layer")

@@ -1,12 +1,6 @@
 """The report stage, from a real MLflow store, and the report and MLflow UI in headless Chromium."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +10,7 @@ from mlflow import MlflowClient
 from pipeline.cli import cli
 from pipeline.config import GridSpec
 from pipeline.grid import run_grid
-from tests.conftest import runs_of
+from tests.conftest import MlflowServer
 
 TINY_BASE = {"depth": 4, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 8, "log_every": 2}
 SPEC = {
@@ -142,35 +136,11 @@ def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
     page.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tracking_uri):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not start")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def mlflow_server(tracking_uri, tmp_path):
+    server = MlflowServer(tracking_uri, tmp_path / "served-artifacts")
+    yield server.url
+    server.stop()
 
 
 @pytest.mark.slow
