@@ -151,11 +151,14 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
               help="local: this machine (--workers processes); ray: one Ray task per configuration.")
 @click.option("--address", metavar="ADDR", default=None, envvar="RAY_ADDRESS",
               help="Ray cluster to join (e.g. auto, or ray://head:10001); default: start a local one. Env: RAY_ADDRESS.")
+@click.option("--ensemble", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Train configs that share an architecture together in one pass (auto: on CUDA). "
+                   "Applies in this process (--workers 1, --executor local).")
 @data_dir_option
 @source_option
 @experiment_option
 def grid(spec_path: str, workers: int, rerun: bool, progress: bool, executor: str, address: str | None,
-         data_dir: str, source: str | None, experiment: str) -> None:
+         ensemble: str, data_dir: str, source: str | None, experiment: str) -> None:
     """Run every configuration of the grid SPEC (a YAML file, see benchmarks/) as a child run of
     one parent run named after the spec. Configurations that already have a FINISHED run are
     skipped, so the same command resumes an interrupted grid; --rerun runs everything again.
@@ -180,7 +183,7 @@ def grid(spec_path: str, workers: int, rerun: bool, progress: bool, executor: st
 
     try:
         result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress,
-                          executor=executor, address=address)
+                          executor=executor, address=address, ensemble={"auto": None, "on": True, "off": False}[ensemble])
     except ExecutorError as exc:
         raise click.ClickException(str(exc)) from None
     except MlflowException as exc:

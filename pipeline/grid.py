@@ -80,6 +80,24 @@ class _Runner:
         except Exception as exc:  # the run is marked FAILED; the grid goes on and reports it
             return config, None, f"{type(exc).__name__}: {exc}"
 
+    def group(self, configs: list[RunConfig]) -> list[tuple[RunConfig, RunSummary | None, str | None]]:
+        """Configs that share an architecture, trained together as one ensemble (see ensemble.py)."""
+        from . import data, tracking
+        from .train import DTYPES, get_device
+
+        if len(configs) == 1:
+            return [self(configs[0])]
+        try:
+            device = get_device(configs[0].device)
+            key = (self.data_dir, str(device), configs[0].precision)
+            if key not in _DATA:
+                _DATA[key] = data.load(self.data_dir, device, DTYPES[configs[0].precision], self.source)
+            summaries = tracking.tracked_train_ensemble(
+                configs, _DATA[key], self.experiment, self.parent_run_id, self.grid)
+            return [(c, s, None) for c, s in zip(configs, summaries)]
+        except Exception as exc:
+            return [(c, None, f"{type(exc).__name__}: {exc}") for c in configs]
+
 
 _worker_runner: _Runner | None = None
 
@@ -193,9 +211,12 @@ def run_grid(
     progress: bool = True,
     executor: str = "local",
     address: str | None = None,
+    ensemble: bool | None = None,
 ) -> GridResult:
     """Run every configuration of `spec` that has no FINISHED run yet (all of them with rerun), in
-    this process, in `workers` local processes, or as Ray tasks (executor="ray")."""
+    this process, in `workers` local processes, or as Ray tasks (executor="ray"). In this process,
+    configs that share an architecture train together as ensembles when `ensemble` is True (None:
+    on CUDA only)."""
     import mlflow
     from tqdm import tqdm
 
@@ -218,10 +239,18 @@ def run_grid(
     start = time.perf_counter()
     status = "KILLED"
     try:
+        if ensemble is None:  # auto: a GPU leaves small nets idle; a CPU gains nothing (benchmarked)
+            import torch
+
+            ensemble = torch.cuda.is_available()
         if executor == "ray":
             stream = _run_ray(runner, todo, mlflow.get_tracking_uri(), address)
         elif workers > 1 and len(todo) > 1:
             stream = _run_parallel(runner, todo, workers, mlflow.get_tracking_uri())
+        elif ensemble:
+            from .ensemble import groups
+
+            stream = (item for group in groups(todo) for item in runner.group(group))
         else:
             stream = map(runner, todo)
         with tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True) as bar:

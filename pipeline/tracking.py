@@ -468,3 +468,35 @@ def run_url(run) -> str | None:
     if not uri.startswith(("http://", "https://")):
         return None
     return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def tracked_train_ensemble(
+    configs: list[RunConfig],
+    data: Mnist,
+    experiment: str = EXPERIMENT,
+    parent_run_id: str | None = None,
+    grid: str | None = None,
+    client: MlflowClient | None = None,
+) -> list[RunSummary]:
+    """Train configs together (ensemble.train_ensemble), each into its own MLflow run, with exactly
+    the params, metrics and artifacts that tracked_train gives it."""
+    from .ensemble import train_ensemble
+
+    client = client or get_client()
+    loggers = [RunLogger.start(c, experiment, parent_run_id, grid, client) for c in configs]
+    finished: list[str] = []
+    try:
+        for logger in loggers:
+            logger.log_dataset(data.location, data.digest)
+        results = train_ensemble(configs, data, loggers)
+        for logger, result in zip(loggers, results):
+            finished.append(logger.finish(result))
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        for logger in loggers[len(finished):]:
+            logger.fail(status)
+        raise
+    return [
+        RunSummary(lg.run_id, run_name(c), r.outcome, d, r.final_test_acc, r.seconds)
+        for lg, c, r, d in zip(loggers, configs, results, finished)
+    ]

@@ -99,3 +99,17 @@ def test_loaded_tensors_are_normalized_and_complete(mnist):
     assert abs(mnist.x_train.mean().item()) < 1e-3
     assert abs(mnist.x_train.std().item() - 1.0) < 1e-3
     assert set(mnist.y_test.unique().tolist()) == set(range(10))
+
+
+def test_failed_download_exits_1_and_says_how_to_work_offline(tmp_path, monkeypatch):
+    """The real torchvision download path, pointed at a closed port on this machine."""
+    from torchvision.datasets import MNIST
+
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{free_port()}/"])
+    monkeypatch.delenv(data.SOURCE_ENV, raising=False)
+    result = CliRunner().invoke(cli, ["prepare", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 1, result.output
+    assert "downloading MNIST through torchvision failed" in result.output and "--source" in result.output
+    assert "Traceback" not in result.output

@@ -221,3 +221,27 @@ def test_a_spec_rebuilds_from_its_logged_source():
     spec = GridSpec.from_dict({"name": "x", "axes": {"depth": [3, 4]}, "seeds": 2})
     again = GridSpec.from_dict(yaml.safe_load(spec.source))
     assert again.spec_hash == spec.spec_hash and again.name == "x"
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_open_run_killed_and_the_grid_resumes(store, mnist_dir, tmp_path, tracking_uri):
+    spec = {"name": "term", "base": {**TINY_BASE, "width": 128, "max_steps": 200, "train_subset": 12800},
+            "axes": {"activation": ["relu", "tanh", "elu"]}}
+    path = write_spec(tmp_path, spec)
+    cmd = [sys.executable, "-m", "pipeline", "grid", str(path), "--data-dir", str(mnist_dir), "--experiment", store,
+           "--no-progress"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(k.info.status == "RUNNING" for k in children(store)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    statuses = Counter(k.info.status for k in children(store))
+    assert statuses["KILLED"] == 1 and statuses["RUNNING"] == 0
+    (parent,) = parents(store)
+    assert parent.info.status == "KILLED"
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finished = [k.data.tags["gradbench.config_hash"] for k in children(store) if k.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(c.config_hash() for c in GridSpec.from_yaml(path).configs)
