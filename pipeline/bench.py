@@ -209,8 +209,9 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
     for width in (128, 512):
         configs = [RunConfig(activation="relu", depth=10, width=width, init=init, seed=seed, max_steps=steps // 3,
                              device=str(device)) for init in ("he_normal", "xavier_normal") for seed in range(4)]
-        one_by_one, together = _paired(lambda: [train(c, data) for c in configs],
-                                       lambda: train_ensemble(configs, data), device, max(1, budget.repeats // 2))
+        one_by_one, together = _paired(lambda configs=configs: [train(c, data) for c in configs],
+                                       lambda configs=configs: train_ensemble(configs, data), device,
+                                       max(1, budget.repeats // 2))
         results[f"ensemble_speedup_w{width}"] = one_by_one / together
     results["ensemble_members"] = len(configs)
 
