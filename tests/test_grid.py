@@ -225,8 +225,10 @@ def test_a_spec_rebuilds_from_its_logged_source():
 
 @pytest.mark.slow
 def test_sigterm_marks_the_open_run_killed_and_the_grid_resumes(store, mnist_dir, tmp_path, tracking_uri):
-    spec = {"name": "term", "base": {**TINY_BASE, "width": 128, "max_steps": 200, "train_subset": 12800},
-            "axes": {"activation": ["relu", "tanh", "elu"]}}
+    # Runs of several seconds, so that the signal lands inside one (a short run may end before it arrives).
+    spec = {"name": "term", "base": {**TINY_BASE, "width": 128, "max_steps": 1500, "train_subset": 12800,
+                                     "epochs": 20, "log_every": 50},
+            "axes": {"activation": ["relu", "tanh"]}}
     path = write_spec(tmp_path, spec)
     cmd = [sys.executable, "-m", "pipeline", "grid", str(path), "--data-dir", str(mnist_dir), "--experiment", store,
            "--no-progress"]

@@ -69,7 +69,9 @@ def test_ray_grid_runs_every_config_once_on_the_tracking_server(ray_cluster, ser
 
 
 def test_a_worker_killed_mid_run_is_retried_without_duplicates(ray_cluster, server, mnist_dir):
-    spec = GridSpec.from_dict({**SPEC, "base": {**SPEC["base"], "width": 256, "max_steps": 150, "train_subset": 9600}})
+    # Runs of several seconds, so that the kill lands inside the run it was aimed at.
+    spec = GridSpec.from_dict({**SPEC, "base": {**SPEC["base"], "width": 256, "max_steps": 600, "train_subset": 9600,
+                                                "epochs": 5, "log_every": 50}})
     outcome = {}
     driver = threading.Thread(target=lambda: outcome.setdefault("result", run_grid(
         spec, str(mnist_dir), experiment="ray", executor="ray", echo=lambda s: None, progress=False)))
