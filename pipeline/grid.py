@@ -66,36 +66,37 @@ class _Runner:
         self.data_dir, self.source = data_dir, source
         self.experiment, self.parent_run_id, self.grid = experiment, parent_run_id, grid
 
-    def __call__(self, config: RunConfig) -> tuple[RunConfig, RunSummary | None, str | None]:
-        from . import data, tracking
+    def _data(self, config: RunConfig):
+        """MNIST on the config's device and precision, loaded once per process."""
+        from . import data
         from .train import DTYPES, get_device
 
+        device = get_device(config.device)
+        key = (self.data_dir, str(device), config.precision)
+        if key not in _DATA:
+            _DATA[key] = data.load(self.data_dir, device, DTYPES[config.precision], self.source)
+        return _DATA[key]
+
+    def __call__(self, config: RunConfig) -> tuple[RunConfig, RunSummary | None, str | None]:
+        from . import tracking
+
         try:
-            device = get_device(config.device)
-            key = (self.data_dir, str(device), config.precision)
-            if key not in _DATA:
-                _DATA[key] = data.load(self.data_dir, device, DTYPES[config.precision], self.source)
-            summary = tracking.tracked_train(config, _DATA[key], self.experiment, self.parent_run_id, self.grid)
+            summary = tracking.tracked_train(config, self._data(config), self.experiment, self.parent_run_id, self.grid)
             return config, summary, None
         except Exception as exc:  # the run is marked FAILED; the grid goes on and reports it
             return config, None, f"{type(exc).__name__}: {exc}"
 
     def group(self, configs: list[RunConfig]) -> list[tuple[RunConfig, RunSummary | None, str | None]]:
         """Configs that share an architecture, trained together as one ensemble (see ensemble.py)."""
-        from . import data, tracking
-        from .train import DTYPES, get_device
+        from . import tracking
 
         if len(configs) == 1:
             return [self(configs[0])]
         try:
-            device = get_device(configs[0].device)
-            key = (self.data_dir, str(device), configs[0].precision)
-            if key not in _DATA:
-                _DATA[key] = data.load(self.data_dir, device, DTYPES[configs[0].precision], self.source)
             summaries = tracking.tracked_train_ensemble(
-                configs, _DATA[key], self.experiment, self.parent_run_id, self.grid)
+                configs, self._data(configs[0]), self.experiment, self.parent_run_id, self.grid)
             return [(c, s, None) for c, s in zip(configs, summaries)]
-        except Exception as exc:
+        except Exception as exc:  # every member's run is marked FAILED; the grid goes on
             return [(c, None, f"{type(exc).__name__}: {exc}") for c in configs]
 
 
