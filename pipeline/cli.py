@@ -69,13 +69,17 @@ def _config_from(kwargs: dict[str, Any]) -> RunConfig:
         config = from_dict({name: kwargs.pop(name) for name in FIELDS})
     except ConfigError as exc:
         raise click.BadParameter(exc.message, param_hint=f"--{exc.key.replace('_', '-')}") from None
+    _check_device(config.device)
+    return config
+
+
+def _check_device(name: str) -> None:
     from .train import get_device
 
     try:
-        get_device(config.device)
+        get_device(name)
     except (ValueError, RuntimeError) as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from None
-    return config
 
 
 def _terminate_as_interrupt() -> None:
@@ -170,7 +174,6 @@ def grid(spec_path: str, workers: int, rerun: bool, progress: bool, executor: st
         spec = GridSpec.from_yaml(spec_path)
     except SpecError as exc:
         raise click.BadParameter(str(exc), param_hint="SPEC") from None
-    _check_source(source)
     if executor == "ray":
         import importlib.util
 
@@ -227,14 +230,10 @@ def bench(quick: bool, out: str, device: str, data_dir: str, source: str | None)
     things timed side by side in this process: the loop against the classic PyTorch MNIST
     example's, monitoring on/off, MLflow on/off, FLOP/s against the measured matmul peak, and
     peak memory. Prints a markdown table and writes JSON to --out."""
+    _check_device(device)
     _prepare(data_dir, source)
     from .bench import markdown, run_bench, write_json
-    from .train import get_device
 
-    try:
-        get_device(device)
-    except (ValueError, RuntimeError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from None
     results = run_bench(data_dir, source, quick, device, echo=lambda s: click.echo(s, err=True))
     click.echo(markdown(results))
     click.echo(f"\nwritten to {write_json(results, out)}", err=True)

@@ -315,6 +315,5 @@ def train_ensemble(configs: list[RunConfig], data: Mnist, sinks: list[ChunkSink]
             table=layer_table(chunks[e], config.activation),
             histograms=monitor.histograms(e, last_step[e]),
             input_sq_mean=data.input_sq_mean,
-            chunks=chunks[e],
         ))
     return results

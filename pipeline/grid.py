@@ -144,7 +144,6 @@ def _run_parallel(runner: _Runner, todo: list[RunConfig], workers: int, tracking
         pool.join()
 
 
-EXECUTORS = ("local", "ray")
 RAY_RETRIES = 3  # a task whose worker is lost (node down, process killed) runs again this often
 
 

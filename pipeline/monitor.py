@@ -56,7 +56,6 @@ class Monitor:
     """
 
     def __init__(self, model: MLP, activation: str, total_steps: int, chunk_steps: int = 64, full: bool = True):
-        self.model = model
         self.full = full
         self.n_layers = len(model.layers)
         self.weights = [layer.weight for layer in model.layers]

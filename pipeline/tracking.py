@@ -255,6 +255,10 @@ def theory_metrics(config: RunConfig, result: RunResult) -> dict[str, float]:
     }
 
 
+def _ended_by(exc: BaseException) -> str:
+    """The status of runs that an exception ends: an interrupt KILLED, anything else FAILED."""
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
 
 @dataclass(frozen=True)
 class RunSummary:
@@ -289,11 +293,8 @@ def tracked_train(
         logger.log_dataset(data.location, data.digest)
         result = train(config, data, logger)
         diagnosis = logger.finish(result)
-    except (KeyboardInterrupt, SystemExit):
-        logger.fail("KILLED")
-        raise
-    except BaseException:
-        logger.fail("FAILED")
+    except BaseException as exc:
+        logger.fail(_ended_by(exc))
         raise
     return RunSummary(logger.run_id, run_name(config), result.outcome, diagnosis, result.final_test_acc, result.seconds)
 
@@ -492,9 +493,8 @@ def tracked_train_ensemble(
         for logger, result in zip(loggers, results):
             finished.append(logger.finish(result))
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
         for logger in loggers[len(finished):]:
-            logger.fail(status)
+            logger.fail(_ended_by(exc))
         raise
     return [
         RunSummary(lg.run_id, run_name(c), r.outcome, d, r.final_test_acc, r.seconds)

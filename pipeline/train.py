@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,6 @@ class RunResult:
     table: pd.DataFrame  # monitor.layer_table: one row per step x layer
     histograms: dict[str, np.ndarray]
     input_sq_mean: float  # E[x^2] of the training inputs, for the theory's finite-depth prediction
-    chunks: list[Chunk] = field(repr=False, default_factory=list)
 
 
 class ChunkSink:
@@ -190,6 +189,5 @@ def train(config: RunConfig, data: Mnist, sink: ChunkSink | None = None, full_mo
         table=layer_table(chunks, config.activation),
         histograms=monitor.histograms(step - 1),
         input_sq_mean=data.input_sq_mean,
-        chunks=chunks,
     )
 

@@ -55,8 +55,12 @@ def _thin(per_step: pd.DataFrame) -> pd.DataFrame:
     return per_step[per_step.step.isin(keep)]
 
 
-def _reference_clip(runs: pd.DataFrame) -> str:
-    return "none" if (runs["clip"] == "none").any() else runs["clip"].iloc[0]
+def _deepest(layers: pd.DataFrame) -> tuple[int, pd.DataFrame]:
+    """The deepest nets of the grid, at one clip setting (none where there is one): the rows the
+    gradient-flow and training-curve figures compare across activations and inits."""
+    clip = "none" if (layers["clip"] == "none").any() else layers["clip"].iloc[0]
+    depth = layers.depth.max()
+    return depth, layers[(layers.depth == depth) & (layers["clip"] == clip)]
 
 
 def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
@@ -80,8 +84,8 @@ def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
 def gradient_flow(layers: pd.DataFrame) -> Figure | None:
     if layers.empty:
         return None
-    depth = layers.depth.max()
-    start = layers[(layers.step == 0) & (layers.depth == depth) & (layers["clip"] == _reference_clip(layers))]
+    depth, deepest = _deepest(layers)
+    start = deepest[deepest.step == 0]
     long = start.melt(id_vars=["activation", "init", "layer", "seed"], value_vars=["backprop_norm", "weight_grad_norm"],
                       var_name="statistic", value_name="norm")
     long["log10 norm"] = _log10(long["norm"])
@@ -158,8 +162,8 @@ def layer_step_heatmaps(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | No
 def training_curves(layers: pd.DataFrame) -> Figure | None:
     if layers.empty:
         return None
-    depth = layers.depth.max()
-    steps = _thin(layers[(layers.layer == 0) & (layers.depth == depth) & (layers["clip"] == _reference_clip(layers))])
+    depth, deepest = _deepest(layers)
+    steps = _thin(deepest[deepest.layer == 0])
     long = steps.melt(id_vars=["activation", "init", "step", "seed"], value_vars=["loss", "acc"], var_name="metric")
     grid = sns.relplot(data=long, x="step", y="value", hue="init", col="activation", row="metric", kind="line",
                        height=2.4, aspect=1.3, errorbar="sd", facet_kws={"sharey": "row"})
