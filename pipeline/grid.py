@@ -222,9 +222,11 @@ def run_grid(
 
     from . import data, tracking
 
-    data.prepare(data_dir, source)  # once, in the driver, before any worker reads it
+    folder = data.prepare(data_dir, source)  # once, in the driver, before any worker reads it
     client = tracking.get_client()
     exp_id, parent_id = tracking.open_grid_run(client, spec, experiment)
+    # the dataset row exists before the workers link their runs to it (they would race to create it)
+    tracking.log_dataset(client, parent_id, str(folder.resolve()), data.dataset_digest())
     stale = tracking.fail_stale_runs(client, exp_id, spec.name)
     if stale:
         echo(f"marked {stale} run(s) FAILED that a killed grid left RUNNING")

@@ -32,9 +32,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 
 from . import plots, theory
 from .config import GridSpec, RunConfig
+from .data import Mnist
 from .diagnosis import diagnose, first_last_ratio
 from .monitor import Chunk, act_statistic
-from .data import Mnist
 from .train import ChunkSink, RunResult, train
 
 # One progress bar per artifact download drowns the report's output; users can still turn it on.
@@ -98,6 +98,31 @@ def _same_param(existing: str, value: object) -> bool:
         return False
 
 
+def log_dataset(client: MlflowClient, run_id: str, source: str, digest: str, attempts: int = 3) -> None:
+    """Log MNIST (name "mnist", `digest`) as the training input of a run.
+
+    MLflow's SQL store looks the dataset up and inserts it when missing, in two steps: runs that
+    log the same new dataset at once can both miss it, and all but one then fail on the unique
+    constraint. The winner's row exists by then, so trying again links to it."""
+    with warnings.catch_warnings():  # a local folder matches two equivalent source classes
+        warnings.simplefilter("ignore", UserWarning)
+        resolved = resolve_dataset_source(source)
+    dataset = MetaDataset(source=resolved, name="mnist", digest=digest)
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not _is_unique_violation(exc):
+                raise
+
+
+def _is_unique_violation(exc: MlflowException) -> bool:
+    text = str(exc).lower()  # SQLite, PostgreSQL and MySQL say it differently; a server relays it
+    return "unique constraint" in text or "duplicate key" in text or "duplicate entry" in text
+
+
 class RunLogger(ChunkSink):
     """Streams one training run into one MLflow run: metrics at a stride, then artifacts."""
 
@@ -133,7 +158,11 @@ class RunLogger(ChunkSink):
             run = client.create_run(experiment_id(client, experiment), run_name=run_name(config), tags=tags)
             run_id = run.info.run_id
         logger = cls(client, run_id, config)
-        logger._log_params_and_tags(tags)
+        try:
+            logger._log_params_and_tags(tags)
+        except BaseException as exc:  # an interrupt here must not leave the new run RUNNING
+            logger.fail(_ended_by(exc))
+            raise
         return logger
 
     def _log_params_and_tags(self, tags: dict[str, str]) -> None:
@@ -151,12 +180,7 @@ class RunLogger(ChunkSink):
         self.client.log_text(self.run_id, self.config.to_json(), "config.json")
 
     def log_dataset(self, source: str, digest: str) -> None:
-        with warnings.catch_warnings():  # a local folder matches two equivalent source classes
-            warnings.simplefilter("ignore", UserWarning)
-            resolved = resolve_dataset_source(source)
-        dataset = MetaDataset(source=resolved, name="mnist", digest=digest)
-        tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
+        log_dataset(self.client, self.run_id, source, digest)
 
     # -- ChunkSink: called by the training loop ---------------------------------------------------
 
@@ -484,9 +508,11 @@ def tracked_train_ensemble(
     from .ensemble import train_ensemble
 
     client = client or get_client()
-    loggers = [RunLogger.start(c, experiment, parent_run_id, grid, client) for c in configs]
+    loggers: list[RunLogger] = []
     finished: list[str] = []
     try:
+        for config in configs:  # inside the try: an interrupt here ends the runs already opened
+            loggers.append(RunLogger.start(config, experiment, parent_run_id, grid, client))
         for logger in loggers:
             logger.log_dataset(data.location, data.digest)
         results = train_ensemble(configs, data, loggers)

@@ -162,6 +162,10 @@ def test_two_workers_produce_every_run_exactly_once(store, mnist_dir, tmp_path):
     assert sorted(hashes) == sorted(expected)  # no duplicate, no missing run
     assert all(k.info.status == "FINISHED" for k in children(store))
     assert all(len(k.data.metrics) > 20 for k in children(store))  # workers logged everything
+    # the driver links the dataset first, so the workers find its row instead of racing to insert it
+    (parent,) = parents(store)
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["mnist"]
+    assert all(len(k.inputs.dataset_inputs) == 1 for k in children(store))
 
 
 @pytest.mark.slow

@@ -1,0 +1,81 @@
+"""tracking.py against a real SQLite store: what concurrent runs do to shared rows."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline import tracking
+from pipeline.config import RunConfig
+from tests.conftest import runs_of
+
+
+def test_runs_that_log_the_same_new_dataset_at_once_all_get_it(tracking_uri, tmp_path):
+    # MLflow looks the dataset up, then inserts it: runs starting together both miss it and all
+    # but one hit the unique constraint (seen in CI with --workers 2). Without the retry this
+    # failed in most rounds of 8 threads; a few fresh experiments make a miss very unlikely.
+    client = MlflowClient(tracking_uri)
+    for _ in range(4):
+        exp = client.create_experiment(f"race-{uuid.uuid4().hex[:8]}", artifact_location=tmp_path.as_uri())
+        runs = [client.create_run(exp).info.run_id for _ in range(8)]
+        barrier = threading.Barrier(len(runs))
+        errors: list[Exception] = []
+
+        def link(run_id: str, barrier: threading.Barrier, errors: list[Exception]) -> None:
+            barrier.wait()
+            try:
+                tracking.log_dataset(client, run_id, str(tmp_path), "0123abcd")
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=link, args=(r, barrier, errors)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for run_id in runs:
+            (linked,) = client.get_run(run_id).inputs.dataset_inputs
+            assert (linked.dataset.name, linked.dataset.digest) == ("mnist", "0123abcd")
+
+
+def test_other_store_errors_are_not_retried(tracking_uri, tmp_path):
+    client = MlflowClient(tracking_uri)
+    missing = uuid.uuid4().hex
+    with pytest.raises(MlflowException, match=missing):
+        tracking.log_dataset(client, missing, str(tmp_path), "0123abcd")
+
+
+class InterruptedClient(MlflowClient):
+    """The real client over the real store, interrupted (as by Ctrl-C or SIGTERM) on the n-th
+    log_batch: the window between creating a run and logging its params."""
+
+    def __init__(self, uri: str, at_call: int):
+        super().__init__(uri)
+        self.calls, self.at_call = 0, at_call
+
+    def log_batch(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise KeyboardInterrupt
+        return super().log_batch(*args, **kwargs)
+
+
+def test_an_interrupt_while_a_run_starts_leaves_it_killed_not_running(store, tracking_uri):
+    client = InterruptedClient(tracking_uri, at_call=1)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.RunLogger.start(RunConfig(), experiment=store, client=client)
+    (run,) = runs_of(store)
+    assert run.info.status == "KILLED"
+
+
+def test_an_interrupt_while_an_ensemble_starts_ends_every_opened_run(store, tracking_uri, mnist):
+    client = InterruptedClient(tracking_uri, at_call=2)  # the second member's params
+    configs = [RunConfig(seed=s, depth=2, width=8) for s in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        tracking.tracked_train_ensemble(configs, mnist, experiment=store, client=client)
+    assert sorted(r.info.status for r in runs_of(store)) == ["KILLED", "KILLED"]
