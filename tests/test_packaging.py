@@ -1,7 +1,6 @@
 """The MLproject, conda.yaml and pyproject.toml agree with each other and with RunConfig."""
 
 import tomllib
-
 import yaml
 
 from pipeline.config import FIELDS, RunConfig
