@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import urllib.parse
 from typing import Any, Callable
 
@@ -82,16 +80,6 @@ def _check_device(name: str) -> None:
         raise click.BadParameter(str(exc), param_hint="--device") from None
 
 
-def _terminate_as_interrupt() -> None:
-    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so open runs are marked KILLED."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
-        signal.signal(signal.SIGTERM, handler)
-
-
 def _prepare(data_dir: str, source: str | None):
     from . import data
 
@@ -136,9 +124,10 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
     stops early and is recorded as outcome 'diverged'; that is a result, not an error."""
     config = _config_from(kwargs)
     _prepare(data_dir, source)
-    _terminate_as_interrupt()
     from . import data, tracking
     from .train import DTYPES, get_device
+
+    tracking.interrupt_on_sigterm()
 
     mnist = data.load(data_dir, get_device(config.device), DTYPES[config.precision])
     summary = tracking.tracked_train(config, mnist, experiment)
@@ -180,9 +169,10 @@ def grid(spec_path: str, workers: int, rerun: bool, progress: bool, executor: st
         if importlib.util.find_spec("ray") is None:
             raise click.BadParameter("Ray is not installed: pip install 'gradbench[ray]'", param_hint="--executor")
     _prepare(data_dir, source)
-    _terminate_as_interrupt()
     from .grid import ExecutorError, run_grid
-    from .tracking import MlflowException
+    from .tracking import MlflowException, interrupt_on_sigterm
+
+    interrupt_on_sigterm()
 
     try:
         result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress,

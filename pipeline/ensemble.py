@@ -25,7 +25,16 @@ from torch import nn
 from .config import RunConfig
 from .data import Mnist
 from .model import ACTIVATIONS, RECTIFIERS, SATURATION_THRESHOLD, build_model
-from .monitor import HIST_BINS, HIST_RANGE, LAYER_STATS, STEP_STATS, Chunk, layer_table
+from .monitor import (
+    HIST_BINS,
+    LAYER_STATS,
+    STEP_STATS,
+    Chunk,
+    grad_histogram,
+    hidden_act_stats,
+    histogram_arrays,
+    layer_table,
+)
 from .train import AGC_EPS, DTYPES, ChunkSink, RunResult, make_optimizer, set_seed
 
 # What members must share; they may differ in init, init_std, init_gain, bias_std, clip_threshold, seed.
@@ -136,12 +145,9 @@ class EnsembleMonitor:
         self._backprop = [None] * self.n_layers
         for i, z in enumerate(preacts):
             z.register_hook(self._hook(i))
-        act = self._per_layer[LAYER_STATS.index("act"), self._row]
-        hidden = torch.stack(preacts[:-1])  # (layers, E, batch, width)
-        if self._saturation is not None:
-            act[: len(hidden)] = hidden.abs_().gt_(self._saturation).mean(dim=(2, 3))
-        elif self._rectifier:
-            act[: len(hidden)] = hidden.gt_(0).amax(dim=2).mean(dim=2).neg_().add_(1)
+        stats = hidden_act_stats(torch.stack(preacts[:-1]), self._saturation, self._rectifier)  # (layers, E)
+        if stats is not None:
+            self._per_layer[LAYER_STATS.index("act"), self._row, : len(stats)] = stats
 
     def _hook(self, i: int):
         def hook(grad: torch.Tensor) -> None:
@@ -156,12 +162,10 @@ class EnsembleMonitor:
         self._per_layer[LAYER_STATS.index("weight_grad_norm"), self._row] = norms[0::2]
         self._per_layer[LAYER_STATS.index("backprop_norm"), self._row] = torch.stack(self._backprop)
         if step in self.hist_steps:
-            lo, hi = HIST_RANGE
             slot = self.hist_steps.index(step)
             for i, w in enumerate(self.model.weights):
-                log_abs = torch.log10(w.grad.detach().abs().float() + 1e-30).clamp(lo, hi)
                 for e in range(self.members):
-                    self._hist[e, slot, i] = torch.histc(log_abs[e], bins=HIST_BINS, min=lo, max=hi)
+                    self._hist[e, slot, i] = grad_histogram(w.grad[e])
         self._per_step[STEP_STATS.index("global_norm_pre_clip"), self._row] = global_norm
         return global_norm
 
@@ -210,12 +214,7 @@ class EnsembleMonitor:
         return chunks
 
     def histograms(self, member: int, last_step: int) -> dict[str, np.ndarray]:
-        taken = [i for i, s in enumerate(self.hist_steps) if s <= last_step]
-        return {
-            "steps": np.array([self.hist_steps[i] for i in taken]),
-            "counts": self._hist[member, taken].cpu().numpy(),
-            "log10_abs_grad_edges": np.linspace(*HIST_RANGE, HIST_BINS + 1),
-        }
+        return histogram_arrays(self.hist_steps, self._hist[member], last_step)
 
 
 @torch.no_grad()

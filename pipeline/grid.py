@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .config import GridSpec, RunConfig
-from .tracking import RunSummary
+from .tracking import RunSummary, interrupt_on_sigterm
 
 
 @dataclass
@@ -112,11 +111,7 @@ def _worker_init(runner: _Runner, tracking_uri: str, gpus: "multiprocessing.Queu
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
         torch.cuda.set_device(gpus.get())
-
-    def interrupted(signum, frame):  # pool.terminate() sends SIGTERM: mark the open run KILLED
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
+    interrupt_on_sigterm()  # pool.terminate() sends SIGTERM: mark the open run KILLED
     _worker_runner = runner
 
 

@@ -27,6 +27,33 @@ HIST_RANGE = (-12.0, 4.0)
 HIST_BINS = 80
 
 
+def hidden_act_stats(hidden: torch.Tensor, saturation: float | None, rectifier: bool) -> torch.Tensor | None:
+    """Saturated or dead fraction per hidden layer from stacked pre-activations (..., batch, width),
+    worked on in place; None for an activation that has neither statistic. The leading dims stay:
+    (layers,) here, (layers, members) in ensemble.py."""
+    if saturation is not None:
+        return hidden.abs_().gt_(saturation).mean(dim=(-2, -1))
+    if rectifier:
+        return hidden.gt_(0).amax(dim=-2).mean(dim=-1).neg_().add_(1)  # 1 - P(unit fires on the batch)
+    return None
+
+
+def grad_histogram(grad: torch.Tensor) -> torch.Tensor:
+    """Counts of log10|grad| in the fixed HIST_BINS bins over HIST_RANGE."""
+    lo, hi = HIST_RANGE
+    return torch.histc(torch.log10(grad.detach().abs().float() + 1e-30).clamp(lo, hi), bins=HIST_BINS, min=lo, max=hi)
+
+
+def histogram_arrays(hist_steps: list[int], hist: torch.Tensor, last_step: int) -> dict[str, np.ndarray]:
+    """histograms.npz's arrays from (slots, layers, bins) counts: the slots of steps reached."""
+    taken = [i for i, s in enumerate(hist_steps) if s <= last_step]
+    return {
+        "steps": np.array([hist_steps[i] for i in taken]),
+        "counts": hist[taken].cpu().numpy(),
+        "log10_abs_grad_edges": np.linspace(*HIST_RANGE, HIST_BINS + 1),
+    }
+
+
 @dataclass
 class Chunk:
     """Host copy of consecutive steps: step (n,), per_step {name: (n,)}, per_layer {name: (n, L)}."""
@@ -86,14 +113,11 @@ class Monitor:
         self._backprop = [None] * self.n_layers
         for i, z in enumerate(preacts):
             z.register_hook(self._backprop_hook(i))
-        act = self._per_layer[LAYER_STATS.index("act"), self._row]
         # One stacked copy (layers, batch, width) of the hidden pre-activations (the output layer has
-        # no activation), worked on in place: a handful of kernels whatever the depth.
-        hidden = torch.stack(preacts[:-1])
-        if self._saturation is not None:
-            act[: len(hidden)] = hidden.abs_().gt_(self._saturation).mean(dim=(1, 2))
-        elif self._rectifier:
-            act[: len(hidden)] = hidden.gt_(0).amax(dim=1).mean(dim=1).neg_().add_(1)  # 1 - P(unit fires)
+        # no activation): a handful of kernels whatever the depth.
+        stats = hidden_act_stats(torch.stack(preacts[:-1]), self._saturation, self._rectifier)
+        if stats is not None:
+            self._per_layer[LAYER_STATS.index("act"), self._row, : len(stats)] = stats
 
     def _backprop_hook(self, i: int):
         def hook(grad: torch.Tensor) -> None:
@@ -116,10 +140,8 @@ class Monitor:
         return global_norm
 
     def _histograms(self, slot: int) -> None:
-        lo, hi = HIST_RANGE
         for i, w in enumerate(self.weights):
-            log_abs = torch.log10(w.grad.detach().abs().float() + 1e-30).clamp(lo, hi)
-            self._hist[slot, i] = torch.histc(log_abs, bins=HIST_BINS, min=lo, max=hi)
+            self._hist[slot, i] = grad_histogram(w.grad)
 
     @torch.no_grad()
     def clipped(self, global_norm_pre: torch.Tensor, active: torch.Tensor | None) -> None:
@@ -175,13 +197,7 @@ class Monitor:
 
     def histograms(self, last_step: int) -> dict[str, np.ndarray]:
         """Gradient histograms at the first, middle and last step reached (for histograms.npz)."""
-        taken = [i for i, s in enumerate(self.hist_steps) if s <= last_step]
-        edges = np.linspace(*HIST_RANGE, HIST_BINS + 1)
-        return {
-            "steps": np.array([self.hist_steps[i] for i in taken]),
-            "counts": self._hist[taken].cpu().numpy(),
-            "log10_abs_grad_edges": edges,
-        }
+        return histogram_arrays(self.hist_steps, self._hist, last_step)
 
 
 def act_statistic(activation: str) -> str:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -282,6 +284,17 @@ def theory_metrics(config: RunConfig, result: RunResult) -> dict[str, float]:
 def _ended_by(exc: BaseException) -> str:
     """The status of runs that an exception ends: an interrupt KILLED, anything else FAILED."""
     return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job, pool.terminate()) unwinds like Ctrl-C, so that the
+    open runs are marked KILLED. Python allows signal handlers in the main thread only."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 @dataclass(frozen=True)
