@@ -6,6 +6,8 @@ Every figure is a ratio of two things timed side by side in this process, on the
 1. gradbench's loop (full monitoring on) against the seed-style loop of the classic PyTorch MNIST
    example: torchvision MNIST with ToTensor + Normalize through a DataLoader (batch 64,
    num_workers 0), a host copy per batch, loss.item() every 10 steps, the 784-512-256-10 ReLU net;
+   and the engine with one member (monitoring off) against a plain nn.Linear loop over the same
+   on-device batches: what the member axis costs a single run;
 2. full per-layer monitoring against monitoring off, same loop and config;
 3. MLflow tracking on (a real SQLite store) against off: the fraction of the run time it adds,
    for a run of 300 steps (--quick: a quick-grid run) or one epoch;
@@ -32,9 +34,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .activations import ACTIVATIONS
 from .config import RunConfig
 from .data import MEAN, STD, Mnist, load
-from .train import get_device, train
+from .model import layer_sizes
+from .runtime import get_device
+from .train import train
 
 REFERENCE_BATCH = 64
 
@@ -121,6 +126,37 @@ def reference_loop(data_dir: str, device: torch.device, steps: int) -> Callable[
     return run
 
 
+def plain_loop(config: RunConfig, data: Mnist) -> Callable[[], None]:
+    """The same network and batches as the engine's single run, as a plain nn.Linear stack:
+    forward, loss, backward, SGD step, the loss kept on the device; one evaluation at the end."""
+    device = data.x_train.device
+    n_train = config.train_subset or len(data.x_train)
+
+    def run() -> None:
+        torch.manual_seed(config.seed)
+        layers: list[torch.nn.Module] = []
+        for fan_in, fan_out in layer_sizes(config.depth, config.width):
+            layers += [torch.nn.Linear(fan_in, fan_out), ACTIVATIONS[config.activation].module()]
+        model = torch.nn.Sequential(*layers[:-1]).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+        shuffle = torch.Generator(device=device).manual_seed(config.seed)
+        order = torch.randperm(n_train, device=device, generator=shuffle)
+        losses = []
+        for i in range(config.total_steps):
+            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        torch.stack(losses).cpu()
+        with torch.no_grad():
+            for i in range(0, len(data.x_test), 2000):
+                F.cross_entropy(model(data.x_test[i : i + 2000]), data.y_test[i : i + 2000], reduction="sum")
+
+    return run
+
+
 def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
     """fp32 matmul FLOP/s: the best of `repeats` n x n x n products."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -168,21 +204,26 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "torch_threads": torch.get_num_threads(), "steps": steps, "quick": quick}
 
-    def timed(config: RunConfig, **kwargs) -> float:
-        return _best_seconds(lambda: train(config, data, **kwargs), device, budget.repeats)
+    def timed(config: RunConfig) -> float:
+        return _best_seconds(lambda: train([config], data), device, budget.repeats)
 
     echo("1/6 gradbench loop against the seed-style loop")
     ours_cfg = RunConfig(activation="relu", depth=3, width=512, batch_size=REFERENCE_BATCH, max_steps=steps,
                          device=str(device))
-    reference, ours = _paired(reference_loop(data_dir, device, steps), lambda: train(ours_cfg, data), device,
+    reference, ours = _paired(reference_loop(data_dir, device, steps), lambda: train([ours_cfg], data), device,
                               budget.repeats)
     results["seed_loop_samples_per_s"] = steps * REFERENCE_BATCH / reference
     results["gradbench_samples_per_s"] = steps * REFERENCE_BATCH / ours
     results["speedup_vs_seed_loop"] = reference / ours
+    engine_cfg = RunConfig(activation="relu", depth=10, width=256, init="he_normal", max_steps=steps,
+                           device=str(device))
+    plain, engine = _paired(plain_loop(engine_cfg, data), lambda: train([engine_cfg], data, full_monitor=False),
+                            device, budget.repeats)
+    results["engine_vs_plain_loop"] = plain / engine  # speed ratio: >= 0.95 means at most 5% slower
 
     echo("2/6 monitoring on against off")
     monitored_cfg = RunConfig(activation="tanh", depth=10, width=256, max_steps=steps, device=str(device))
-    on, off = _paired(lambda: train(monitored_cfg, data), lambda: train(monitored_cfg, data, full_monitor=False),
+    on, off = _paired(lambda: train([monitored_cfg], data), lambda: train([monitored_cfg], data, full_monitor=False),
                       device, budget.repeats)
     results["monitor_overhead"] = on / off
 
@@ -206,19 +247,18 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
         results[f"peak_fraction_w{width}"] = flops / peak
 
     echo("5/6 ensembles against one run at a time")
-    from .ensemble import train_ensemble
-
     for width in (128, 512):
         configs = [RunConfig(activation="relu", depth=10, width=width, init=init, seed=seed, max_steps=steps // 3,
                              device=str(device)) for init in ("he_normal", "xavier_normal")
                    for seed in range(budget.members // 2)]
-        one_by_one, together = _paired(lambda configs=configs: [train(c, data) for c in configs],
-                                       lambda configs=configs: train_ensemble(configs, data), device,
+        one_by_one, together = _paired(lambda configs=configs: [train([c], data) for c in configs],
+                                       lambda configs=configs: train(configs, data), device,
                                        max(1, budget.repeats // 2))
         results[f"ensemble_speedup_w{width}"] = one_by_one / together
     results["ensemble_members"] = len(configs)
 
     echo("6/6 peak memory of a quick-grid run")
+    data_dir = os.path.abspath(data_dir)  # the subprocesses below run in a temporary folder
     results["peak_rss_mb"] = _quick_run_rss_mb(data_dir)
     if device.type == "cuda":
         results["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -231,6 +271,7 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
 def _mlflow_overhead(config: RunConfig, data: Mnist, device: torch.device, repeats: int) -> float:
     """Fraction of a tracked run's time that MLflow adds: (tracked - untracked) / tracked."""
     from . import tracking
+    from .run import run_group
 
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.environ.get("MLFLOW_TRACKING_URI")
@@ -238,8 +279,8 @@ def _mlflow_overhead(config: RunConfig, data: Mnist, device: torch.device, repea
         try:
             client = tracking.get_client()
             client.create_experiment("bench", artifact_location=Path(tmp, "artifacts").as_uri())
-            tracked, plain = _paired(lambda: tracking.tracked_train(config, data, "bench", client=client),
-                                     lambda: train(config, data), device, repeats)
+            tracked, plain = _paired(lambda: run_group([config], data, "bench", client=client),
+                                     lambda: train([config], data), device, repeats)
         finally:
             if saved is None:
                 os.environ.pop("MLFLOW_TRACKING_URI")
@@ -254,6 +295,8 @@ def markdown(results: dict) -> str:
         ("gradbench loop, samples/s", f"{results['gradbench_samples_per_s']:,.0f}", "full monitoring on"),
         ("seed-style loop, samples/s", f"{results['seed_loop_samples_per_s']:,.0f}", "DataLoader + transforms"),
         ("speedup vs seed loop", f"{results['speedup_vs_seed_loop']:.2f}x", "target >= 5x"),
+        ("one-member engine vs plain nn.Linear loop", f"{results['engine_vs_plain_loop']:.3f}",
+         "speed ratio, monitoring off; target >= 0.95"),
         ("monitoring on / off", f"{results['monitor_overhead']:.3f}", "target <= 1.10"),
         ("MLflow share of run time", f"{results['mlflow_overhead']:.1%}",
          f"{results['mlflow_run_steps']}-step run; target <= 5%"),

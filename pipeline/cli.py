@@ -72,7 +72,7 @@ def _config_from(kwargs: dict[str, Any]) -> RunConfig:
 
 
 def _check_device(name: str) -> None:
-    from .train import get_device
+    from .runtime import get_device
 
     try:
         get_device(name)
@@ -100,6 +100,9 @@ def cli() -> None:
     Stages: prepare (MNIST) -> train (one run) / grid (a study) -> report. Every run is tracked in
     MLflow (MLFLOW_TRACKING_URI, default: MLflow's embedded store); compare runs with `mlflow ui`.
     """
+    from .runtime import configure
+
+    configure()
 
 
 @cli.command()
@@ -124,13 +127,13 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
     stops early and is recorded as outcome 'diverged'; that is a result, not an error."""
     config = _config_from(kwargs)
     _prepare(data_dir, source)
-    from . import data, tracking
-    from .train import DTYPES, get_device
+    from . import data
+    from .run import run_group
+    from .runtime import get_device, interrupt_on_sigterm, param_dtype
 
-    tracking.interrupt_on_sigterm()
-
-    mnist = data.load(data_dir, get_device(config.device), DTYPES[config.precision])
-    summary = tracking.tracked_train(config, mnist, experiment)
+    interrupt_on_sigterm()
+    mnist = data.load(data_dir, get_device(config.device), param_dtype(config.precision))
+    (summary,) = run_group([config], mnist, experiment)
     click.echo(summary.line())
 
 
@@ -145,8 +148,8 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
 @click.option("--address", metavar="ADDR", default=None, envvar="RAY_ADDRESS",
               help="Ray cluster to join (e.g. auto, or ray://head:10001); default: start a local one. Env: RAY_ADDRESS.")
 @click.option("--ensemble", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Train configs that share an architecture together in one pass (auto: on CUDA). "
-                   "Applies in this process (--workers 1, --executor local).")
+              help="Train configs that share an architecture together in one pass (auto: on CUDA), "
+                   "with every executor: each worker or Ray task trains a group.")
 @data_dir_option
 @source_option
 @experiment_option
@@ -170,7 +173,8 @@ def grid(spec_path: str, workers: int, rerun: bool, progress: bool, executor: st
             raise click.BadParameter("Ray is not installed: pip install 'gradbench[ray]'", param_hint="--executor")
     _prepare(data_dir, source)
     from .grid import ExecutorError, run_grid
-    from .tracking import MlflowException, interrupt_on_sigterm
+    from .runtime import interrupt_on_sigterm
+    from .tracking import MlflowException
 
     interrupt_on_sigterm()
 

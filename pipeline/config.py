@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu", "softsign")
+from . import activations
+
+ACTIVATIONS = activations.NAMES
 INITS = (
     "default",
     "normal",
@@ -34,10 +36,6 @@ OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "fp64", "bf16")
 MNIST_TRAIN_SIZE = 60_000
 
-# Fields that do not change the numbers a run produces: a run resumed on another device or with
-# another metric stride is the same run, so they stay out of the config hash.
-NOT_HASHED = ("device", "log_every")
-
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -50,8 +48,12 @@ class ConfigError(ValueError):
         self.message = message
 
 
-def _spec(help: str, **constraints: Any) -> dict[str, Any]:
-    return {"help": help, **constraints}
+def _spec(help: str, member: bool = False, hashed: bool = True, **constraints: Any) -> dict[str, Any]:
+    """A field's metadata: its help text, its bounds or choices, and two facts the rest derive from:
+    member=True: configs that differ in it can still train together as members of one group
+    (each member is built and clipped with its own value); hashed=False: it does not change the
+    numbers a run produces (a run on another device or with another metric stride is the same run)."""
+    return {"help": help, "member": member, "hashed": hashed, **constraints}
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,17 @@ class RunConfig:
     activation: str = field(default="relu", metadata=_spec("Hidden-layer nonlinearity.", choices=ACTIVATIONS))
     depth: int = field(default=10, metadata=_spec("Number of Linear layers, output layer included.", min=2))
     width: int = field(default=256, metadata=_spec("Units in each hidden layer.", min=1))
-    init: str = field(default="default", metadata=_spec("Weight initialization scheme.", choices=INITS))
-    init_std: float = field(default=1.0, metadata=_spec("Std of the weights for --init normal.", gt=0.0))
+    init: str = field(default="default", metadata=_spec("Weight initialization scheme.", member=True, choices=INITS))
+    init_std: float = field(default=1.0, metadata=_spec("Std of the weights for --init normal.", member=True, gt=0.0))
     init_gain: float = field(
-        default=1.0, metadata=_spec("Multiplies the weight std of xavier_*, he_*, lecun_normal, orthogonal.", gt=0.0)
+        default=1.0, metadata=_spec("Multiplies the weight std of xavier_*, he_*, lecun_normal, orthogonal.", member=True, gt=0.0)
     )
     bias_std: float = field(
-        default=0.0, metadata=_spec("Biases ~ N(0, bias_std^2) for every init but default (0: zero).", min=0.0)
+        default=0.0, metadata=_spec("Biases ~ N(0, bias_std^2) for every init but default (0: zero).", member=True, min=0.0)
     )
     clip: str = field(default="none", metadata=_spec("Gradient clipping mode.", choices=CLIPS))
     clip_threshold: float = field(
-        default=1.0, metadata=_spec("Max global norm (norm), max |g| (value) or max ratio (agc).", gt=0.0)
+        default=1.0, metadata=_spec("Max global norm (norm), max |g| (value) or max ratio (agc).", member=True, gt=0.0)
     )
     optimizer: str = field(default="sgd", metadata=_spec("Optimizer.", choices=OPTIMIZERS))
     lr: float = field(default=0.01, metadata=_spec("Learning rate.", gt=0.0))
@@ -82,10 +84,11 @@ class RunConfig:
     train_subset: int = field(
         default=0, metadata=_spec("Train on the first N training images (0: all 60,000).", min=0, max=MNIST_TRAIN_SIZE)
     )
-    seed: int = field(default=0, metadata=_spec("Seed for init, shuffling and everything else.", min=0))
-    device: str = field(default="auto", metadata=_spec("auto (cuda if available), cpu, cuda or cuda:N."))
+    seed: int = field(default=0, metadata=_spec("Seed for init, shuffling and everything else.", member=True, min=0))
+    device: str = field(default="auto", metadata=_spec("auto (cuda if available), cpu, cuda or cuda:N.", hashed=False))
     precision: str = field(default="fp32", metadata=_spec("Parameter and compute precision.", choices=PRECISIONS))
-    log_every: int = field(default=10, metadata=_spec("MLflow metric stride in steps (artifacts keep every step).", min=1))
+    log_every: int = field(default=10, metadata=_spec(
+        "MLflow metric stride in steps (artifacts keep every step).", member=True, hashed=False, min=1))
 
     def __post_init__(self) -> None:
         validate(self)
@@ -116,6 +119,27 @@ class RunConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
+# Derived from the field metadata, never listed by hand:
+NOT_HASHED = tuple(n for n, f in FIELDS.items() if not f.metadata["hashed"])
+GROUP_KEYS = tuple(n for n, f in FIELDS.items() if not f.metadata["member"])  # what a group's members share
+
+
+def pair_keys(*varied: str) -> list[str]:
+    """The fields that make two runs "the same configuration but for `varied`" (e.g. clip and
+    clip_threshold): every hashed field but those."""
+    return [n for n, f in FIELDS.items() if f.metadata["hashed"] and n not in varied]
+
+
+def group_key(config: RunConfig) -> tuple:
+    """Configs with equal keys can train together as members of one group (see train.py)."""
+    return tuple(getattr(config, k) for k in GROUP_KEYS)
+
+
+def run_name(config: RunConfig) -> str:
+    """A short human name for a run: activation, depth, width, init, clipping, seed."""
+    clip = "noclip" if config.clip == "none" else f"{config.clip}{config.clip_threshold:g}"
+    init = f"normal{config.init_std:g}" if config.init == "normal" else config.init
+    return f"{config.activation}-d{config.depth}-w{config.width}-{init}-{clip}-s{config.seed}"
 
 
 def validate(config: RunConfig) -> None:
@@ -148,16 +172,17 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(unknown[0], f"unknown config key (known: {', '.join(FIELDS)})")
-    coerced = {}
-    for name, value in values.items():
-        # YAML reads 1e-2 as a string and 1 as an int where a float is meant: accept both.
-        if FIELDS[name].type == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(name, f"expected float, got {value!r}") from None
-        coerced[name] = value
-    return RunConfig(**coerced)
+    return RunConfig(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """YAML reads 1e-2 as a string and 1 as an int where a float is meant: accept both."""
+    if FIELDS[name].type == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(name, f"expected float, got {value!r}") from None
+    return value
 
 
 SPEC_KEYS = ("name", "base", "axes", "exclude", "include", "seeds", "reproduces")
@@ -224,18 +249,20 @@ class GridSpec:
         reproduces = raw.get("reproduces")
         if reproduces is not None and reproduces not in PAPERS:
             raise ConfigError("reproduces", f"{reproduces!r} is not one of {', '.join(PAPERS)}")
-        excludes = _mappings(raw, "exclude")
-        crossed = [_combine(axes, values) for values in itertools.product(*axes.values())]
-        combos = [("axes", c) for c in crossed if not any(_matches({**base, **c}, ex) for ex in excludes)]
-        combos += [(f"include[{j}]", c) for j, c in enumerate(_mappings(raw, "include"))]
+        excludes = [_pattern(ex) for ex in _mappings(raw, "exclude")]
+        crossed = [("axes", _combine(axes, values)) for values in itertools.product(*axes.values())]
+        included = [(f"include[{j}]", c) for j, c in enumerate(_mappings(raw, "include"))]
         configs: dict[str, RunConfig] = {}
-        for origin, combo in combos:
+        for origin, combo in crossed + included:
             for seed in seeds:
                 try:
                     config = from_dict({**base, **combo, "seed": seed})
                 except ConfigError as exc:
                     where = "seeds" if exc.key == "seed" else f"{origin if exc.key in combo else 'base'}.{exc.key}"
                     raise ConfigError(where, exc.message) from None
+                # exclude matches the validated configuration (defaults filled in, 1e-2 == 0.01)
+                if origin == "axes" and any(_matches(config, ex) for ex in excludes):
+                    continue
                 configs.setdefault(config.config_hash(), config)
         if not configs:
             raise ConfigError("axes", "the grid is empty (every configuration was excluded)")
@@ -269,6 +296,14 @@ def _mappings(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return value
 
 
-def _matches(values: dict[str, Any], pattern: dict[str, Any]) -> bool:
+def _pattern(entry: dict[str, Any]) -> dict[str, list[Any]]:
+    """An exclude entry with each value (or list of values) coerced as the field's values are."""
+    try:
+        return {k: [_coerce(k, v) for v in (vs if isinstance(vs, list) else [vs])] for k, vs in entry.items()}
+    except ConfigError as exc:
+        raise ConfigError(f"exclude.{exc.key}", exc.message) from None
+
+
+def _matches(config: RunConfig, pattern: dict[str, list[Any]]) -> bool:
     """An exclude entry matches when every key it names has that value (or one of a list)."""
-    return all(values.get(k) in (v if isinstance(v, list) else [v]) for k, v in pattern.items())
+    return all(getattr(config, k) in values for k, values in pattern.items())

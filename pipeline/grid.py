@@ -9,9 +9,11 @@ skipped, so running the same command again after an interruption completes only 
 Runs left RUNNING by a process of this host that is gone (killed outright) are marked FAILED first;
 a Ray task retried after its worker was lost marks the attempt it replaces FAILED itself.
 
-Local workers are separate processes (spawned, so CUDA is safe). The driver creates the store, the
-experiment and the parent run before any worker starts: concurrent first-time schema creation in a
-SQLite file is what breaks it, while concurrent writers to an existing one are safe.
+Every executor runs groups: configs that agree on config.GROUP_KEYS train together in one pass
+(train.py) when ensembles are on, and alone (groups of one) when they are off. Local workers are
+separate processes (spawned, so CUDA is safe); a Ray task runs one group. The driver creates the
+store, the experiment and the parent run before any worker starts: concurrent first-time schema
+creation in a SQLite file is what breaks it, while concurrent writers to an existing one are safe.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .config import GridSpec, RunConfig
-from .tracking import RunSummary, interrupt_on_sigterm
+from .config import GridSpec, RunConfig, group_key, run_name
+from .run import RunSummary
+from .runtime import configure, interrupt_on_sigterm
+
+Outcome = tuple[RunConfig, "RunSummary | None", "str | None"]  # a config, its summary or its error
+MAX_GROUP = 32  # members trained together at most
 
 
 @dataclass
@@ -57,9 +63,20 @@ class GridResult:
 _DATA: dict[tuple[str, str, str], object] = {}  # per process: (data_dir, device, precision) -> Mnist
 
 
+def plan_groups(configs: list[RunConfig], ensemble: bool, max_size: int = MAX_GROUP) -> list[list[RunConfig]]:
+    """What trains together: with ensembles, configs of one group key in groups of at most
+    max_size; without, each config alone."""
+    if not ensemble:
+        return [[c] for c in configs]
+    by_key: dict[tuple, list[RunConfig]] = {}
+    for config in configs:
+        by_key.setdefault(group_key(config), []).append(config)
+    return [group[i : i + max_size] for group in by_key.values() for i in range(0, len(group), max_size)]
+
+
 class _Runner:
-    """Runs one config in this process (the driver, a pool worker or a Ray worker). Picklable: the
-    data it loads is cached per process, so a worker loads MNIST once for all its configs."""
+    """Runs one group in this process (the driver, a pool worker or a Ray worker). Picklable: the
+    data it loads is cached per process, so a worker loads MNIST once for all its groups."""
 
     def __init__(self, data_dir: str, source: str | None, experiment: str, parent_run_id: str, grid: str):
         self.data_dir, self.source = data_dir, source
@@ -68,35 +85,22 @@ class _Runner:
     def _data(self, config: RunConfig):
         """MNIST on the config's device and precision, loaded once per process."""
         from . import data
-        from .train import DTYPES, get_device
+        from .runtime import get_device, param_dtype
 
         device = get_device(config.device)
         key = (self.data_dir, str(device), config.precision)
         if key not in _DATA:
-            _DATA[key] = data.load(self.data_dir, device, DTYPES[config.precision], self.source)
+            _DATA[key] = data.load(self.data_dir, device, param_dtype(config.precision), self.source)
         return _DATA[key]
 
-    def __call__(self, config: RunConfig) -> tuple[RunConfig, RunSummary | None, str | None]:
-        from . import tracking
+    def __call__(self, group: list[RunConfig]) -> list[Outcome]:
+        from .run import run_group
 
         try:
-            summary = tracking.tracked_train(config, self._data(config), self.experiment, self.parent_run_id, self.grid)
-            return config, summary, None
-        except Exception as exc:  # the run is marked FAILED; the grid goes on and reports it
-            return config, None, f"{type(exc).__name__}: {exc}"
-
-    def group(self, configs: list[RunConfig]) -> list[tuple[RunConfig, RunSummary | None, str | None]]:
-        """Configs that share an architecture, trained together as one ensemble (see ensemble.py)."""
-        from . import tracking
-
-        if len(configs) == 1:
-            return [self(configs[0])]
-        try:
-            summaries = tracking.tracked_train_ensemble(
-                configs, self._data(configs[0]), self.experiment, self.parent_run_id, self.grid)
-            return [(c, s, None) for c, s in zip(configs, summaries)]
-        except Exception as exc:  # every member's run is marked FAILED; the grid goes on
-            return [(c, None, f"{type(exc).__name__}: {exc}") for c in configs]
+            summaries = run_group(group, self._data(group[0]), self.experiment, self.parent_run_id, self.grid)
+            return [(c, s, None) for c, s in zip(group, summaries)]
+        except Exception as exc:  # every member's run is marked FAILED; the grid goes on and reports it
+            return [(c, None, f"{type(exc).__name__}: {exc}") for c in group]
 
 
 _worker_runner: _Runner | None = None
@@ -107,6 +111,7 @@ def _worker_init(runner: _Runner, tracking_uri: str, gpus: "multiprocessing.Queu
     import torch
 
     global _worker_runner
+    configure()
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
@@ -115,11 +120,11 @@ def _worker_init(runner: _Runner, tracking_uri: str, gpus: "multiprocessing.Queu
     _worker_runner = runner
 
 
-def _worker_run(config: RunConfig):
-    return _worker_runner(config)
+def _worker_run(group: list[RunConfig]) -> list[Outcome]:
+    return _worker_runner(group)
 
 
-def _run_parallel(runner: _Runner, todo: list[RunConfig], workers: int, tracking_uri: str) -> Iterator:
+def _run_parallel(runner: _Runner, groups: list[list[RunConfig]], workers: int, tracking_uri: str) -> Iterator:
     import torch
 
     ctx = multiprocessing.get_context("spawn")
@@ -130,7 +135,8 @@ def _run_parallel(runner: _Runner, todo: list[RunConfig], workers: int, tracking
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ctx.Pool(workers, initializer=_worker_init, initargs=(runner, tracking_uri, gpus, threads))
     try:
-        yield from pool.imap_unordered(_worker_run, todo)
+        for outcomes in pool.imap_unordered(_worker_run, groups):
+            yield from outcomes
         pool.close()
     except BaseException:
         pool.terminate()
@@ -146,22 +152,26 @@ class ExecutorError(RuntimeError):
     """The executor cannot run the grid (Ray not installed, cluster unreachable)."""
 
 
-def gpus_for(config: RunConfig) -> float:
-    """GPU share a Ray task asks for: small nets leave a GPU mostly idle, so four share one."""
-    return 0.25 if config.width <= 512 and config.depth <= 20 else 1.0
+def gpus_for(group: list[RunConfig]) -> float:
+    """GPU share a Ray task asks for: a single small net leaves a GPU mostly idle, so four share one."""
+    config = group[0]
+    return 0.25 if len(group) == 1 and config.width <= 512 and config.depth <= 20 else 1.0
 
 
-def _ray_task(runner: _Runner, config: RunConfig, tracking_uri: str):
-    """One config on a Ray worker. A retry (the last attempt's worker was lost) first marks the
-    attempt it replaces FAILED, so the grid ends with exactly one FINISHED run per config."""
+def _ray_task(runner: _Runner, group: list[RunConfig], tracking_uri: str) -> list[Outcome]:
+    """One group on a Ray worker. A retry (the last attempt's worker was lost) first marks the
+    attempts it replaces FAILED, so the grid ends with exactly one FINISHED run per config."""
     from . import tracking
 
+    configure()
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    tracking.fail_earlier_attempts(tracking.get_client(), runner.parent_run_id, config)
-    return runner(config)
+    client = tracking.get_client()
+    for config in group:
+        tracking.fail_earlier_attempts(client, runner.parent_run_id, config)
+    return runner(group)
 
 
-def _run_ray(runner: _Runner, todo: list[RunConfig], tracking_uri: str, address: str | None) -> Iterator:
+def _run_ray(runner: _Runner, groups: list[list[RunConfig]], tracking_uri: str, address: str | None) -> Iterator:
     try:
         import ray
     except ImportError:
@@ -175,17 +185,17 @@ def _run_ray(runner: _Runner, todo: list[RunConfig], tracking_uri: str, address:
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     task = ray.remote(max_retries=RAY_RETRIES)(_ray_task)
     pending = {}
-    for config in todo:
-        options = {"num_cpus": 1, "num_gpus": gpus_for(config)} if has_gpus else {"num_cpus": 1}
-        pending[task.options(**options).remote(runner, config, tracking_uri)] = config
+    for group in groups:
+        options = {"num_cpus": 1, "num_gpus": gpus_for(group)} if has_gpus else {"num_cpus": 1}
+        pending[task.options(**options).remote(runner, group, tracking_uri)] = group
     try:
         while pending:
             (done,), _ = ray.wait(list(pending), num_returns=1)
-            config = pending.pop(done)
+            group = pending.pop(done)
             try:
-                yield ray.get(done)
-            except ray.exceptions.RayError as exc:  # retries exhausted: a failed config, not a lost one
-                yield config, None, f"{type(exc).__name__}: {exc}"
+                yield from ray.get(done)
+            except ray.exceptions.RayError as exc:  # retries exhausted: failed configs, not lost ones
+                yield from ((c, None, f"{type(exc).__name__}: {exc}") for c in group)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -209,10 +219,9 @@ def run_grid(
     ensemble: bool | None = None,
 ) -> GridResult:
     """Run every configuration of `spec` that has no FINISHED run yet (all of them with rerun), in
-    this process, in `workers` local processes, or as Ray tasks (executor="ray"). In this process,
-    configs that share an architecture train together as ensembles when `ensemble` is True (None:
-    on CUDA only)."""
-    import mlflow
+    this process, in `workers` local processes, or as Ray tasks (executor="ray"). Configs that
+    share an architecture train together as groups when `ensemble` is True (None: on CUDA only),
+    with every executor."""
     from tqdm import tqdm
 
     from . import data, tracking
@@ -237,20 +246,17 @@ def run_grid(
     status = "KILLED"
     try:
         if ensemble is None:  # auto: on CUDA, where small nets leave the device idle. On a CPU the
-            # gain is modest (1.1x-1.5x for 8 members, gradbench bench) and --ensemble on opts in.
+            # gain is modest (gradbench bench) and --ensemble on opts in.
             import torch
 
             ensemble = torch.cuda.is_available()
+        groups = plan_groups(todo, ensemble)
         if executor == "ray":
-            stream = _run_ray(runner, todo, mlflow.get_tracking_uri(), address)
-        elif workers > 1 and len(todo) > 1:
-            stream = _run_parallel(runner, todo, workers, mlflow.get_tracking_uri())
-        elif ensemble:
-            from .ensemble import groups
-
-            stream = (item for group in groups(todo) for item in runner.group(group))
+            stream = _run_ray(runner, groups, tracking.tracking_uri(), address)
+        elif workers > 1 and len(groups) > 1:
+            stream = _run_parallel(runner, groups, workers, tracking.tracking_uri())
         else:
-            stream = map(runner, todo)
+            stream = (outcome for group in groups for outcome in runner(group))
         with tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True) as bar:
             write = bar.write if progress else echo  # lines above the bar, not through it
             for config, summary, error in stream:
@@ -259,7 +265,7 @@ def run_grid(
                     write(summary.line())
                 else:
                     result.failures.append((config, error))
-                    write(f"FAILED {tracking.run_name(config)}: {error}")
+                    write(f"FAILED {run_name(config)}: {error}")
                 bar.update()
         status = "FAILED" if result.failures else "FINISHED"
     finally:

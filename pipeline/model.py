@@ -1,54 +1,50 @@
-"""The MLP under study, and the activation and initialization registries (DESIGN vocabulary).
+"""The MLP under study, as a stack of members, and the initialization registry (DESIGN vocabulary).
 
-    model = build_model(config)      # MLP 784 -> width x (depth-1) -> 10, initialized per config
+    model = build_model([config])             # one run: a stack of one member
+    model = build_model(configs)              # a group: configs that agree on config.GROUP_KEYS
+
+Every layer holds the weights of all members, W (members, out, in) and b (members, out), and is one
+batched matmul (torch.baddbmm) for all of them; inputs are (members, batch, in). Members are
+independent: member e's output, loss and gradients depend on member e's weights alone. Each member
+is initialized on the CPU from its own seed, so a member of a group starts exactly where the same
+config trained alone starts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .activations import ACTIVATIONS
 from .config import RunConfig
+from .runtime import set_seed
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "leaky_relu": lambda: nn.LeakyReLU(0.01),
-    "elu": nn.ELU,
-    "gelu": nn.GELU,
-    "selu": nn.SELU,
-    "softsign": nn.Softsign,
-}
-
-# Which activation statistic a layer reports: saturation for squashing functions, dead units for
-# rectifiers. A unit is saturated when its local slope phi'(z) is below 10% of phi'(0), i.e. when
-# |z| exceeds the threshold below (sigmoid: sigma'(z) < 0.025, tanh: 1 - tanh^2 < 0.1,
-# softsign: 1/(1+|z|)^2 < 0.1). A unit is dead when z <= 0 for every example of the batch.
-SATURATION_THRESHOLD = {"sigmoid": 3.6369, "tanh": 1.8184, "softsign": 2.1623}
-RECTIFIERS = ("relu", "leaky_relu", "elu", "gelu", "selu")
+IN_FEATURES, CLASSES = 784, 10
 
 
-def _fan_based(init_weight: Callable[[torch.Tensor, RunConfig], object]) -> Callable[[nn.Linear, RunConfig], None]:
+def _fan_based(init_weight: Callable[[torch.Tensor, RunConfig], object]) -> Callable[..., None]:
     """An init that sets W with `init_weight(W, config)` and b ~ N(0, bias_std^2) (zero by default)."""
 
-    def init(layer: nn.Linear, config: RunConfig) -> None:
-        init_weight(layer.weight, config)
-        nn.init.normal_(layer.bias, 0.0, config.bias_std) if config.bias_std > 0 else nn.init.zeros_(layer.bias)
+    def init(weight: torch.Tensor, bias: torch.Tensor, config: RunConfig) -> None:
+        init_weight(weight, config)
+        nn.init.normal_(bias, 0.0, config.bias_std) if config.bias_std > 0 else nn.init.zeros_(bias)
 
     return init
 
 
-def _keep_default(layer: nn.Linear, config: RunConfig) -> None:
+def _pytorch_default(weight: torch.Tensor, bias: torch.Tensor, config: RunConfig) -> None:
     """PyTorch's own Linear init: W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Glorot's 'standard')."""
+    bound = 1 / math.sqrt(weight.shape[1])
+    nn.init.uniform_(weight, -bound, bound)
+    nn.init.uniform_(bias, -bound, bound)
 
 
 _RELU_GAIN = math.sqrt(2.0)
-INITS: dict[str, Callable[[nn.Linear, RunConfig], None]] = {
-    "default": _keep_default,
+INITS: dict[str, Callable[[torch.Tensor, torch.Tensor, RunConfig], None]] = {
+    "default": _pytorch_default,
     "normal": _fan_based(lambda w, cfg: nn.init.normal_(w, 0.0, cfg.init_std)),
     "xavier_uniform": _fan_based(lambda w, cfg: nn.init.xavier_uniform_(w, gain=cfg.init_gain)),
     "xavier_normal": _fan_based(lambda w, cfg: nn.init.xavier_normal_(w, gain=cfg.init_gain)),
@@ -60,30 +56,68 @@ INITS: dict[str, Callable[[nn.Linear, RunConfig], None]] = {
 }
 
 
-class MLP(nn.Module):
-    """`depth` Linear layers (the last one the classifier) with `activation` between them."""
+def layer_sizes(depth: int, width: int) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of each Linear layer: 784 -> width x (depth - 1) -> 10."""
+    sizes = [IN_FEATURES] + [width] * (depth - 1) + [CLASSES]
+    return list(zip(sizes[:-1], sizes[1:]))
 
-    def __init__(self, depth: int, width: int, activation: str, in_features: int = 784, classes: int = 10):
+
+class StackedLinear(nn.Module):
+    """One Linear layer per member: weight (members, out, in), bias (members, out)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
-        sizes = [in_features] + [width] * (depth - 1) + [classes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.act = ACTIVATIONS[activation]()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
 
-    def forward(self, x: torch.Tensor, preacts: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits; if `preacts` is a list, each layer's output z = Wx + b is appended to it."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """z = W x + b for each member: x (members, batch, in) -> (members, batch, out)."""
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class MLP(nn.Module):
+    """`depth` stacked Linear layers (the last one the classifier) with `activation` between them.
+    The monitor observes each layer's output z through forward hooks on `layers`."""
+
+    def __init__(self, layers: list[StackedLinear], activation: str):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.act = ACTIVATIONS[activation].module()
+
+    @property
+    def members(self) -> int:
+        return self.layers[0].weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (members, batch, classes); x is (members, batch, 784), or (batch, 784) for all."""
+        if x.dim() == 2:
+            x = x.expand(self.members, -1, -1)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            z = layer(x)
-            if preacts is not None:
-                preacts.append(z)
-            x = self.act(z) if i < last else z
+            x = layer(x)
+            if i < last:
+                x = self.act(x)
         return x
 
 
-def build_model(config: RunConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MLP:
-    """The MLP of a config, initialized on the CPU with the current RNG state, then moved."""
-    model = MLP(config.depth, config.width, config.activation)
-    with torch.no_grad():
-        for layer in model.layers:
-            INITS[config.init](layer, config)
-    return model.to(device=device, dtype=dtype)
+def build_model(
+    configs: Sequence[RunConfig], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> MLP:
+    """The MLP of one config or of a group: each member initialized on the CPU from its own seed
+    (the same numbers wherever it trains and whoever it trains with), then stacked and moved."""
+    first = configs[0]
+    per_member = []
+    for config in configs:
+        set_seed(config.seed)
+        params = []
+        for fan_in, fan_out in layer_sizes(first.depth, first.width):
+            weight, bias = torch.empty(fan_out, fan_in), torch.empty(fan_out)
+            with torch.no_grad():
+                INITS[config.init](weight, bias, config)
+            params.append((weight, bias))
+        per_member.append(params)
+    layers = [
+        StackedLinear(torch.stack([m[i][0] for m in per_member]), torch.stack([m[i][1] for m in per_member]))
+        for i in range(first.depth)
+    ]
+    return MLP(layers, first.activation).to(device=device, dtype=dtype)

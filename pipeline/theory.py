@@ -21,36 +21,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import erf
 
+from .activations import ACTIVATIONS
 from .config import RunConfig
 
 _GAUSS_LEGENDRE = {n: np.polynomial.legendre.leggauss(n) for n in (4, 8)}
-_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
-_LEAKY = 0.01
-
-
-def _sigmoid(x):
-    return 0.5 * (1 + np.tanh(x / 2))
-
-
-# (phi, phi') for each activation, as numpy functions (PyTorch's definitions: gelu is the erf form)
-PHI = {
-    "sigmoid": (_sigmoid, lambda x: _sigmoid(x) * (1 - _sigmoid(x))),
-    "tanh": (np.tanh, lambda x: 1 - np.tanh(x) ** 2),
-    "relu": (lambda x: np.maximum(x, 0), lambda x: (x > 0).astype(float)),
-    "leaky_relu": (lambda x: np.where(x > 0, x, _LEAKY * x), lambda x: np.where(x > 0, 1.0, _LEAKY)),
-    "elu": (lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))), lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0)))),
-    "gelu": (
-        lambda x: 0.5 * x * (1 + erf(x / math.sqrt(2))),
-        lambda x: 0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi),
-    ),
-    "selu": (
-        lambda x: _SELU_SCALE * np.where(x > 0, x, _SELU_ALPHA * np.expm1(np.minimum(x, 0))),
-        lambda x: _SELU_SCALE * np.where(x > 0, 1.0, _SELU_ALPHA * np.exp(np.minimum(x, 0))),
-    ),
-    "softsign": (lambda x: x / (1 + np.abs(x)), lambda x: 1 / (1 + np.abs(x)) ** 2),
-}
 
 
 def _panels(q: float, n: int = 160, order: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -77,13 +52,13 @@ def gaussian_mean(f, q: float) -> float:
 
 
 def length_map(activation: str, q: float, sigma_w2: float, sigma_b2: float) -> float:
-    phi, _ = PHI[activation]
+    phi = ACTIVATIONS[activation].phi
     return sigma_w2 * gaussian_mean(lambda x: phi(x) ** 2, q) + sigma_b2
 
 
 def chi(activation: str, q: float, sigma_w2: float) -> float:
     """Factor by which E||dL/dh||^2 grows per layer towards the input, at pre-activation variance q."""
-    _, dphi = PHI[activation]
+    dphi = ACTIVATIONS[activation].dphi
     return sigma_w2 * gaussian_mean(lambda x: dphi(x) ** 2, q)
 
 
@@ -106,7 +81,7 @@ def fixed_point(activation: str, sigma_w2: float, sigma_b2: float, q0: float = 1
 def correlation_map(activation: str, c: float, q: float, sigma_w2: float, sigma_b2: float) -> tuple[float, float]:
     """(next correlation, chi_c): how the correlation c between two inputs' pre-activations (both of
     variance q) propagates, with u1 = x1 and u2 = c x1 + sqrt(1 - c^2) x2, x1, x2 ~ N(0, q)."""
-    phi, dphi = PHI[activation]
+    phi, dphi = ACTIVATIONS[activation].phi, ACTIVATIONS[activation].dphi
     x, w = _panels(q, n=24, order=4)  # 2-D: a coarser rule keeps it to ~1 ms
     density = w * np.exp(-x * x / (2 * q)) / math.sqrt(2 * math.pi * q)
     x1, x2 = np.meshgrid(x, x, indexing="ij")

@@ -1,102 +1,98 @@
-"""One training run: the loop, gradient clipping, divergence detection.
+"""The one training loop: a group of configs (a single run is a group of one) trained together.
 
-    gradbench train --activation sigmoid --depth 10 --width 256 --init default --epochs 1
+    results = train([config], mnist)            # one run
+    results = train(configs, mnist, sinks)      # configs that agree on config.GROUP_KEYS
+
+The members of a group share the architecture, the optimizer settings and the step budget; each
+keeps what makes it itself: its init and seed (model.build_model), its own shuffling (a generator
+seeded with its seed), its clip threshold, its loss (the members' mean losses are summed, so each
+member's gradient is its own) and its optimizer state (torch.optim updates are element-wise, so one
+optimizer over the stacked parameters updates every member as its own optimizer would).
 
 The whole dataset already sits on the device; a batch is an index into it. Nothing in the loop
 waits for the host: statistics stay on the device (monitor.py) and are copied in chunks, and the
-divergence check (NaN or Inf in the loss or the gradients) runs on each copied chunk. A diverged
-run stops at the end of that chunk, keeps everything up to the first bad step, and is a result.
+divergence check (NaN or Inf in a member's loss or gradients) runs on each copied chunk. A
+diverged member's record stops at its first bad step, which is kept (it shows the blow-up); the
+others go on. Its slot in the stack keeps computing (on NaNs) until the group ends.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-from dataclasses import dataclass
+from typing import Protocol, Sequence
 
-import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .config import RunConfig
+from .activations import ACTIVATIONS
+from .config import GROUP_KEYS, RunConfig, group_key
 from .data import Mnist
 from .model import MLP, build_model
-from .monitor import Chunk, Monitor, layer_table
+from .monitor import Monitor, member_norms
+from .results import Chunk, RunResult, layer_table
+from .runtime import autocast, param_dtype
 
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32}
 AGC_EPS = 1e-3  # Brock et al. 2021: floor on ||W_i|| so that zero-initialized units can move
 
 
-def get_device(name: str = "auto") -> torch.device:
-    """auto: cuda if available, else cpu. An explicit device that is not there is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
-    return device
-
-
-def set_seed(seed: int) -> None:
-    """Seed every generator a run touches (Python, NumPy, torch on CPU and all GPUs)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class RunResult:
-    outcome: str  # "completed" or "diverged"
-    steps: int  # optimizer steps taken and recorded
-    seconds: float
-    final_test_loss: float
-    final_test_acc: float
-    evals: list[tuple[int, float, float]]  # (step, test loss, test accuracy) after each epoch
-    table: pd.DataFrame  # monitor.layer_table: one row per step x layer
-    histograms: dict[str, np.ndarray]
-    input_sq_mean: float  # E[x^2] of the training inputs, for the theory's finite-depth prediction
-
-
-class ChunkSink:
-    """Where finished chunks and evaluations go while training runs (tracking.RunLogger, or none)."""
+class ChunkSink(Protocol):
+    """Where a member's finished chunks and evaluations go while training runs (a tracking.RunLogger)."""
 
     def on_chunk(self, chunk: Chunk) -> None: ...
 
     def on_eval(self, step: int, loss: float, acc: float) -> None: ...
 
 
-def clip_gradients(model: MLP, mode: str, threshold: float) -> torch.Tensor | None:
-    """Clip in place; return a device bool 'clipping changed something', None when mode is none."""
-    params = list(model.parameters())
+class _Discard:
+    def on_chunk(self, chunk: Chunk) -> None:
+        pass
+
+    def on_eval(self, step: int, loss: float, acc: float) -> None:
+        pass
+
+
+def clip_gradients(model: MLP, mode: str, thresholds: torch.Tensor,
+                   pre_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clip each member's gradients in place with its own threshold. Returns each member's global
+    norm after clipping and whether clipping changed something (None when mode is none)."""
     if mode == "none":
-        return None
-    if mode == "norm":
-        total = torch.nn.utils.clip_grad_norm_(params, threshold, foreach=True)
-        return total > threshold
-    if mode == "value":
-        active = torch.stack([p.grad.abs().amax() for p in params]).amax() > threshold
-        torch.nn.utils.clip_grad_value_(params, threshold, foreach=True)
-        return active
-    if mode == "agc":
-        return _adaptive_clip(model, threshold)
-    raise ValueError(f"unknown clip mode {mode!r}")
+        return pre_norm, None
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+
+    def per_member(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    if mode == "norm":  # the arithmetic of torch.nn.utils.clip_grad_norm_, per member
+        coef = (thresholds / (pre_norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, [per_member(coef, g) for g in grads])
+        active = pre_norm > thresholds
+    elif mode == "value":
+        active = torch.stack([g.flatten(1).abs().amax(dim=1) for g in grads]).amax(dim=0) > thresholds
+        for g in grads:
+            limit = per_member(thresholds, g)
+            torch.clamp(g, -limit, limit, out=g)
+    elif mode == "agc":
+        active = _adaptive_clip(model, thresholds, per_member)
+    else:
+        raise ValueError(f"unknown clip mode {mode!r}")
+    return torch.linalg.vector_norm(member_norms(grads), dim=0), active
 
 
-def _adaptive_clip(model: MLP, ratio: float) -> torch.Tensor:
+def _adaptive_clip(model: MLP, ratios: torch.Tensor, per_member) -> torch.Tensor:
     """Unit-wise AGC (Brock et al. 2021): rescale each unit's gradient so that
     ||G_i|| <= ratio * max(||W_i||, eps), row-wise for weights and whole-vector for biases. As in the
     paper, the final (classifier) layer is left unclipped."""
-    active = torch.zeros((), dtype=torch.bool, device=next(model.parameters()).device)
+    active = torch.zeros_like(ratios, dtype=torch.bool)
     for layer in model.layers[:-1]:
-        for p, dim in ((layer.weight, 1), (layer.bias, 0)):
-            p_norm = torch.linalg.vector_norm(p.detach(), dim=dim, keepdim=True).clamp(min=AGC_EPS)
-            g_norm = torch.linalg.vector_norm(p.grad, dim=dim, keepdim=True)
-            max_norm = ratio * p_norm
+        for p, dims in ((layer.weight, (2,)), (layer.bias, (1,))):
+            p_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True).clamp(min=AGC_EPS)
+            g_norm = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=True)
+            max_norm = per_member(ratios, p_norm) * p_norm
             trigger = g_norm > max_norm
             p.grad.copy_(torch.where(trigger, p.grad * (max_norm / g_norm.clamp(min=1e-6)), p.grad))
-            active |= trigger.any()
+            active |= trigger.flatten(1).any(dim=1)
     return active
 
 
@@ -106,88 +102,106 @@ def make_optimizer(model: MLP, config: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.momentum, 0.999))
 
 
+def member_losses(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each member: logits (members, batch, classes), y (members, batch) -> (members,)."""
+    # at least fp32: bf16 logits (autocast) would lose the loss's precision; fp64 stays fp64
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+    return losses.mean(dim=1) if reduction == "mean" else losses.sum(dim=1)
+
+
 @torch.no_grad()
-def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor, batch: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean test loss and accuracy, as device scalars."""
-    loss = torch.zeros((), device=x.device, dtype=torch.float64)
-    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean test loss and accuracy of each member, as device tensors (members,)."""
+    loss = torch.zeros(model.members, device=x.device, dtype=torch.float64)
+    correct = torch.zeros(model.members, device=x.device, dtype=torch.int64)
     for i in range(0, len(x), batch):
         logits = model(x[i : i + batch])
-        loss += F.cross_entropy(logits.float(), y[i : i + batch], reduction="sum").double()
-        correct += (logits.argmax(dim=1) == y[i : i + batch]).sum()
+        yb = y[i : i + batch].expand(model.members, -1)
+        loss += member_losses(logits, yb, reduction="sum").double()
+        correct += (logits.argmax(dim=2) == yb).sum(dim=1)
     return loss / len(x), correct.double() / len(x)
 
 
-def train(config: RunConfig, data: Mnist, sink: ChunkSink | None = None, full_monitor: bool = True) -> RunResult:
-    """Train one MLP on `data` (already on its device) and record every step's statistics."""
-    sink = sink or ChunkSink()
+def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] | None = None,
+          full_monitor: bool = True) -> list[RunResult]:
+    """Train a group of configs on `data` (already on its device); one RunResult per config."""
+    if len({group_key(c) for c in configs}) != 1:
+        raise ValueError(f"a group's members must agree on {', '.join(GROUP_KEYS)}")
+    first, members = configs[0], len(configs)
+    sinks = list(sinks) if sinks is not None else [_Discard() for _ in configs]
     device = data.x_train.device
-    set_seed(config.seed)
-    model = build_model(config, device, DTYPES[config.precision])
-    optimizer = make_optimizer(model, config)
-    total = config.total_steps
-    monitor = Monitor(model, config.activation, total, chunk_steps=min(total, 64), full=full_monitor)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-
-    n_train = config.train_subset or len(data.x_train)
+    dtype = param_dtype(first.precision)
+    model = build_model(configs, device, dtype)
+    optimizer = make_optimizer(model, first)
+    thresholds = torch.tensor([c.clip_threshold for c in configs], device=device, dtype=dtype)
+    total = first.total_steps
+    monitor = Monitor(model, first.activation, total, chunk_steps=min(total, 64), full=full_monitor)
+    n_train = first.train_subset or len(data.x_train)
     x_train, y_train = data.x_train[:n_train], data.y_train[:n_train]
-    shuffle = torch.Generator(device=device).manual_seed(config.seed)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    shufflers = [torch.Generator(device=device).manual_seed(c.seed) for c in configs]
+    steps_per_epoch = math.ceil(n_train / first.batch_size)
 
-    chunks: list[Chunk] = []
-    evals: list[tuple[int, float, float]] = []
-    outcome = "completed"
-    step = 0
-    start = time.perf_counter()
-    while step < total and outcome == "completed":
-        order = torch.randperm(n_train, device=device, generator=shuffle)
+    chunks: list[list[Chunk]] = [[] for _ in configs]
+    evals: list[list[tuple[int, float, float]]] = [[] for _ in configs]
+    last_step = [total - 1] * members  # a diverged member's last recorded step
+    final: list[tuple[float, float] | None] = [None] * members  # a diverged member's (test loss, accuracy)
+    diverged = [False] * members
+    step, start = 0, time.perf_counter()
+    while step < total and not all(diverged):
+        order = torch.stack([torch.randperm(n_train, device=device, generator=g) for g in shufflers])
         for i in range(steps_per_epoch):
-            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+            idx = order[:, i * first.batch_size : (i + 1) * first.batch_size]
             xb, yb = x_train[idx], y_train[idx]
-            preacts: list[torch.Tensor] = []
-            with autocast:
-                logits = model(xb, preacts)
-            loss = F.cross_entropy(logits.float(), yb)
-            monitor.watch(preacts)
+            with autocast(device, first.precision):
+                logits = model(xb)
+            losses = member_losses(logits, yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            pre = monitor.gradients(step)
-            monitor.clipped(pre, clip_gradients(model, config.clip, config.clip_threshold))
-            monitor.before_update()
+            losses.sum().backward()  # each member's gradient is its own loss's
+            pre_norm = monitor.gradients()
+            post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
             optimizer.step()
-            monitor.after_update(loss, (logits.argmax(dim=1) == yb).float().mean())
+            monitor.step_end(losses, (logits.argmax(dim=2) == yb).float().mean(dim=1), post_norm, active)
             step += 1
             # Flush at each epoch's end too, so that divergence is known before the evaluation.
             if monitor.chunk_full or step == total or i == steps_per_epoch - 1:
-                chunk = monitor.flush()
-                bad = chunk.first_nonfinite()
-                if bad is not None:
-                    chunk = chunk.truncate(bad + 1)  # keep the first bad step: it shows the blow-up
-                    step = int(chunk.step[-1]) + 1
-                    outcome = "diverged"
-                chunks.append(chunk)
-                sink.on_chunk(chunk)
-            if outcome == "diverged" or step == total:
+                for e, chunk in enumerate(monitor.flush()):
+                    if diverged[e]:
+                        continue
+                    bad = chunk.first_nonfinite()
+                    if bad is not None:
+                        chunk = chunk.truncate(bad + 1)  # keep the first bad step: it shows the blow-up
+                        diverged[e], last_step[e] = True, int(chunk.step[-1])
+                    chunks[e].append(chunk)
+                    sinks[e].on_chunk(chunk)
+            if step == total or all(diverged):
                 break
-        if outcome == "completed":
-            test_loss, test_acc = (float(v) for v in evaluate(model, data.x_test, data.y_test))
-            evals.append((step - 1, test_loss, test_acc))
-            sink.on_eval(step - 1, test_loss, test_acc)
+        # A completed epoch is evaluated; a member that diverged gets one evaluation, at its last
+        # recorded step (its weights are NaN by then: the loss is NaN and the accuracy a guess).
+        test_losses, test_accs = (v.cpu().tolist() for v in evaluate(model, data.x_test, data.y_test))
+        for e in range(members):
+            result = (test_losses[e], test_accs[e])
+            if not diverged[e]:
+                evals[e].append((step - 1, *result))
+                sinks[e].on_eval(step - 1, *result)
+            elif final[e] is None:
+                final[e] = result
+                sinks[e].on_eval(last_step[e], *result)
 
-    if outcome == "diverged":
-        test_loss, test_acc = (float(v) for v in evaluate(model, data.x_test, data.y_test))
-        sink.on_eval(step - 1, test_loss, test_acc)
-    else:
-        _, test_loss, test_acc = evals[-1]
-    return RunResult(
-        outcome=outcome,
-        steps=step,
-        seconds=time.perf_counter() - start,
-        final_test_loss=test_loss,
-        final_test_acc=test_acc,
-        evals=evals,
-        table=layer_table(chunks, config.activation),
-        histograms=monitor.histograms(step - 1),
-        input_sq_mean=data.input_sq_mean,
-    )
-
+    seconds = time.perf_counter() - start
+    statistic = ACTIVATIONS[first.activation].statistic
+    results = []
+    for e in range(members):
+        test_loss, test_acc = final[e] if diverged[e] else evals[e][-1][1:]
+        results.append(RunResult(
+            outcome="diverged" if diverged[e] else "completed",
+            steps=last_step[e] + 1,
+            seconds=seconds,
+            final_test_loss=test_loss,
+            final_test_acc=test_acc,
+            evals=evals[e],
+            table=layer_table(chunks[e], statistic),
+            histograms=monitor.histograms(e, last_step[e]),
+            input_sq_mean=data.input_sq_mean,
+        ))
+    return results

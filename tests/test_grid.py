@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from pipeline.cli import cli
-from pipeline.config import ConfigError, GridSpec, SpecError
+from pipeline.config import GROUP_KEYS, ConfigError, GridSpec, RunConfig, SpecError
+from pipeline.grid import plan_groups
 from tests.conftest import REPO, runs_of
 
 TINY_BASE = {"depth": 3, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 6, "log_every": 2}
@@ -46,6 +47,29 @@ def test_axes_are_crossed_over_the_base_and_seeds():
     assert {(c.activation, c.init, c.seed) for c in spec.configs} == {
         (a, i, s) for a in ("relu", "tanh") for i in ("default", "he_normal", "orthogonal") for s in (0, 1)
     }
+
+
+def test_exclude_matches_the_validated_configuration():
+    # a key left at its default is matched too (clip: none excludes every unclipped config)
+    with pytest.raises(ConfigError, match="empty"):
+        GridSpec.from_dict({"axes": {"depth": [3, 4]}, "exclude": [{"clip": "none"}]})
+    # values compare as the field's type: 1e-2 (a string to YAML) is 0.01
+    raw = yaml.safe_load("axes: {lr: [0.01, 0.1], depth: [3]}\nexclude: [{lr: 1e-2}]")
+    assert [c.lr for c in GridSpec.from_dict(raw).configs] == [0.1]
+    with pytest.raises(ConfigError, match="exclude.lr"):
+        GridSpec.from_dict({"axes": {"depth": [3]}, "exclude": [{"lr": "fast"}]})
+
+
+def test_plan_groups_keeps_only_compatible_configs_together():
+    base = RunConfig(depth=5, width=48)
+    configs = [base.replace(seed=s, init=i) for s in range(3) for i in ("default", "he_normal")]
+    configs += [base.replace(width=64), base.replace(clip="norm"), base.replace(clip="norm", clip_threshold=2.0)]
+    found = plan_groups(configs, ensemble=True, max_size=4)
+    assert sorted(len(g) for g in found) == [1, 2, 2, 4]
+    for group in found:
+        assert len({tuple(getattr(c, k) for k in GROUP_KEYS) for c in group}) == 1
+    assert sorted(c.config_hash() for g in found for c in g) == sorted(c.config_hash() for c in configs)
+    assert plan_groups(configs, ensemble=False) == [[c] for c in configs]
 
 
 def test_exclude_and_include_make_irregular_grids():
@@ -251,3 +275,40 @@ def test_sigterm_marks_the_open_run_killed_and_the_grid_resumes(store, mnist_dir
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     finished = [k.data.tags["gradbench.config_hash"] for k in children(store) if k.info.status == "FINISHED"]
     assert sorted(finished) == sorted(c.config_hash() for c in GridSpec.from_yaml(path).configs)
+
+
+ENSEMBLE_SPEC = {"name": "ens", "base": {"depth": 4, "width": 32, "train_subset": 640, "batch_size": 64, "max_steps": 6},
+                 "axes": {"init": ["default", "xavier_normal", "he_normal"]}, "seeds": 2}
+
+
+def test_grid_with_ensembles_logs_each_member_as_its_own_run(store, mnist_dir, tmp_path):
+    path = write_spec(tmp_path, ENSEMBLE_SPEC)
+    for mode, experiment in (("on", store), ("off", store + "-seq")):
+        result = grid_cli(path, experiment, mnist_dir, "--ensemble", mode)
+        assert result.exit_code == 0, result.output
+    ours = {r.data.tags["gradbench.config_hash"]: r for r in children(store)}
+    theirs = {r.data.tags["gradbench.config_hash"]: r for r in children(store + "-seq")}
+    assert len(ours) == 6 and set(ours) == set(theirs)
+    assert {r.data.tags["gradbench.group_size"] for r in ours.values()} == {"6"}
+    assert len({r.data.tags["gradbench.group"] for r in ours.values()}) == 1
+    assert {r.data.tags["gradbench.group_size"] for r in theirs.values()} == {"1"}
+    for h, run in ours.items():
+        assert run.info.status == "FINISHED"
+        assert set(run.data.metrics) == set(theirs[h].data.metrics)  # exactly the metrics of a run alone
+        assert run.data.params == theirs[h].data.params
+        assert run.data.metrics["train/loss"] == pytest.approx(theirs[h].data.metrics["train/loss"], rel=1e-4)
+
+
+def test_two_workers_train_groups(store, mnist_dir, tmp_path):
+    spec = {**ENSEMBLE_SPEC, "axes": {**ENSEMBLE_SPEC["axes"], "activation": ["relu", "tanh"]}}
+    path = write_spec(tmp_path, spec)
+    result = grid_cli(path, store, mnist_dir, "--workers", "2", "--ensemble", "on")
+    assert result.exit_code == 0, result.output
+    runs = children(store)
+    expected = sorted(c.config_hash() for c in GridSpec.from_yaml(path).configs)
+    assert sorted(r.data.tags["gradbench.config_hash"] for r in runs) == expected  # one run per config
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags["gradbench.group_size"] for r in runs} == {"6"}  # one group per activation
+    assert len({r.data.tags["gradbench.group"] for r in runs}) == 2
+    assert len({r.data.tags["gradbench.pid"] for r in runs}) >= 1 and str(os.getpid()) not in {
+        r.data.tags["gradbench.pid"] for r in runs}  # trained by the workers

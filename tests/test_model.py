@@ -3,10 +3,18 @@ import math
 import pytest
 import torch
 
+from pipeline.activations import ACTIVATIONS as ACT_REGISTRY
 from pipeline.config import ACTIVATIONS, INITS, RunConfig
-from pipeline.model import ACTIVATIONS as ACT_REGISTRY
 from pipeline.model import INITS as INIT_REGISTRY
-from pipeline.model import MLP, build_model
+from pipeline.model import build_model
+
+
+def _init(init: str, **fields) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    weight, bias = torch.empty(FAN_OUT, FAN_IN), torch.empty(FAN_OUT)
+    with torch.no_grad():
+        INIT_REGISTRY[init](weight, bias, RunConfig(init=init, **fields))
+    return weight, bias
 
 FAN_OUT, FAN_IN = 400, 300
 # Var[W] that each init's definition gives, written out independently of the implementation.
@@ -29,50 +37,52 @@ def test_registries_cover_the_vocabulary():
 
 @pytest.mark.parametrize("init", sorted(EXPECTED_VAR))
 def test_init_gives_the_variance_of_its_definition(init):
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(FAN_IN, FAN_OUT)
-    with torch.no_grad():
-        INIT_REGISTRY[init](layer, RunConfig(init=init, init_std=0.5))
-    w = layer.weight.double()
+    weight, bias = _init(init, init_std=0.5)
+    w = weight.double()
     # n = 120,000 samples: the relative standard error of a variance estimate is sqrt(2/n) ~ 0.4%.
     assert w.var().item() == pytest.approx(EXPECTED_VAR[init], rel=0.03)
     assert abs(w.mean().item()) < 4 * math.sqrt(EXPECTED_VAR[init] / w.numel())
     if init == "default":
-        assert layer.bias.abs().max().item() <= 1 / math.sqrt(FAN_IN)
+        assert bias.abs().max().item() <= 1 / math.sqrt(FAN_IN)
+        assert bias.double().var().item() == pytest.approx(1 / (3 * FAN_IN), rel=0.3)  # 400 samples
     else:
-        assert torch.count_nonzero(layer.bias) == 0
+        assert torch.count_nonzero(bias) == 0
 
 
 def test_orthogonal_columns_are_orthonormal():
-    layer = torch.nn.Linear(FAN_IN, FAN_OUT)
-    with torch.no_grad():
-        INIT_REGISTRY["orthogonal"](layer, RunConfig(init="orthogonal"))
-    gram = layer.weight.double().T @ layer.weight.double()
+    weight, _ = _init("orthogonal")
+    gram = weight.double().T @ weight.double()
     assert torch.allclose(gram, torch.eye(FAN_IN, dtype=torch.float64), atol=1e-5)
 
 
 def test_mlp_shapes_and_depth_counts_weight_layers():
-    model = MLP(depth=4, width=16, activation="tanh")
-    assert [tuple(l.weight.shape) for l in model.layers] == [(16, 784), (16, 16), (16, 16), (10, 16)]
-    preacts: list[torch.Tensor] = []
-    assert model(torch.zeros(3, 784), preacts).shape == (3, 10)
-    assert [tuple(z.shape) for z in preacts] == [(3, 16)] * 3 + [(3, 10)]
+    model = build_model([RunConfig(depth=4, width=16, activation="tanh", seed=s) for s in range(3)])
+    assert [tuple(l.weight.shape) for l in model.layers] == [(3, 16, 784), (3, 16, 16), (3, 16, 16), (3, 10, 16)]
+    assert model(torch.zeros(5, 784)).shape == (3, 5, 10)  # one input batch for every member
+    assert model(torch.zeros(3, 5, 784)).shape == (3, 5, 10)  # or one batch each
 
 
-def test_build_model_is_seeded_by_the_global_rng():
-    cfg = RunConfig(depth=3, width=8, init="he_normal")
-    torch.manual_seed(1)
-    a = build_model(cfg)
-    torch.manual_seed(1)
-    b = build_model(cfg)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+def test_each_member_is_built_from_its_own_seed_wherever_it_trains():
+    configs = [RunConfig(depth=3, width=8, init=i, seed=s) for i, s in (("he_normal", 1), ("default", 2), ("he_normal", 3))]
+    together = build_model(configs)
+    for e, config in enumerate(configs):
+        torch.manual_seed(12345)  # the global RNG state does not matter
+        alone = build_model([config])
+        assert all(torch.equal(a[0], t[e]) for a, t in zip(alone.parameters(), together.parameters()))
+    assert not torch.equal(together.layers[0].weight[0], together.layers[0].weight[2])  # same init, other seed
+
+
+def test_members_are_independent():
+    """Member e's output and gradients depend on member e's weights alone."""
+    model = build_model([RunConfig(depth=3, width=8, seed=s) for s in range(2)], dtype=torch.float64)
+    x = torch.randn(2, 4, 784, dtype=torch.float64)
+    model(x)[0].sum().backward()
+    assert all(p.grad[1].abs().max() == 0 for p in model.parameters())
+    assert all(p.grad[0].abs().max() > 0 for p in model.parameters())
 
 
 @pytest.mark.parametrize("init", ["xavier_normal", "he_uniform", "he_normal", "lecun_normal", "orthogonal"])
 def test_init_gain_scales_the_std_and_bias_std_sets_the_biases(init):
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(FAN_IN, FAN_OUT)
-    with torch.no_grad():
-        INIT_REGISTRY[init](layer, RunConfig(init=init, init_gain=1.5, bias_std=0.3))
-    assert layer.weight.double().var().item() == pytest.approx(1.5**2 * EXPECTED_VAR[init], rel=0.03)
-    assert layer.bias.double().std().item() == pytest.approx(0.3, rel=0.25)  # 400 samples
+    weight, bias = _init(init, init_gain=1.5, bias_std=0.3)
+    assert weight.double().var().item() == pytest.approx(1.5**2 * EXPECTED_VAR[init], rel=0.03)
+    assert bias.double().std().item() == pytest.approx(0.3, rel=0.25)  # 400 samples

@@ -1,31 +1,31 @@
 """Monitor statistics against an independent computation: torch.autograd.grad in float64."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import RunConfig
-from pipeline.model import SATURATION_THRESHOLD, build_model
-from pipeline.monitor import Monitor, layer_table
+from pipeline.model import build_model
+from pipeline.monitor import Monitor, activation_statistic
+from pipeline.results import layer_table
 
 
-def _one_monitored_step(cfg: RunConfig, x, y, lr=0.1):
-    torch.manual_seed(0)
-    model = build_model(cfg, dtype=torch.float64)
-    before = [l.weight.detach().clone() for l in model.layers]
+def _one_monitored_step(cfg: RunConfig, x, y, lr=0.1, edit=None):
+    model = build_model([cfg], dtype=torch.float64)
+    if edit is not None:
+        edit(model)
+    before = [l.weight[0].detach().clone() for l in model.layers]
     monitor = Monitor(model, cfg.activation, total_steps=1, chunk_steps=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    preacts = []
-    logits = model(x, preacts)
-    loss = F.cross_entropy(logits, y)
-    monitor.watch(preacts)
+    logits = model(x)
+    loss = F.cross_entropy(logits[0], y)
     loss.backward()
-    pre = monitor.gradients(0)
-    monitor.clipped(pre, None)
-    monitor.before_update()
+    pre = monitor.gradients()
     optimizer.step()
-    monitor.after_update(loss, (logits.argmax(1) == y).double().mean())
-    return model, before, monitor.flush()
+    monitor.step_end(loss[None], (logits[0].argmax(1) == y).double().mean()[None], pre, None)
+    (chunk,) = monitor.flush()
+    return model, before, chunk
 
 
 def _independent(model_weights, biases, x, y, act):
@@ -47,19 +47,19 @@ def test_layer_norms_match_autograd_in_float64():
     x = torch.randn(5, 784, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (5,), generator=g)
     model, before, chunk = _one_monitored_step(cfg, x, y)
-    biases = [l.bias.detach() + 0.1 * l.bias.grad for l in model.layers]  # undo the SGD step
+    biases = [l.bias[0].detach() + 0.1 * l.bias.grad[0] for l in model.layers]  # undo the SGD step
     weight_norms, backprop_norms, zs = _independent(before, biases, x, y, torch.tanh)
-    np.testing.assert_allclose(chunk.per_layer["weight_grad_norm"][0], weight_norms, rtol=1e-6)
-    np.testing.assert_allclose(chunk.per_layer["backprop_norm"][0], backprop_norms, rtol=1e-6)
+    np.testing.assert_allclose(chunk.per_layer["weight_grad_norm"][0], weight_norms, rtol=1e-9)
+    np.testing.assert_allclose(chunk.per_layer["backprop_norm"][0], backprop_norms, rtol=1e-9)
     # update ratio: ||W_after - W_before|| / ||W_before||, here exactly lr * ||dL/dW|| / ||W||
     expected_ratio = [0.1 * gn / w.norm().item() for gn, w in zip(weight_norms, before)]
-    np.testing.assert_allclose(chunk.per_layer["update_ratio"][0], expected_ratio, rtol=1e-5)
-    # saturated fraction of each hidden layer, from the definition: |z| above the threshold
-    sat = [(z.abs() > SATURATION_THRESHOLD["tanh"]).double().mean().item() for z in zs[:-1]]
+    np.testing.assert_allclose(chunk.per_layer["update_ratio"][0], expected_ratio, rtol=1e-9)
+    # saturated fraction of each hidden layer, from the definition: tanh'(z) = 1 - tanh(z)^2 < 10% of tanh'(0)
+    sat = [((1 - torch.tanh(z) ** 2) < 0.1).double().mean().item() for z in zs[:-1]]
     np.testing.assert_allclose(chunk.per_layer["act"][0][:-1], sat)
     assert np.isnan(chunk.per_layer["act"][0][-1])  # the output layer has no activation
     total = np.sqrt(sum(p.grad.double().norm().item() ** 2 for p in model.parameters()))
-    assert chunk.per_step["global_norm_pre_clip"][0] == np.float32(total)
+    assert chunk.per_step["global_norm_pre_clip"][0] == pytest.approx(total, rel=1e-12)
 
 
 def test_dead_fraction_counts_units_off_for_the_whole_batch():
@@ -67,28 +67,52 @@ def test_dead_fraction_counts_units_off_for_the_whole_batch():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 784, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (4,), generator=g)
-    torch.manual_seed(0)
-    model = build_model(cfg, dtype=torch.float64)
+
+    def kill_three(model):
+        with torch.no_grad():
+            model.layers[0].bias[0, :3] = -1e6  # three of six first-layer units can never fire
+
+    model, _, chunk = _one_monitored_step(cfg, x, y, lr=0.0, edit=kill_three)
     with torch.no_grad():
-        model.layers[0].bias[:3] = -1e6  # three of six first-layer units can never fire
-    monitor = Monitor(model, "relu", total_steps=1, chunk_steps=1)
-    preacts = []
-    logits = model(x, preacts)
-    monitor.watch(preacts)
-    F.cross_entropy(logits, y).backward()
-    monitor.clipped(monitor.gradients(0), None)
-    monitor.before_update()
-    monitor.after_update(torch.tensor(0.0), torch.tensor(0.0))
-    chunk = monitor.flush()
-    expected = (preacts[1] <= 0).all(dim=0).double().mean().item()
+        z0 = model.layers[0](x[None])
+        z1 = model.layers[1](torch.relu(z0))
     assert chunk.per_layer["act"][0][0] >= 0.5
-    assert chunk.per_layer["act"][0][1] == np.float32(expected)
+    for layer, z in enumerate((z0[0], z1[0])):
+        assert chunk.per_layer["act"][0][layer] == pytest.approx((z <= 0).all(dim=0).double().mean().item())
+
+
+@pytest.mark.parametrize("activation, z, dead", [
+    # phi'(z) is still large here, so these units pass gradient and are not dead (they were, as z <= 0)
+    ("elu", -1.0, 0.0), ("selu", -1.0, 0.0), ("gelu", -0.3, 0.0),
+    # below 10% of the largest slope for every example: dead
+    ("elu", -3.0, 1.0), ("selu", -3.0, 1.0), ("gelu", -0.7, 1.0), ("leaky_relu", -0.5, 1.0), ("relu", 0.0, 1.0),
+])
+def test_dead_is_defined_by_the_slope_not_the_sign(activation, z, dead):
+    hidden = torch.full((1, 1, 4, 5), z, dtype=torch.float64)  # (layers, members, batch, width)
+    assert activation_statistic(hidden, activation).item() == dead
 
 
 def test_layer_table_has_one_row_per_step_and_layer():
     cfg = RunConfig(activation="relu", depth=3, width=4)
     x = torch.randn(2, 784, dtype=torch.float64)
     _, _, chunk = _one_monitored_step(cfg, x, torch.tensor([1, 2]))
-    table = layer_table([chunk, chunk], "relu")
+    table = layer_table([chunk, chunk], "dead")
     assert len(table) == 2 * 3
     assert "dead" in table and "saturated" not in table
+
+
+def test_members_are_monitored_separately():
+    configs = [RunConfig(activation="tanh", depth=3, width=5, seed=s) for s in range(3)]
+    model = build_model(configs, dtype=torch.float64)
+    monitor = Monitor(model, "tanh", total_steps=1, chunk_steps=1)
+    x, y = torch.randn(3, 4, 784, dtype=torch.float64), torch.randint(0, 10, (3, 4))
+    logits = model(x)
+    losses = torch.stack([F.cross_entropy(logits[e], y[e]) for e in range(3)])
+    losses.sum().backward()
+    pre = monitor.gradients()
+    monitor.step_end(losses, losses, pre, None)
+    chunks = monitor.flush()
+    for e, chunk in enumerate(chunks):
+        norms = [l.weight.grad[e].norm().item() for l in model.layers]
+        np.testing.assert_allclose(chunk.per_layer["weight_grad_norm"][0], norms, rtol=1e-12)
+        assert chunk.per_step["loss"][0] == losses[e].item()

@@ -68,6 +68,18 @@ def test_ray_grid_runs_every_config_once_on_the_tracking_server(ray_cluster, ser
     assert again.skipped == len(spec.configs) and not again.summaries
 
 
+def test_ray_tasks_train_groups_with_ensembles_on(ray_cluster, server, mnist_dir):
+    spec = GridSpec.from_dict({**SPEC, "seeds": 2})
+    result = run_grid(spec, str(mnist_dir), experiment="ray", executor="ray", ensemble=True, echo=lambda s: None,
+                      progress=False)
+    assert not result.failures
+    assert finished_hashes() == expected_hashes(spec)  # one FINISHED run per config
+    runs = children()
+    assert {r.data.tags["gradbench.group_size"] for r in runs} == {"4"}  # 2 inits x 2 seeds per activation
+    assert len({r.data.tags["gradbench.group"] for r in runs}) == 2
+    assert str(os.getpid()) not in {r.data.tags["gradbench.pid"] for r in runs}
+
+
 def test_a_worker_killed_mid_run_is_retried_without_duplicates(ray_cluster, server, mnist_dir):
     # Runs of several seconds, so that the kill lands inside the run it was aimed at.
     spec = GridSpec.from_dict({**SPEC, "base": {**SPEC["base"], "width": 256, "max_steps": 600, "train_subset": 9600,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline import theory
+from pipeline.activations import ACTIVATIONS as REGISTRY
 from pipeline.config import ACTIVATIONS, RunConfig
-from pipeline.model import ACTIVATIONS as TORCH_ACTIVATIONS
 from pipeline.train import train
 
 
@@ -27,9 +27,9 @@ def test_tanh_at_small_q_gives_sigma_w2(sigma_w2):
 def test_numpy_activations_are_the_torch_ones():
     x = np.linspace(-6, 6, 241)
     for name in ACTIVATIONS:
-        phi, dphi = theory.PHI[name]
+        phi, dphi = REGISTRY[name].phi, REGISTRY[name].dphi
         t = torch.tensor(x, requires_grad=True)
-        y = TORCH_ACTIVATIONS[name]()(t)
+        y = REGISTRY[name].module()(t)
         (grad,) = torch.autograd.grad(y.sum(), t)
         np.testing.assert_allclose(phi(x), y.detach().numpy(), rtol=1e-6, atol=1e-9, err_msg=name)
         mask = np.abs(x) > 1e-9  # the kink of rectifiers
@@ -39,7 +39,7 @@ def test_numpy_activations_are_the_torch_ones():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("q", [0.05, 1.0, 30.0, 784.0])
 def test_expectations_match_monte_carlo(activation, q):
-    phi, dphi = theory.PHI[activation]
+    phi, dphi = REGISTRY[activation].phi, REGISTRY[activation].dphi
     z = np.random.default_rng(0).standard_normal(2_000_000) * math.sqrt(q)
     for f in (lambda x: phi(x) ** 2, lambda x: dphi(x) ** 2):
         samples = f(z)
@@ -66,7 +66,7 @@ def test_predicted_slope_matches_the_measured_one(mnist, activation, init, std):
     prediction (fixed-point theory alone is far off for gelu/He, which reaches q* slowly)."""
     cfg = RunConfig(activation=activation, init=init, init_std=std, depth=12, width=512, max_steps=1, batch_size=256)
     prediction = theory.predict(cfg, float(mnist.x_train.pow(2).mean()))
-    init_norms = train(cfg, mnist).table.query("step == 0").sort_values("layer").backprop_norm.to_numpy()
+    init_norms = train([cfg], mnist)[0].table.query("step == 0").sort_values("layer").backprop_norm.to_numpy()
     assert theory.measured_slope(init_norms) == pytest.approx(prediction.finite_slope, abs=0.05)
 
 

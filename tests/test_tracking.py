@@ -11,6 +11,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.config import RunConfig
+from pipeline.run import run_group
 from tests.conftest import runs_of
 
 
@@ -77,5 +78,5 @@ def test_an_interrupt_while_an_ensemble_starts_ends_every_opened_run(store, trac
     client = InterruptedClient(tracking_uri, at_call=2)  # the second member's params
     configs = [RunConfig(seed=s, depth=2, width=8) for s in range(3)]
     with pytest.raises(KeyboardInterrupt):
-        tracking.tracked_train_ensemble(configs, mnist, experiment=store, client=client)
+        run_group(configs, mnist, experiment=store, client=client)
     assert sorted(r.info.status for r in runs_of(store)) == ["KILLED", "KILLED"]

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import jinja2
-import mlflow
 
 from .. import tracking
 from .collect import ReportData, collect
@@ -38,7 +37,7 @@ def render(data: ReportData, n_configs: int) -> str:
         n_runs=len(data.runs),
         n_configs=n_configs,
         generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        tracking_uri=mlflow.get_tracking_uri(),
+        tracking_uri=tracking.tracking_uri(),
         missing=data.missing,
         figures=all_figures(data.runs, data.layers),
         paper=section(data.reproduces, data.runs, data.layers),

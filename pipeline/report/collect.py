@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .. import tracking
-from ..config import FIELDS
+from ..config import FIELDS, run_name
 
 
 @dataclass
@@ -29,7 +29,7 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
     configs = {c.config_hash(): c for c in spec.configs}
     found = tracking.latest_finished_runs(client, parent.info.experiment_id, set(configs))
     missing = [
-        f"{tracking.run_name(c)}: no finished run" for h, c in configs.items() if h not in found
+        f"{run_name(c)}: no finished run" for h, c in configs.items() if h not in found
     ]
     rows, tables = [], []
     with tempfile.TemporaryDirectory() as tmp:

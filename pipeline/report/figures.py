@@ -7,24 +7,19 @@ import base64
 import io
 from dataclasses import dataclass
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from .. import theory  # noqa: E402
-from ..config import FIELDS, from_dict  # noqa: E402
-from ..diagnosis import LABELS  # noqa: E402
+from .. import theory
+from ..config import FIELDS, from_dict, pair_keys
+from ..diagnosis import LABELS
 
 MAX_POINTS = 150  # steps per curve: enough to read a curve, few enough to draw 100 runs fast
 DIAGNOSIS_COLORS = dict(zip(LABELS, ["#4c9a2a", "#3b75af", "#d1495b", "#6a3d9a", "#7f7f7f", "#edae49"]))
-# Every config field that is not an axis of the comparison at hand, to pair runs with/without clipping.
-PAIR_KEYS = ["activation", "depth", "width", "init", "init_std", "optimizer", "lr", "momentum", "batch_size",
-             "epochs", "max_steps", "train_subset", "seed", "precision"]
+# A clipped run and "the same configuration but for clipping"
+CLIP_PAIR_KEYS = pair_keys("clip", "clip_threshold")
 
 
 @dataclass(frozen=True)
@@ -189,7 +184,7 @@ def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     active = per_step[per_step["clip"] != "none"].groupby(["run_id", "clip", "activation"]).clip_active.mean().reset_index()
     sns.barplot(data=active, x="activation", y="clip_active", hue="clip", ax=axes[1])
     axes[1].set(title="fraction of steps clipped", ylabel="fraction", ylim=(0, 1))
-    pairs = clipped.merge(runs[runs["clip"] == "none"], on=PAIR_KEYS, suffixes=("", "_none"))
+    pairs = clipped.merge(runs[runs["clip"] == "none"], on=CLIP_PAIR_KEYS, suffixes=("", "_none"))
     if not pairs.empty:
         sns.scatterplot(data=pairs, x="test_acc_none", y="test_acc", hue="clip", style="activation", ax=axes[2])
         axes[2].plot([0, 1], [0, 1], "k--", lw=0.8)

@@ -1,0 +1,66 @@
+"""What training hands on: plain host-side records (numpy, pandas), no torch and no MLflow.
+
+Training (train.py, monitor.py) produces them; run.py and the tracking package consume them. Keeping
+them here lets the tracking code read a chunk without importing any training code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+LAYER_STATS = ("weight_grad_norm", "backprop_norm", "update_ratio", "act")
+STEP_STATS = ("loss", "acc", "global_norm_pre_clip", "global_norm_post_clip", "clip_active")
+
+
+@dataclass
+class Chunk:
+    """Host copy of one member's consecutive steps: step (n,), per_step {name: (n,)}, per_layer
+    {name: (n, layers)} (empty when only the per-step scalars were monitored)."""
+
+    step: np.ndarray
+    per_step: dict[str, np.ndarray]
+    per_layer: dict[str, np.ndarray]
+
+    def truncate(self, n: int) -> Chunk:
+        return Chunk(
+            self.step[:n],
+            {k: v[:n] for k, v in self.per_step.items()},
+            {k: v[:n] for k, v in self.per_layer.items()},
+        )
+
+    def first_nonfinite(self) -> int | None:
+        """Index of the first step whose loss or pre-clip gradient norm is NaN or Inf."""
+        bad = ~(np.isfinite(self.per_step["loss"]) & np.isfinite(self.per_step["global_norm_pre_clip"]))
+        return int(np.argmax(bad)) if bad.any() else None
+
+
+@dataclass
+class RunResult:
+    outcome: str  # "completed" or "diverged"
+    steps: int  # optimizer steps taken and recorded
+    seconds: float
+    final_test_loss: float
+    final_test_acc: float
+    evals: list[tuple[int, float, float]]  # (step, test loss, test accuracy) after each epoch
+    table: pd.DataFrame  # one row per step x layer (see layer_table)
+    histograms: dict[str, np.ndarray]  # histograms.npz: steps, counts (steps, layers, bins), edges
+    input_sq_mean: float  # E[x^2] of the training inputs, for the theory's finite-depth prediction
+
+
+def layer_table(chunks: list[Chunk], act_statistic: str) -> pd.DataFrame:
+    """Long table, one row per step x layer: every per-layer statistic plus the step's scalars.
+    The generic 'act' statistic is named after what it measures ('saturated' or 'dead')."""
+    names = [act_statistic if n == "act" else n for n in LAYER_STATS]
+    if not chunks or not chunks[0].per_layer:
+        return pd.DataFrame(columns=["step", "layer", *names, *STEP_STATS])
+    step = np.concatenate([c.step for c in chunks])
+    n_layers = chunks[0].per_layer[LAYER_STATS[0]].shape[1]
+    columns = {"step": np.repeat(step, n_layers), "layer": np.tile(np.arange(n_layers), len(step))}
+    for name, column in zip(LAYER_STATS, names):
+        columns[column] = np.concatenate([c.per_layer[name] for c in chunks]).reshape(-1)
+    for name in STEP_STATS:
+        columns[name] = np.repeat(np.concatenate([c.per_step[name] for c in chunks]), n_layers)
+    return pd.DataFrame(columns)

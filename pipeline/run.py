@@ -1,0 +1,99 @@
+"""One tracked run, or one group of runs trained together, top to bottom:
+open the MLflow runs -> train -> diagnose -> predict (theory) -> record.
+
+    summaries = run_group([config], mnist)                  # `gradbench train`
+    summaries = run_group(configs, mnist, parent_run_id=p)  # one group of a grid
+
+This is the only module that knows both training and tracking; neither knows the other.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Sequence
+
+from . import plots, theory, tracking
+from .config import RunConfig, run_name
+from .data import Mnist
+from .diagnosis import diagnose, first_last_ratio
+from .results import RunResult
+from .train import train
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run reports back to the CLI or the grid (one summary line)."""
+
+    run_id: str
+    name: str
+    outcome: str
+    diagnosis: str
+    test_acc: float
+    seconds: float
+
+    def line(self) -> str:
+        return (
+            f"{self.name}: {self.outcome}, {self.diagnosis}, test acc {self.test_acc:.4f}, "
+            f"{self.seconds:.1f} s (run {self.run_id})"
+        )
+
+
+def summary_metrics(config: RunConfig, result: RunResult) -> dict[str, float]:
+    """One number each: the final test metrics, the gradient ratio at init, and the mean-field
+    prediction against the slope measured at step 0 (NaN where unknown: not logged)."""
+    prediction = theory.predict(config, result.input_sq_mean)
+    init = result.table[result.table.step == 0].sort_values("layer")
+    measured = theory.measured_slope(init.backprop_norm.to_numpy()) if len(init) else math.nan
+    return {
+        "final/test_acc": result.final_test_acc,
+        "final/test_loss": result.final_test_loss,
+        "run/steps": result.steps,
+        "run/seconds": result.seconds,
+        "grad/first_last_ratio_init": first_last_ratio(result.table, "backprop_norm"),
+        "grad/first_last_weight_ratio_init": first_last_ratio(result.table, "weight_grad_norm"),
+        "theory/chi1": prediction.chi1,
+        "theory/q_star": prediction.q_star,
+        "theory/xi": prediction.xi,
+        "theory/slope_fixed_point": prediction.slope,
+        "theory/slope_pred": prediction.finite_slope,
+        "theory/slope_measured": measured,
+        "theory/slope_error": measured - prediction.finite_slope,
+    }
+
+
+def run_group(
+    configs: Sequence[RunConfig],
+    data: Mnist,
+    experiment: str = tracking.EXPERIMENT,
+    parent_run_id: str | None = None,
+    grid: str | None = None,
+    client: tracking.MlflowClient | None = None,
+) -> list[RunSummary]:
+    """Train `configs` together (a group of one for a single run), each into its own MLflow run. A
+    diverged run is FINISHED (it is a result); an exception marks the runs not yet finished FAILED
+    and an interrupt KILLED, so that a resumed grid redoes them."""
+    client = client or tracking.get_client()
+    group = (uuid.uuid4().hex[:12], len(configs))
+    loggers: list[tracking.RunLogger] = []
+    summaries: list[RunSummary] = []
+    try:
+        for config in configs:  # inside the try: an interrupt here ends the runs already opened
+            loggers.append(tracking.RunLogger.start(config, experiment, parent_run_id, grid, client, group))
+        for logger in loggers:
+            logger.log_dataset(data.location, data.digest)
+        results = train(configs, data, loggers)
+        for config, logger, result in zip(configs, loggers, results):
+            diagnosis = diagnose(result.outcome, result.table)
+            figures = {} if result.table.empty else {
+                "plots/gradient_flow.png": plots.gradient_flow(result.table, run_name(config))}
+            logger.finish(result, summary_metrics(config, result),
+                          {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}, figures)
+            summaries.append(RunSummary(logger.run_id, run_name(config), result.outcome, diagnosis,
+                                        result.final_test_acc, result.seconds))
+    except BaseException as exc:
+        for logger in loggers[len(summaries):]:
+            logger.fail(tracking.ended_by(exc))
+        raise
+    return summaries

@@ -1,0 +1,72 @@
+"""Runtime settings, in one place: device, seed, dtypes, SIGTERM, process-wide defaults.
+
+`configure()` is called once per process by whatever starts work there (the CLI, a pool worker, a
+Ray task); nothing in gradbench changes process state at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: `gradbench --help` and prepare do without it
+    import torch
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The dtype of a precision's parameters: bf16 keeps fp32 parameters and computes under autocast."""
+    import torch
+
+    return {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32}[precision]
+
+
+def configure() -> None:
+    """Process-wide defaults: a display-free matplotlib backend (clusters, CI) and no MLflow
+    progress bar per artifact download (it drowns the report's output; users can turn it on)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def get_device(name: str = "auto") -> torch.device:
+    """auto: cuda if available, else cpu. An explicit device that is not there is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def set_seed(seed: int) -> None:
+    """Seed every generator a run touches (Python, NumPy, torch on CPU and all GPUs)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision (bf16 computes in bfloat16, the others as stored)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job, pool.terminate()) unwinds like Ctrl-C, so that the
+    open runs are marked KILLED. Python allows signal handlers in the main thread only."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)

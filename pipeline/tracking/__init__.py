@@ -1,0 +1,43 @@
+"""The one place that talks to MLflow. It imports no training code: training hands it chunks
+while a run trains (logger.RunLogger) and finished values at the end; store.py answers the
+queries that grid resume and the report need."""
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from .logger import RunLogger, ended_by
+from .store import (
+    EXPERIMENT,
+    TAG_CONFIG_HASH,
+    TAG_DIAGNOSIS,
+    TAG_GRID,
+    TAG_GROUP,
+    TAG_GROUP_SIZE,
+    TAG_OUTCOME,
+    TAG_ROLE,
+    NotFound,
+    close_grid_run,
+    download_artifact,
+    experiment_id,
+    fail_earlier_attempts,
+    fail_stale_runs,
+    find_grid_run,
+    finished_config_hashes,
+    get_client,
+    grid_spec_of,
+    latest_finished_runs,
+    log_dataset,
+    log_report,
+    open_grid_run,
+    run_url,
+    search_all,
+    tracking_uri,
+)
+
+__all__ = [
+    "EXPERIMENT", "TAG_CONFIG_HASH", "TAG_DIAGNOSIS", "TAG_GRID", "TAG_GROUP", "TAG_GROUP_SIZE", "TAG_OUTCOME",
+    "TAG_ROLE", "MlflowClient", "MlflowException", "NotFound", "RunLogger", "close_grid_run", "download_artifact", "ended_by",
+    "experiment_id", "fail_earlier_attempts", "fail_stale_runs", "find_grid_run", "finished_config_hashes",
+    "get_client", "grid_spec_of", "latest_finished_runs", "log_dataset", "log_report", "open_grid_run", "run_url",
+    "search_all", "tracking_uri",
+]

@@ -1,0 +1,262 @@
+"""The tracking store: experiments, grid parent runs, and the queries that resume and report need.
+
+Uses `MlflowClient` only (no fluent, process-global active run), so a grid can hold a parent and a
+child open at once and workers can log in parallel. The tracking URI is MLflow's own: the embedded
+default store unless MLFLOW_TRACKING_URI says otherwise. Nothing here imports training code: it is
+handed configs, specs and finished values.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from ..config import GridSpec, RunConfig
+
+EXPERIMENT = "gradbench"
+TAG_CONFIG_HASH = "gradbench.config_hash"
+TAG_GRID = "gradbench.grid"
+TAG_DIAGNOSIS = "gradbench.diagnosis"
+TAG_OUTCOME = "gradbench.outcome"
+TAG_GROUP = "gradbench.group"  # an id shared by the members trained together
+TAG_GROUP_SIZE = "gradbench.group_size"
+TAG_SPEC_HASH = "gradbench.spec_hash"
+TAG_ROLE = "gradbench.role"  # "grid" on a grid's parent run
+TAG_HOST = "gradbench.host"  # where a run's process lives: lets a resume tell dead runs from live ones
+TAG_PID = "gradbench.pid"
+MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch call
+MAX_PARAMS_PER_CALL = 100
+
+
+def tracking_uri() -> str:
+    """The tracking URI in force (MLFLOW_TRACKING_URI, or MLflow's embedded default)."""
+    return mlflow.get_tracking_uri()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def get_client() -> MlflowClient:
+    return MlflowClient()
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if missing (safe when several processes race)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another process created it between our two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def log_dataset(client: MlflowClient, run_id: str, source: str, digest: str, attempts: int = 3) -> None:
+    """Log MNIST (name "mnist", `digest`) as the training input of a run.
+
+    MLflow's SQL store looks the dataset up and inserts it when missing, in two steps: runs that
+    log the same new dataset at once can both miss it, and all but one then fail on the unique
+    constraint. The winner's row exists by then, so trying again links to it."""
+    with warnings.catch_warnings():  # a local folder matches two equivalent source classes
+        warnings.simplefilter("ignore", UserWarning)
+        resolved = resolve_dataset_source(source)
+    dataset = MetaDataset(source=resolved, name="mnist", digest=digest)
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not _is_unique_violation(exc):
+                raise
+
+
+def _is_unique_violation(exc: MlflowException) -> bool:
+    text = str(exc).lower()  # SQLite, PostgreSQL and MySQL say it differently; a server relays it
+    return "unique constraint" in text or "duplicate key" in text or "duplicate entry" in text
+
+
+# -- grids: one parent run per spec, children found by config hash -----------------------------------
+
+
+def search_all(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
+    """Every run matching the filter (search_runs pages through at most 50,000 at a time)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=50_000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def finished_config_hashes(client: MlflowClient, experiment_id: str) -> set[str]:
+    """Config hashes that already have a FINISHED run in the experiment (diverged runs included)."""
+    runs = search_all(client, experiment_id, f"attributes.status = 'FINISHED' and tags.`{TAG_CONFIG_HASH}` LIKE '%'")
+    return {r.data.tags[TAG_CONFIG_HASH] for r in runs}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def fail_stale_runs(client: MlflowClient, experiment_id: str, grid: str) -> int:
+    """Mark FAILED the RUNNING children of this grid whose process, on this host, is gone (killed
+    outright, so it could not mark them itself). Runs of other hosts are left alone: another
+    machine may be running the same spec right now. Returns how many were marked."""
+    running = search_all(
+        client, experiment_id, f"attributes.status = 'RUNNING' and tags.`{TAG_GRID}` = '{grid}' and tags.`{TAG_CONFIG_HASH}` LIKE '%'"
+    )
+    host = socket.gethostname()
+    stale = [
+        r for r in running
+        if r.data.tags.get(TAG_HOST) == host and not _alive(int(r.data.tags.get(TAG_PID, "0") or 0))
+    ]
+    for run in stale:
+        client.set_terminated(run.info.run_id, "FAILED")
+    return len(stale)
+
+
+def fail_earlier_attempts(client: MlflowClient, parent_run_id: str, config: RunConfig) -> int:
+    """Before a retried task starts its run: mark the attempts of the same config under the same
+    parent that are still RUNNING FAILED (their worker was lost; the retry replaces them)."""
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    earlier = search_all(
+        client, experiment,
+        f"attributes.status = 'RUNNING' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
+        f"and tags.`{TAG_CONFIG_HASH}` = '{config.config_hash()}'",
+    )
+    for run in earlier:
+        client.set_terminated(run.info.run_id, "FAILED")
+    return len(earlier)
+
+
+def open_grid_run(client: MlflowClient, spec: GridSpec, experiment: str) -> tuple[str, str]:
+    """(experiment id, parent run id) for a grid: the `mlflow run` run if there is one, else the
+    unfinished parent of an interrupted run of the same spec (resumed), else a new run."""
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:
+        run = client.get_run(env_run)
+        exp_id, parent_id = run.info.experiment_id, env_run
+    else:
+        exp_id = experiment_id(client, experiment)
+        previous = search_all(
+            client, exp_id, f"tags.`{TAG_SPEC_HASH}` = '{spec.spec_hash}' and attributes.status != 'FINISHED'"
+        )
+        if previous:
+            parent_id = max(previous, key=lambda r: r.info.start_time).info.run_id
+            client.update_run(parent_id, status="RUNNING")
+        else:
+            parent_id = client.create_run(exp_id, run_name=spec.name).info.run_id
+    tags = {TAG_ROLE: "grid", TAG_GRID: spec.name, TAG_SPEC_HASH: spec.spec_hash, MLFLOW_RUN_NAME: spec.name}
+    client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    existing = client.get_run(parent_id).data.params
+    if "grid_runs" not in existing:
+        client.log_batch(parent_id, params=[Param("grid_runs", str(len(spec.configs)))])
+    client.log_text(parent_id, spec.source, "spec.yaml")
+    return exp_id, parent_id
+
+
+def close_grid_run(client: MlflowClient, parent_id: str, counts: dict[str, int], seconds: float, status: str) -> None:
+    metrics = [Metric(f"grid/{k}", float(v), now_ms(), 0) for k, v in counts.items()]
+    metrics.append(Metric("grid/seconds", seconds, now_ms(), 0))
+    client.log_batch(parent_id, metrics=metrics)
+    client.set_terminated(parent_id, status)
+
+
+# -- reading back: what the report stage needs, from MLflow alone ----------------------------------
+
+
+class NotFound(LookupError):
+    """The experiment, grid or run asked for is not in the tracking store."""
+
+
+def find_grid_run(client: MlflowClient, experiment: str, grid_run_id: str | None = None):
+    """The grid's parent run: `grid_run_id`; else the `mlflow run` run if it is a grid (the main
+    entry point); else the latest grid in the experiment (the `mlflow run` one's, if any)."""
+    if grid_run_id:
+        run = _get_run(client, grid_run_id)
+        if run.data.tags.get(TAG_ROLE) != "grid":
+            raise NotFound(f"run {grid_run_id} is not a grid's parent run")
+        return run
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:
+        run = _get_run(client, env_run)
+        if run.data.tags.get(TAG_ROLE) == "grid":
+            return run
+        found = client.get_experiment(run.info.experiment_id)
+    else:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise NotFound(f"no experiment {experiment!r} in {tracking_uri()}: run `gradbench grid SPEC` first")
+    grids = search_all(client, found.experiment_id, f"tags.`{TAG_ROLE}` = 'grid'")
+    if not grids:
+        raise NotFound(f"experiment {found.name!r} has no grid runs: run `gradbench grid SPEC` first")
+    return max(grids, key=lambda r: r.info.start_time)
+
+
+def _get_run(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise NotFound(f"no run {run_id} in the tracking store {tracking_uri()}") from None
+
+
+def grid_spec_of(client: MlflowClient, parent) -> GridSpec:
+    """The spec a grid ran, from its spec.yaml artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(parent.info.run_id, "spec.yaml", tmp)
+        text = Path(path).read_text()
+    raw = yaml.safe_load(text) or {}
+    return GridSpec.from_dict(raw, default_name=parent.data.tags.get(TAG_GRID, "grid"), source=text)
+
+
+def latest_finished_runs(client: MlflowClient, experiment_id: str, hashes: set[str]) -> dict[str, object]:
+    """config hash -> its most recent FINISHED run in the experiment (the run a resume would skip to)."""
+    runs = search_all(client, experiment_id, f"attributes.status = 'FINISHED' and tags.`{TAG_CONFIG_HASH}` LIKE '%'")
+    latest: dict[str, object] = {}
+    for run in runs:
+        h = run.data.tags[TAG_CONFIG_HASH]
+        if h in hashes and (h not in latest or run.info.start_time > latest[h].info.start_time):
+            latest[h] = run
+    return latest
+
+
+def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str) -> Path | None:
+    """A run's artifact as a local file, or None if the run does not have it."""
+    try:
+        return Path(client.download_artifacts(run_id, path, dst))
+    except (MlflowException, OSError):
+        return None
+
+
+def log_report(client: MlflowClient, parent_run_id: str, path: Path) -> None:
+    client.log_artifact(parent_run_id, str(path), "report")
+
+
+def run_url(run) -> str | None:
+    """Link to a run in the MLflow UI, when the tracking URI is a server."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
