@@ -5,22 +5,31 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline import bench
-from pipeline.cli import cli
+from pipeline.cli import cli, perf_suite
 
-KEYS = ["speedup_vs_seed_loop", "monitor_overhead", "mlflow_overhead", "peak_fraction_w256", "peak_fraction_w1024",
+bench = perf_suite()
+
+KEYS = ["speedup_vs_seed_loop", "engine_vs_plain_loop", "monitor_overhead", "mlflow_overhead", "peak_fraction_w256", "peak_fraction_w1024",
         "peak_rss_mb", "device", "ensemble_speedup_w128", "ensemble_speedup_w512"]
 
 
 @pytest.mark.slow
-def test_bench_quick_writes_the_table_and_the_json(mnist_dir, tmp_path, monkeypatch):
+def test_bench_quick_from_a_fresh_directory_with_the_default_data_dir(tmp_path, monkeypatch):
+    """As a new user runs it: a relative --data-dir (the default), no source in the environment.
+    The bench's subprocesses run in a temporary folder and must still find the data."""
+    from tests.conftest import SHARED_MNIST
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GRADBENCH_MNIST_SOURCE", raising=False)
+    monkeypatch.delenv("GRADBENCH_DATA_DIR", raising=False)
     monkeypatch.setattr(bench, "QUICK", bench.Budget(steps=6, tracked_steps=6, repeats=1, members=2, full=False))
-    out = tmp_path / "perf.json"
-    result = CliRunner().invoke(cli, ["bench", "--quick", "--data-dir", str(mnist_dir), "--out", str(out)],
-                                catch_exceptions=False)
+    prepared = CliRunner().invoke(cli, ["prepare", "--source", str(SHARED_MNIST)])
+    assert prepared.exit_code == 0, prepared.output
+    result = CliRunner().invoke(cli, ["bench", "--quick"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "| speedup vs seed loop |" in result.output
-    results = json.loads(out.read_text())
+    assert "| one-member engine vs plain nn.Linear loop |" in result.output
+    results = json.loads((tmp_path / "reports" / "perf.json").read_text())
     for key in KEYS:
         assert key in results, key
     assert results["device"] == "cpu" and results["peak_rss_mb"] > 100

@@ -1,6 +1,6 @@
-"""bench: how fast gradbench trains, and what its instrumentation costs.
+"""The perf suite: how fast gradbench trains, and what its instrumentation costs.
 
-    gradbench bench [--quick] [--out reports/perf.json]
+    gradbench bench [--quick] [--out reports/perf.json]      (the CLI loads this file)
 
 Every figure is a ratio of two things timed side by side in this process, on the same machine:
 1. gradbench's loop (full monitoring on) against the seed-style loop of the classic PyTorch MNIST
@@ -34,12 +34,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .activations import ACTIVATIONS
-from .config import RunConfig
-from .data import MEAN, STD, Mnist, load
-from .model import layer_sizes
-from .runtime import get_device
-from .train import train
+from pipeline.activations import ACTIVATIONS
+from pipeline.config import RunConfig
+from pipeline.data import MEAN, STD, Mnist, load
+from pipeline.model import layer_sizes
+from pipeline.runtime import get_device
+from pipeline.train import train
 
 REFERENCE_BATCH = 64
 
@@ -185,7 +185,7 @@ def _quick_run_rss_mb(data_dir: str) -> float:
 
 
 def _quick_grid_seconds(data_dir: str) -> float:
-    spec = Path(__file__).resolve().parents[1] / "benchmarks" / "quick.yaml"
+    spec = Path(__file__).resolve().parents[1] / "quick.yaml"
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         env.pop("MLFLOW_RUN_ID", None)
@@ -270,8 +270,8 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
 
 def _mlflow_overhead(config: RunConfig, data: Mnist, device: torch.device, repeats: int) -> float:
     """Fraction of a tracked run's time that MLflow adds: (tracked - untracked) / tracked."""
-    from . import tracking
-    from .run import run_group
+    from pipeline import tracking
+    from pipeline.run import run_group
 
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.environ.get("MLFLOW_TRACKING_URI")
