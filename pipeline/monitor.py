@@ -39,6 +39,8 @@ HIST_BINS = 80
 def member_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """(len(tensors), members): the L2 norm of each tensor's slice of each member, in the tensors'
     dtype (clipping uses it at full precision)."""
+    if tensors[0].shape[0] == 1:  # one member: one fused kernel over all tensors
+        return torch.stack(torch._foreach_norm(tensors)).unsqueeze(1)
     return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
 
 
@@ -97,13 +99,13 @@ class Monitor:
                 return
             z.register_hook(self._backprop_hook(i))
             if i < last:  # the output layer has no activation
-                self._hidden.append(z.detach())
+                self._hidden.append(z.detach().view(self.members, -1, z.shape[-1]))  # one member may be 2-D
 
         return hook
 
     def _backprop_hook(self, i: int):
         def hook(grad: torch.Tensor) -> None:
-            self._backprop[i] = torch.linalg.vector_norm(grad.detach().flatten(1), dim=1)
+            self._backprop[i] = torch.linalg.vector_norm(grad.detach().reshape(self.members, -1), dim=1)
 
         return hook
 

@@ -106,7 +106,9 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
     """Cross-entropy of each member: logits (members, batch, classes), y (members, batch) -> (members,)."""
     # at least fp32: bf16 logits (autocast) would lose the loss's precision; fp64 stays fp64
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+    members, batch, classes = logits.shape
+    # flattened to (members x batch, classes): the 2-D kernel, faster than the (N, C, d) one
+    losses = F.cross_entropy(logits.reshape(-1, classes), y.reshape(-1), reduction="none").view(members, batch)
     return losses.mean(dim=1) if reduction == "mean" else losses.sum(dim=1)
 
 
