@@ -1,6 +1,8 @@
 """The report stage, from a real MLflow store, and the report and MLflow UI in headless Chromium."""
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from mlflow import MlflowClient
 from pipeline.cli import cli
 from pipeline.config import GridSpec
 from pipeline.grid import run_grid
+from pipeline.report import figures
 from tests.conftest import MlflowServer
 
 TINY_BASE = {"depth": 4, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 8, "log_every": 2}
@@ -19,7 +22,11 @@ SPEC = {
     "axes": {"activation": ["relu", "tanh"], "init": ["default", "he_normal"],
              "clipping": [{"clip": "none"}, {"clip": "norm", "clip_threshold": 0.5}]},
 }
-FIGURES = ["accuracy", "gradient-flow", "layer-step", "training", "clipping", "outcomes"]
+FIGURES = ["accuracy", "gradient-flow", "layer-step", "histograms", "training", "clipping", "outcomes"]
+# What each figure's caption must name (a figure says what its caption says).
+CAPTION_NAMES = {"accuracy": "test accuracy", "gradient-flow": "dL/dh", "layer-step": "each layer",
+                 "histograms": "log10|dL/dW|", "training": "loss", "clipping": "clipping", "outcomes": "diagnosed"}
+ARTIFACTS = Path(os.environ.get("GRADBENCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
 
 def make_grid(tmp_path, mnist_dir, store, spec=SPEC):
@@ -42,6 +49,8 @@ def tiny_report(tmp_path_factory, mnist_dir, tracking_uri):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
+        # every figure of the report and of the run pages must pass the legibility check
+        mp.setattr(figures, "FIGURE_CHECKS", [figures.check_legible])
         grid = make_grid(tmp, mnist_dir, store)
         # A run name is user data: it must come out of the report as text, never as markup.
         victim = grid.summaries[0].run_id
@@ -59,8 +68,58 @@ def test_report_has_every_section_and_is_logged_to_the_grid_run(tiny_report):
         assert f'<figure id="{key}">' in text, key
     assert text.count('src="data:image/png;base64,') == len(FIGURES)
     assert text.count("<tr>") == 1 + 8  # header + one row per configuration
+    assert "Grid <strong>tiny</strong> in experiment <strong>report-tiny</strong>" in text
     artifacts = [a.path for a in client.list_artifacts(grid.parent_run_id, "report")]
     assert artifacts == [f"report/{html.name}"]
+
+
+def test_every_figure_is_non_empty_and_its_caption_names_what_it_shows(tiny_report):
+    text = tiny_report[0].read_text()
+    for key in FIGURES:
+        block = text.split(f'<figure id="{key}">', 1)[1].split("</figure>", 1)[0]
+        (width,) = re.findall(r'width="(\d+)"', block)
+        assert int(width) > 200, key
+        caption = block.split("<figcaption>", 1)[1]
+        assert CAPTION_NAMES[key] in caption, key
+
+
+def test_every_run_has_its_own_page_linked_from_the_summary(tiny_report):
+    html, grid, _ = tiny_report
+    text = html.read_text()
+    folder = html.with_suffix("")
+    pages = sorted(folder.glob("*.html"))
+    assert len(pages) == 8
+    for page in pages:
+        assert f'href="{folder.name}/{page.name}"' in text
+        assert f'id="run-{page.stem}"' in text  # addressable from the summary row
+        body = page.read_text()
+        assert body.count('src="data:image/png;base64,') == 1 and "Diagnosis" in body
+        assert f'href="../{html.name}#run-{page.stem}"' in body
+    assert {p.name for p in html.parent.iterdir() if p.name.startswith(".")} == set()  # nothing half-written
+
+
+def test_index_lists_every_report_newest_first(tiny_report):
+    html = tiny_report[0]
+    index = (html.parent / "index.html").read_text()
+    assert f'<a href="{html.name}">' in index and "<td>tiny</td>" in index and "<td>report-tiny</td>" in index
+
+
+def test_the_legibility_check_catches_overlaps_and_linear_decades():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.text(0.5, 0.5, "one label")
+    ax.text(0.5, 0.5, "another label")
+    with pytest.raises(figures.IllegibleFigure, match="overlaps"):
+        figures.check_legible(fig)
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [1.0, 10.0, 1e5])
+    with pytest.raises(figures.IllegibleFigure, match="not log"):
+        figures.check_legible(fig)
+    ax.set_yscale("log")
+    figures.check_legible(fig)
+    plt.close(fig)
 
 
 def test_strings_from_mlflow_are_escaped(tiny_report):
@@ -95,7 +154,7 @@ def test_grid_without_finished_runs_reports_what_is_missing(store, tmp_path, mni
     tracking.close_grid_run(client, parent, {}, 0.0, "KILLED")
     result = report_cli(store, tmp_path / "out")
     assert result.exit_code == 0, result.output
-    text = next((tmp_path / "out").glob("*.html")).read_text()
+    text = next((tmp_path / "out").glob("tiny-*.html")).read_text()
     assert "has no finished runs" in text and text.count("no finished run</li>") == 8
 
 
@@ -106,7 +165,7 @@ def test_run_missing_its_statistics_artifact_is_named(store, tmp_path, mnist_dir
     artifact.unlink()
     result = report_cli(store, tmp_path / "out")
     assert result.exit_code == 0, result.output
-    text = next((tmp_path / "out").glob("*.html")).read_text()
+    text = next((tmp_path / "out").glob("tiny-*.html")).read_text()
     assert f"{victim.info.run_name}: no gradients/layer_stats.parquet artifact" in text
 
 
@@ -123,6 +182,13 @@ def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
     page.goto(html.as_uri())
     widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
     assert len(widths) == len(FIGURES) and all(w > 0 for w in widths)
+    # drawn at 2x: each image's pixels are twice the CSS width it is shown at (sharp when zoomed)
+    shown = page.evaluate("Array.from(document.images).map(i => i.width)")
+    assert all(n >= 1.9 * w for n, w in zip(widths, shown))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for key in FIGURES:  # one screenshot per section, kept as a test artifact
+        page.locator(f"figure#{key}").screenshot(path=str(ARTIFACTS / f"report-{key}.png"))
+        assert (ARTIFACTS / f"report-{key}.png").stat().st_size > 10_000, key
     assert errors == []
     assert requests == [html.as_uri()]  # the page itself, nothing else
     # the summary table sorts on click: test accuracy ascending, then descending
@@ -131,8 +197,13 @@ def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
     col = page.evaluate("Array.from(document.querySelectorAll('#summary th')).findIndex(h => h.textContent == 'test_acc')")
     values = page.evaluate(f"Array.from(document.querySelectorAll('#summary tbody tr')).map(r => parseFloat(r.cells[{col}].textContent))")
     assert values == sorted(values)
-    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-    assert (tmp_path / "report.png").stat().st_size > 50_000
+    page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+    assert (ARTIFACTS / "report.png").stat().st_size > 50_000
+    run_page = next(html.with_suffix("").glob("*.html"))
+    page.goto(run_page.as_uri())
+    assert page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")[0] > 0
+    page.screenshot(path=str(ARTIFACTS / "run-page.png"), full_page=True)
+    assert errors == []
     page.close()
 
 

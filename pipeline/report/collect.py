@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from .. import tracking
@@ -20,6 +22,7 @@ class ReportData:
     layers: pd.DataFrame  # layer_stats of those runs, with the run's config columns joined
     missing: list[str] = field(default_factory=list)  # what the report could not show, and why
     reproduces: str | None = None  # the paper the grid's spec reproduces, if any
+    histograms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # run id -> histograms.npz
 
 
 def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
@@ -32,6 +35,7 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
         f"{run_name(c)}: no finished run" for h, c in configs.items() if h not in found
     ]
     rows, tables = [], []
+    histograms: dict[str, dict[str, np.ndarray]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for h, run in found.items():
             config = configs[h]
@@ -51,12 +55,24 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
             if path is None:
                 missing.append(f"{run.info.run_name}: no gradients/layer_stats.parquet artifact")
                 continue
-            table = pd.read_parquet(path)
+            try:
+                table = pd.read_parquet(path)
+            except (OSError, ValueError) as exc:  # a corrupt artifact is reported, not fatal
+                missing.append(f"{run.info.run_name}: gradients/layer_stats.parquet unreadable ({exc})")
+                continue
             table["run_id"] = run.info.run_id
             tables.append(table)
+            hist = tracking.download_artifact(client, run.info.run_id, "gradients/histograms.npz", f"{tmp}/{h}")
+            if hist is not None:
+                try:
+                    with np.load(hist) as arrays:
+                        histograms[run.info.run_id] = {k: arrays[k] for k in arrays.files}
+                except (OSError, ValueError, zipfile.BadZipFile) as exc:
+                    missing.append(f"{run.info.run_name}: gradients/histograms.npz unreadable ({exc})")
     runs = pd.DataFrame(rows, columns=["run_id", "run_name", *FIELDS, "outcome", "diagnosis", "test_acc",
                                        "first_last_ratio", "url"])
     layers = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
     layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis"]], on="run_id") if tables else layers
     experiment_name = client.get_experiment(parent.info.experiment_id).name
-    return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing, spec.reproduces)
+    return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing, spec.reproduces,
+                      histograms)

@@ -7,7 +7,11 @@ import base64
 import io
 from dataclasses import dataclass
 
+import matplotlib
+import matplotlib.lines
 import matplotlib.pyplot as plt
+import matplotlib.text
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -22,19 +26,103 @@ DIAGNOSIS_COLORS = dict(zip(LABELS, ["#4c9a2a", "#3b75af", "#d1495b", "#6a3d9a",
 CLIP_PAIR_KEYS = pair_keys("clip", "clip_threshold")
 
 
+DPI = 80  # CSS pixels per inch of figure; PNGs are drawn at twice that, so they stay sharp when zoomed
+
+
 @dataclass(frozen=True)
 class Figure:
     key: str
     title: str
     caption: str
     png_base64: str
+    width: int = 0  # CSS pixels: half the PNG's width
 
 
-def _encode(fig: plt.Figure) -> str:
+FIGURE_CHECKS: list = []  # functions called on every figure before it is encoded (the tests add check_legible)
+
+
+def _encode(fig: plt.Figure, tight: bool = True) -> tuple[str, int]:
+    """The figure as a base64 PNG at 2x, and its width in CSS pixels. `tight` crops it to what is
+    drawn (one more draw; figures with a fixed layout do without)."""
+    for check in FIGURE_CHECKS:
+        check(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=2 * DPI, bbox_inches="tight" if tight else None)
     plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    png = buf.getvalue()
+    width = int.from_bytes(png[16:20], "big")  # the IHDR chunk
+    return base64.b64encode(png).decode("ascii"), width // 2
+
+
+class IllegibleFigure(AssertionError):
+    """Two text elements of a figure overlap, or an axis spans decades on a linear scale."""
+
+
+def _texts(fig: plt.Figure) -> list:
+    """Every text element that is drawn: titles, axis labels, the tick labels in view, legends,
+    annotations (not findobj's: that also returns the labels of ticks outside the view)."""
+    found = list(fig.texts)
+    for legend in fig.legends:
+        found += [legend.get_title(), *legend.get_texts()]
+    for ax in fig.axes:
+        found += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            slack = 1e-9 * max(abs(lo), abs(hi), 1.0)
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if lo - slack <= tick.get_loc() <= hi + slack:
+                    found += [tick.label1, tick.label2]
+        if ax.get_legend() is not None:
+            found += [ax.get_legend().get_title(), *ax.get_legend().get_texts()]
+    return [t for t in found if t.get_visible() and t.get_text().strip()]
+
+
+def check_legible(fig: plt.Figure) -> None:
+    """No two text elements overlap (from the extents matplotlib renders), and no axis whose data
+    spans more than 3 orders of magnitude is linear. Raises IllegibleFigure naming the culprits."""
+    fig.draw_without_rendering()  # lays the figure out (constrained layout) as saving it will
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for text in _texts(fig):
+        box = text.get_window_extent(renderer)
+        if box.width > 0 and box.height > 0:
+            boxes.append((text, box.shrunk(0.96, 0.9)))  # touching edges are fine
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1 :]:
+            if box_a.overlaps(box_b):
+                raise IllegibleFigure(f"text {a.get_text()!r} overlaps {b.get_text()!r}")
+    for ax in fig.axes:
+        for axis in ("y", "x"):
+            scale = ax.get_yscale() if axis == "y" else ax.get_xscale()
+            values = _data_values(ax, axis)
+            if scale == "linear" and values.size and (values > 0).all() and values.max() / values.min() > 1e3:
+                raise IllegibleFigure(f"{ax.get_title()!r}: {axis} spans {values.max() / values.min():.0e}, not log")
+
+
+def _data_values(ax, axis: str) -> np.ndarray:
+    """The finite data values in view on an axis, from its lines and scatter points."""
+    values = []
+    for line in ax.get_lines():
+        data = line.get_ydata() if axis == "y" else line.get_xdata()
+        values.append(np.asarray(data, dtype=float).ravel())
+    for collection in ax.collections:
+        offsets = np.asarray(collection.get_offsets(), dtype=float)
+        if offsets.ndim == 2 and offsets.shape[1] == 2 and len(offsets):
+            values.append(offsets[:, 1 if axis == "y" else 0])
+    if not values:
+        return np.array([])
+    flat = np.concatenate(values)
+    lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
+    return flat[np.isfinite(flat) & (flat >= lo) & (flat <= hi)]  # what is in view
+
+
+def loss_scale(ax, values) -> None:
+    """A log y axis where the finite losses span more than a decade (a diverging run's 1e18 must
+    not flatten every other curve), a linear one otherwise."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size and values.max() / values.min() > 10:
+        ax.set_yscale("log")
 
 
 def _log10(values: pd.Series) -> pd.Series:
@@ -63,17 +151,22 @@ def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
         return None
     clips = sorted(runs["clip"].unique(), key=lambda c: (c != "none", c))
     rows = runs.groupby(["activation", "init"]).ngroups
-    fig, axes = plt.subplots(1, len(clips), figsize=(1.6 + 3.2 * len(clips), 1.2 + 0.32 * rows), squeeze=False)
-    for ax, clip in zip(axes[0], clips):
+    fig, axes = plt.subplots(1, len(clips), figsize=(2.4 + 2.6 * len(clips), 1.2 + 0.32 * rows), squeeze=False,
+                             layout="constrained")
+    index = runs.groupby(["activation", "init"]).size().index  # the same rows in every panel
+    depths = sorted(runs.depth.unique())
+    for i, (ax, clip) in enumerate(zip(axes[0], clips)):
         table = runs[runs["clip"] == clip].pivot_table(index=["activation", "init"], columns="depth", values="test_acc")
+        table = table.reindex(index=index, columns=depths)
+        # the row labels once, on the first panel: drawn on every panel they overlap the neighbour's cells
         sns.heatmap(table, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", cbar=False, ax=ax,
-                    annot_kws={"fontsize": 7})
+                    annot_kws={"fontsize": 7}, yticklabels=i == 0)
         ax.set_title(f"clip = {clip}")
-        ax.set_ylabel("activation - init" if ax is axes[0][0] else "")
+        ax.set_ylabel("activation - init" if i == 0 else "")
     return Figure("accuracy", "Final test accuracy",
                   "Mean final test accuracy over seeds, per activation and init (rows) and depth (columns), one "
                   "panel per clip setting. Look for the cells that fall to chance (0.10) as depth grows, and for "
-                  "the init or clipping that brings them back.", _encode(fig))
+                  "the init or clipping that brings them back.", *_encode(fig))
 
 
 def gradient_flow(layers: pd.DataFrame) -> Figure | None:
@@ -90,18 +183,45 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
     grid = sns.relplot(data=long, x="layer", y="log10 norm", hue="init", hue_order=inits, palette=palette,
                        col="activation", row="statistic", kind="line", marker="o", height=2.6, aspect=1.2,
                        facet_kws={"sharey": "row"})
+    errors: dict[str, list[str]] = {}  # activation -> "init: error" notes, for the caption
     for activation, ax in zip(grid.col_names, grid.axes[0]):
         for init in inits:
-            line = theory_line(start[(start.activation == activation) & (start.init == init)])
-            if line is not None:
-                ax.plot(*line, linestyle="--", color=palette[init], linewidth=1.2)
+            rows = start[(start.activation == activation) & (start.init == init)]
+            line = theory_line(rows)
+            if line is None:
+                continue
+            # the prediction in black, dotted, over the measured colour: seen even where they coincide
+            ax.plot(*line, linestyle=(0, (1.5, 1.5)), color="black", linewidth=1.6, zorder=5)
+            ax.plot(*line, linestyle="none", marker="x", color=palette[init], markersize=5, zorder=6)
+            error = slope_error(rows)
+            if np.isfinite(error):
+                errors.setdefault(activation, []).append(f"{init} {error:+.2f}")
     grid.set_titles("{row_name} - {col_name}")
+    if grid.legend is not None:
+        handles = list(grid.legend.legend_handles) + [matplotlib.lines.Line2D(
+            [], [], color="black", linestyle=(0, (1.5, 1.5)), marker="x", label="mean-field prediction")]
+        labels = [t.get_text() for t in grid.legend.texts] + ["mean-field prediction"]
+        grid.legend.remove()
+        grid.figure.legend(handles, labels, title="init", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    table = "; ".join(f"{activation}: {', '.join(notes)}" for activation, notes in errors.items())
+    worst = f" Measured minus predicted slope of ln||dL/dh|| per layer: {table}." if errors else ""
     return Figure("gradient-flow", f"Gradient flow at initialization (depth {depth})",
                   "log10 norm of the error signal dL/dh (top) and of the weight gradient dL/dW (bottom) per layer "
                   "at step 0, layer 0 next to the input, colour = init (Glorot & Bengio's picture). A line that "
                   "falls towards layer 0 is a vanishing gradient; one that rises is an exploding gradient; flat is "
-                  "what a good init achieves. Dashed: the mean-field prediction (pipeline/theory.py) for the hidden "
-                  "layers, anchored at the last hidden layer's measured value.", _encode(grid.figure))
+                  "what a good init achieves. Black dotted with crosses: the mean-field prediction "
+                  "(pipeline/theory.py) for the hidden layers, anchored at the last hidden layer's measured value."
+                  + worst, *_encode(grid.figure))
+
+
+def slope_error(rows: pd.DataFrame) -> float:
+    """Measured minus predicted slope of ln||dL/dh|| per layer at step 0, mean over the runs (seeds)."""
+    errors = []
+    for _, run in rows.groupby("run_id"):
+        values = {k: (v.item() if hasattr(v, "item") else v) for k, v in run.iloc[0].items() if k in FIELDS}
+        measured = theory.measured_slope(run.sort_values("layer").backprop_norm.to_numpy())
+        errors.append(measured - theory.predict(from_dict(values)).finite_slope)
+    return float(np.nanmean(errors)) if errors and np.isfinite(errors).any() else float("nan")
 
 
 def theory_line(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
@@ -121,52 +241,93 @@ def theory_line(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
     return layers, anchor + np.concatenate([[0.0], np.cumsum(steps)])[: len(layers)]
 
 
-def telling_runs(runs: pd.DataFrame) -> list[tuple[str, pd.Series]]:
-    """The most vanishing, the most exploding, and the best healthy run, where the grid has them."""
+MIN_STEPS = 10  # a run must have lasted this many steps to be picked for the over-time figures
+
+
+def telling_runs(runs: pd.DataFrame, layers: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """The most vanishing, the most exploding, and the best healthy run, among the runs that lasted
+    (a run that diverged at step 0 has no "when" to show)."""
+    lasted = layers.groupby("run_id").step.nunique()
+    steps = runs.run_id.map(lasted).fillna(0)
+    candidates = runs[steps >= min(MIN_STEPS, steps.max())] if len(runs) else runs
     picks: list[tuple[str, pd.Series]] = []
-    ratio = runs.first_last_ratio.replace([np.inf, -np.inf], np.nan)
+    ratio = candidates.first_last_ratio.replace([np.inf, -np.inf], np.nan)
     if ratio.notna().any():
-        low, high = runs.loc[ratio.idxmin()], runs.loc[ratio.idxmax()]
+        low, high = candidates.loc[ratio.idxmin()], candidates.loc[ratio.idxmax()]
         if low.first_last_ratio < 1:
             picks.append(("most vanishing", low))
         if high.first_last_ratio > 1:
             picks.append(("most exploding", high))
-    healthy = runs[runs.diagnosis == "healthy"]
+    healthy = candidates[candidates.diagnosis == "healthy"]
     if not healthy.empty:
         picks.append(("best healthy", healthy.loc[healthy.test_acc.idxmax()]))
     return picks
 
 
 def layer_step_heatmaps(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
-    picks = [(label, run) for label, run in telling_runs(runs) if (layers.run_id == run.run_id).any()]
+    picks = [(label, run) for label, run in telling_runs(runs, layers) if (layers.run_id == run.run_id).any()]
     if not picks:
         return None
-    fig, axes = plt.subplots(1, len(picks), figsize=(4.6 * len(picks), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.8 * len(picks), 3.4), squeeze=False, layout="constrained")
     for ax, (label, run) in zip(axes[0], picks):
         rows = _thin(layers[layers.run_id == run.run_id])
-        table = rows.assign(v=_log10(rows.backprop_norm)).pivot_table(index="layer", columns="step", values="v")
-        sns.heatmap(table, cmap="magma", ax=ax, cbar_kws={"label": "log10 ||dL/dh||"}, xticklabels=max(1, len(table.columns) // 6))
+        table = rows.assign(v=_log10(rows.backprop_norm)).pivot_table(index="layer", columns="step", values="v",
+                                                                      dropna=False)
+        ticks = max(1, len(table.columns) // 5)
+        sns.heatmap(table, cmap="magma", ax=ax, cbar_kws={"label": "log10 ||dL/dh||"}, xticklabels=ticks)
+        ax.tick_params(axis="x", rotation=0)
         ax.invert_yaxis()
-        ax.set_title(f"{label}: {run.run_name}", fontsize=8)
+        title = f"{label}:\n{run.run_name}"
+        if run.outcome == "diverged":
+            title += f" (diverged: last step {int(rows.step.max())})"
+        ax.set_title(title, fontsize=8)
     return Figure("layer-step", "Where and when gradients vanish or explode",
-                  "log10 norm of dL/dh for each layer (rows, 0 = input side) and step (columns), for the most "
-                  "vanishing, the most exploding and the best healthy run. Dark bands at the bottom are layers "
-                  "that receive no learning signal.", _encode(fig))
+                  f"log10 norm of dL/dh for each layer (rows, 0 = input side) and step (columns), for the most "
+                  f"vanishing, the most exploding and the best healthy run among those that lasted at least "
+                  f"{MIN_STEPS} steps. A diverged run is shown up to its last recorded step (the first bad one). Dark "
+                  "bands at the bottom are layers that receive no learning signal.", *_encode(fig))
 
 
 def training_curves(layers: pd.DataFrame) -> Figure | None:
     if layers.empty:
         return None
     depth, deepest = _deepest(layers)
-    steps = _thin(deepest[deepest.layer == 0])
-    long = steps.melt(id_vars=["activation", "init", "step", "seed"], value_vars=["loss", "acc"], var_name="metric")
+    per_step = deepest[deepest.layer == 0]
+    steps = _thin(per_step)
+    finite = steps[np.isfinite(steps.loss.astype(float))]
+    long = finite.melt(id_vars=["activation", "init", "step", "seed"], value_vars=["loss", "acc"], var_name="metric")
     grid = sns.relplot(data=long, x="step", y="value", hue="init", col="activation", row="metric", kind="line",
                        height=2.4, aspect=1.3, errorbar="sd", facet_kws={"sharey": "row"})
     grid.set_titles("{row_name} - {col_name}")
+    grid.axes[0][0].set_ylabel("train loss")
+    grid.axes[1][0].set_ylabel("train accuracy")
+    # the loss axis spans the runs that did not diverge; a diverged run's blow-up (1e18) would
+    # otherwise set it, and every other curve would be a flat line at its bottom
+    lasting = finite[finite.diagnosis != "diverged"].loss.astype(float)
+    lasting = lasting[lasting > 0]
+    for ax in grid.axes[0]:
+        loss_scale(ax, lasting)
+        if len(lasting):
+            ax.set_ylim(lasting.min() * 0.8, lasting.max() * 1.25)
+    # where each diverged run stopped: its last finite loss, at the top edge when beyond the panel
+    stopped = per_step[per_step.diagnosis == "diverged"]
+    marked = False
+    for activation, ax in zip(grid.col_names, grid.axes[0]):
+        for _, run in stopped[stopped.activation == activation].groupby("run_id"):
+            last = run[np.isfinite(run.loss.astype(float))]
+            if not last.empty:
+                row = last.loc[last.step.idxmax()]
+                y = min(float(row.loss), ax.get_ylim()[1])
+                ax.plot(row.step, y, marker="X", color="#d1495b", markersize=8, linestyle="none", zorder=5,
+                        clip_on=False)
+                marked = True
+    note = (" A red X marks where each diverged run stopped: its last finite loss, or the top edge of the "
+            "panel when that loss is beyond it.") if marked else ""
     return Figure("training", f"Training curves (depth {depth})",
-                  "Training loss and accuracy per step, colour = init; the band is one standard deviation over "
-                  "seeds where there are several. Flat curves at loss 2.3 are networks that never started to learn.",
-                  _encode(grid.figure))
+                  "Training loss (on a log scale where it spans more than a decade) and accuracy per step, colour "
+                  "= init; the band is one standard "
+                  "deviation over seeds where there are several. Flat curves at loss 2.3 are networks that never "
+                  "started to learn." + note, *_encode(grid.figure))
 
 
 def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
@@ -174,12 +335,15 @@ def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     if clipped.empty:
         return None
     per_step = layers[layers.layer == 0]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
     norms = _thin(per_step[per_step["clip"] != "none"]).melt(
         id_vars=["step", "clip"], value_vars=["global_norm_pre_clip", "global_norm_post_clip"], var_name="norm")
     norms["log10 global norm"] = _log10(norms.value)
-    norms["norm"] = norms["norm"].map({"global_norm_pre_clip": "before clipping", "global_norm_post_clip": "after"})
-    sns.lineplot(data=norms, x="step", y="log10 global norm", hue="clip", style="norm", errorbar=("pi", 50), ax=axes[0])
+    norms["clip mode"] = norms["clip"]
+    norms["measured"] = norms["norm"].map({"global_norm_pre_clip": "before clipping",
+                                           "global_norm_post_clip": "after clipping"})
+    sns.lineplot(data=norms, x="step", y="log10 global norm", hue="clip mode", style="measured",
+                 style_order=["before clipping", "after clipping"], errorbar=("pi", 50), ax=axes[0])
     axes[0].set_title("global gradient norm (median, IQR band)")
     active = per_step[per_step["clip"] != "none"].groupby(["run_id", "clip", "activation"]).clip_active.mean().reset_index()
     sns.barplot(data=active, x="activation", y="clip_active", hue="clip", ax=axes[1])
@@ -191,9 +355,10 @@ def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     axes[2].set(title="test accuracy: clipped vs not", xlabel="without clipping", ylabel="with clipping",
                 xlim=(0, 1), ylim=(0, 1))
     return Figure("clipping", "Gradient clipping",
-                  "Left: global gradient norm before (solid) and after (dashed) clipping. Middle: how often the "
+                  "Left: global gradient norm before (solid) and after (dashed) clipping, colour = clip mode "
+                  "(norm: the global L2 norm is clipped; value: each element; agc: each unit). Middle: how often the "
                   "clip was active. Right: each clipped run against the same configuration without clipping; points "
-                  "above the diagonal are runs that clipping helped.", _encode(fig))
+                  "above the diagonal are runs that clipping helped.", *_encode(fig))
 
 
 def outcomes(runs: pd.DataFrame) -> Figure | None:
@@ -211,14 +376,55 @@ def outcomes(runs: pd.DataFrame) -> Figure | None:
         axes[0][-1].legend(title="diagnosis", bbox_to_anchor=(1.02, 1), loc="upper left")
     return Figure("outcomes", "Outcomes",
                   "How many runs were diagnosed healthy, vanishing, exploding, diverged, dead or saturated, by each "
-                  "factor of the grid. The rules and thresholds are in the README.", _encode(fig))
+                  "factor of the grid. The rules and thresholds are in the README.", *_encode(fig))
 
 
-def all_figures(runs: pd.DataFrame, layers: pd.DataFrame) -> list[Figure]:
+def draw_histograms(axes, hist: dict[str, np.ndarray], label_rows: bool = True) -> None:
+    """One panel per recorded step: for each layer (rows), the share of its weight-gradient entries
+    in each bin of log10|dL/dW| (columns)."""
+    edges = hist["log10_abs_grad_edges"]
+    counts = hist["counts"].astype(float)  # (steps, layers, bins)
+    shares = counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)
+    used = np.flatnonzero(counts.sum(axis=(0, 1)))  # show only the bins where something fell
+    lo, hi = (used.min(), used.max() + 1) if used.size else (0, len(edges) - 1)
+    for ax, step, share in zip(axes, hist["steps"], shares):
+        image = ax.imshow(share[:, lo:hi], aspect="auto", origin="lower", cmap="viridis", vmin=0,
+                          extent=(edges[lo], edges[hi], -0.5, share.shape[0] - 0.5), interpolation="nearest")
+        ax.set_title(f"step {int(step)}", fontsize=9)
+        ax.set_xlabel("log10 |dL/dW|")
+        ax.set_ylabel("layer" if label_rows else "")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    return image
+
+
+def histograms_over_time(runs: pd.DataFrame, layers: pd.DataFrame, histograms: dict) -> Figure | None:
+    picks = [(label, run) for label, run in telling_runs(runs, layers) if run.run_id in histograms]
+    if not picks:
+        return None
+    n_steps = max(len(histograms[run.run_id]["steps"]) for _, run in picks)
+    fig, axes = plt.subplots(len(picks), n_steps, figsize=(3.6 * n_steps + 1, 2.5 * len(picks)), squeeze=False,
+                             layout="constrained")
+    for row, (label, run) in zip(axes, picks):
+        image = draw_histograms(row, histograms[run.run_id])
+        row[0].set_ylabel(f"{label}\nlayer", fontsize=8)
+        for ax in row[len(histograms[run.run_id]["steps"]):]:
+            ax.set_axis_off()
+    fig.colorbar(image, ax=axes, label="share of the layer's entries", shrink=0.8)
+    return Figure("histograms", "Gradient histograms over time",
+                  "For the most vanishing, the most exploding and the best healthy run (rows), the distribution of "
+                  "log10|dL/dW| of each layer (0 = input side) at the first, middle and last step (columns): "
+                  "what the MLflow UI cannot show (the leftmost bin holds everything below 1e-12, exact zeros "
+                  "included). A vanishing gradient is a layer whose mass sits far to the "
+                  "left of the output layer's; a spread that widens over steps is a layer whose units diverge.",
+                  *_encode(fig))
+
+
+def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, histograms: dict | None = None) -> list[Figure]:
     figures = [
         accuracy_heatmaps(runs),
         gradient_flow(layers),
         layer_step_heatmaps(layers, runs),
+        histograms_over_time(runs, layers, histograms or {}),
         training_curves(layers),
         clipping(layers, runs),
         outcomes(runs),
