@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 from .config import GridSpec, RunConfig, group_key, run_name
 from .run import RunSummary
-from .runtime import configure, interrupt_on_sigterm
+from .runtime import configure, interrupt_on_sigterm, shielded
 
 Outcome = tuple[RunConfig, "RunSummary | None", "str | None"]  # a config, its summary or its error
 MAX_GROUP = 32  # members trained together at most
@@ -228,23 +228,24 @@ def run_grid(
 
     folder = data.prepare(data_dir, source)  # once, in the driver, before any worker reads it
     client = tracking.get_client()
-    exp_id, parent_id = tracking.open_grid_run(client, spec, experiment)
-    # the dataset row exists before the workers link their runs to it (they would race to create it)
-    tracking.log_dataset(client, parent_id, str(folder.resolve()), data.dataset_digest())
-    stale = tracking.fail_stale_runs(client, exp_id, spec.name)
+    with shielded():  # SIGTERM waits until the parent run is open and its try/finally guards it
+        exp_id, parent_id = tracking.open_grid_run(client, spec, experiment)
+        # the dataset row exists before the workers link their runs to it (they would race to create it)
+        tracking.log_dataset(client, parent_id, str(folder.resolve()), data.dataset_digest())
+        stale = tracking.fail_stale_runs(client, exp_id, spec.name)
     if stale:
         echo(f"marked {stale} run(s) FAILED that a killed grid left RUNNING")
-    done = set() if rerun else tracking.finished_config_hashes(client, exp_id)
-    todo = [c for c in spec.configs if c.config_hash() not in done]
-    result = GridResult(parent_id, total=len(spec.configs), skipped=len(spec.configs) - len(todo))
-    echo(f"grid {spec.name}: {len(spec.configs)} configs, {result.skipped} already finished, {len(todo)} to run")
-
-    experiment_name = client.get_experiment(exp_id).name
-    # absolute: pool and Ray workers do not share the driver's working directory
-    runner = _Runner(os.path.abspath(data_dir), source, experiment_name, parent_id, spec.name)
+    result = GridResult(parent_id, total=len(spec.configs), skipped=0)
     start = time.perf_counter()
     status = "KILLED"
     try:
+        done = set() if rerun else tracking.finished_config_hashes(client, exp_id)
+        todo = [c for c in spec.configs if c.config_hash() not in done]
+        result.skipped = len(spec.configs) - len(todo)
+        echo(f"grid {spec.name}: {len(spec.configs)} configs, {result.skipped} already finished, {len(todo)} to run")
+        experiment_name = client.get_experiment(exp_id).name
+        # absolute: pool and Ray workers do not share the driver's working directory
+        runner = _Runner(os.path.abspath(data_dir), source, experiment_name, parent_id, spec.name)
         if ensemble is None:  # auto: on CUDA, where small nets leave the device idle. On a CPU the
             # gain is modest (gradbench bench) and --ensemble on opts in.
             import torch
@@ -270,6 +271,7 @@ def run_grid(
         status = "FAILED" if result.failures else "FINISHED"
     finally:
         result.seconds = time.perf_counter() - start
-        tracking.close_grid_run(client, parent_id, result.counts(), result.seconds, status)
+        with shielded():
+            tracking.close_grid_run(client, parent_id, result.counts(), result.seconds, status)
     echo(result.line())
     return result

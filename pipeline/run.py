@@ -19,6 +19,7 @@ from .config import RunConfig, run_name
 from .data import Mnist
 from .diagnosis import diagnose, first_last_ratio
 from .results import RunResult
+from .runtime import shielded
 from .train import train
 
 
@@ -78,22 +79,28 @@ def run_group(
     group = (uuid.uuid4().hex[:12], len(configs))
     loggers: list[tracking.RunLogger] = []
     summaries: list[RunSummary] = []
+    # SIGTERM lands in training, or between two tracking writes, never inside one (shielded):
+    # a run is opened whole, ended whole, and an interrupt always finds it in `loggers`
     try:
-        for config in configs:  # inside the try: an interrupt here ends the runs already opened
-            loggers.append(tracking.RunLogger.start(config, experiment, parent_run_id, grid, client, group))
-        for logger in loggers:
-            logger.log_dataset(data.location, data.digest)
+        for config in configs:
+            with shielded():
+                loggers.append(tracking.RunLogger.start(config, experiment, parent_run_id, grid, client, group))
+        with shielded():
+            for logger in loggers:
+                logger.log_dataset(data.location, data.digest)
         results = train(configs, data, loggers)
         for config, logger, result in zip(configs, loggers, results):
             diagnosis = diagnose(result.outcome, result.table)
             figures = {} if result.table.empty else {
                 "plots/gradient_flow.png": plots.gradient_flow(result.table, run_name(config))}
-            logger.finish(result, summary_metrics(config, result),
-                          {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}, figures)
-            summaries.append(RunSummary(logger.run_id, run_name(config), result.outcome, diagnosis,
-                                        result.final_test_acc, result.seconds))
+            with shielded():
+                logger.finish(result, summary_metrics(config, result),
+                              {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}, figures)
+                summaries.append(RunSummary(logger.run_id, run_name(config), result.outcome, diagnosis,
+                                            result.final_test_acc, result.seconds))
     except BaseException as exc:
-        for logger in loggers[len(summaries):]:
-            logger.fail(tracking.ended_by(exc))
+        with shielded():
+            for logger in loggers[len(summaries):]:
+                logger.fail(tracking.ended_by(exc))
         raise
     return summaries

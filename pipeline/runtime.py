@@ -6,6 +6,7 @@ Ray task); nothing in gradbench changes process state at import time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -57,8 +58,6 @@ def set_seed(seed: int) -> None:
 def autocast(device: torch.device, precision: str):
     """The autocast context of a precision (bf16 computes in bfloat16, the others as stored: no
     context at all, since entering a disabled autocast still costs time in every step)."""
-    import contextlib
-
     import torch
 
     if precision != "bf16":
@@ -66,12 +65,33 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+_shield = {"depth": 0, "pending": None}  # signals that arrived inside a shielded() block
+
+
 def interrupt_on_sigterm() -> None:
     """SIGTERM (a scheduler stopping the job, pool.terminate()) unwinds like Ctrl-C, so that the
-    open runs are marked KILLED. Python allows signal handlers in the main thread only."""
+    open runs are marked KILLED; inside a shielded() block it waits for the block's end. Python
+    allows signal handlers in the main thread only."""
 
     def handler(signum, frame):
+        if _shield["depth"]:
+            _shield["pending"] = signum
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def shielded():
+    """A block that SIGTERM does not cut in two (writing a run's start or end to the tracking
+    store): a SIGTERM that arrives inside it is raised as KeyboardInterrupt when it ends."""
+    _shield["depth"] += 1
+    try:
+        yield
+    finally:
+        _shield["depth"] -= 1
+        if _shield["depth"] == 0 and _shield["pending"] is not None:
+            signum, _shield["pending"] = _shield["pending"], None
+            raise KeyboardInterrupt(f"signal {signum}")
