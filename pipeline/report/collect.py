@@ -48,6 +48,7 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
                 "diagnosis": tags.get(tracking.TAG_DIAGNOSIS, "unknown"),
                 "test_acc": metrics.get("final/test_acc", float("nan")),
                 "first_last_ratio": metrics.get("grad/first_last_ratio_init", float("nan")),
+                "slope_error": metrics.get("theory/slope_error", float("nan")),  # absent where no prediction
                 "url": tracking.run_url(run),
             }
             rows.append(row)
@@ -70,9 +71,9 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
                 except (OSError, ValueError, zipfile.BadZipFile) as exc:
                     missing.append(f"{run.info.run_name}: gradients/histograms.npz unreadable ({exc})")
     runs = pd.DataFrame(rows, columns=["run_id", "run_name", *FIELDS, "outcome", "diagnosis", "test_acc",
-                                       "first_last_ratio", "url"])
+                                       "first_last_ratio", "slope_error", "url"])
     layers = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
-    layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis"]], on="run_id") if tables else layers
+    layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis", "slope_error"]], on="run_id") if tables else layers
     experiment_name = client.get_experiment(parent.info.experiment_id).name
     return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing, spec.reproduces,
                       histograms)

@@ -193,7 +193,7 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
             # the prediction in black, dotted, over the measured colour: seen even where they coincide
             ax.plot(*line, linestyle=(0, (1.5, 1.5)), color="black", linewidth=1.6, zorder=5)
             ax.plot(*line, linestyle="none", marker="x", color=palette[init], markersize=5, zorder=6)
-            error = slope_error(rows)
+            error = rows.groupby("run_id").slope_error.first().mean()  # the logged theory/slope_error
             if np.isfinite(error):
                 errors.setdefault(activation, []).append(f"{init} {error:+.2f}")
     grid.set_titles("{row_name} - {col_name}")
@@ -212,16 +212,6 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
                   "what a good init achieves. Black dotted with crosses: the mean-field prediction "
                   "(pipeline/theory.py) for the hidden layers, anchored at the last hidden layer's measured value."
                   + worst, *_encode(grid.figure))
-
-
-def slope_error(rows: pd.DataFrame) -> float:
-    """Measured minus predicted slope of ln||dL/dh|| per layer at step 0, mean over the runs (seeds)."""
-    errors = []
-    for _, run in rows.groupby("run_id"):
-        values = {k: (v.item() if hasattr(v, "item") else v) for k, v in run.iloc[0].items() if k in FIELDS}
-        measured = theory.measured_slope(run.sort_values("layer").backprop_norm.to_numpy())
-        errors.append(measured - theory.predict(from_dict(values)).finite_slope)
-    return float(np.nanmean(errors)) if errors and np.isfinite(errors).any() else float("nan")
 
 
 def theory_line(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
