@@ -34,6 +34,8 @@ INITS = (
 CLIPS = ("none", "norm", "value", "agc")
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "fp64", "bf16")
+NORMS = ("none", "batch", "layer")
+RESIDUALS = ("none", "plain", "skipinit")
 MNIST_TRAIN_SIZE = 60_000
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -75,6 +77,14 @@ class RunConfig:
     clip_threshold: float = field(
         default=1.0, metadata=_spec("Max global norm (norm), max |g| (value) or max ratio (agc).", member=True, gt=0.0)
     )
+    norm: str = field(default="none", metadata=_spec(
+        "Normalization of each hidden pre-activation before phi: batch (BatchNorm1d) or layer (LayerNorm).",
+        choices=NORMS))
+    residual: str = field(default="none", metadata=_spec(
+        "Residual blocks on the width-to-width layers: h + alpha * phi(norm(W h + b)); plain: alpha = "
+        "--residual-scale, skipinit: alpha learned, 0 at init (De & Smith 2020).", choices=RESIDUALS))
+    residual_scale: float = field(default=1.0, metadata=_spec(
+        "alpha of --residual plain.", member=True, gt=0.0))
     optimizer: str = field(default="sgd", metadata=_spec("Optimizer.", choices=OPTIMIZERS))
     lr: float = field(default=0.01, metadata=_spec("Learning rate.", gt=0.0))
     momentum: float = field(default=0.9, metadata=_spec("SGD momentum (beta1 for adam).", min=0.0, lt=1.0))
@@ -136,10 +146,15 @@ def group_key(config: RunConfig) -> tuple:
 
 
 def run_name(config: RunConfig) -> str:
-    """A short human name for a run: activation, depth, width, init, clipping, seed."""
+    """A short human name for a run: activation, depth, width, init, clipping, [norm, residual,] seed."""
     clip = "noclip" if config.clip == "none" else f"{config.clip}{config.clip_threshold:g}"
     init = f"normal{config.init_std:g}" if config.init == "normal" else config.init
-    return f"{config.activation}-d{config.depth}-w{config.width}-{init}-{clip}-s{config.seed}"
+    remedies = {"batch": "-bn", "layer": "-ln"}.get(config.norm, "")
+    if config.residual == "plain":
+        remedies += f"-res{config.residual_scale:g}"
+    elif config.residual == "skipinit":
+        remedies += "-skipinit"
+    return f"{config.activation}-d{config.depth}-w{config.width}-{init}-{clip}{remedies}-s{config.seed}"
 
 
 def validate(config: RunConfig) -> None:

@@ -80,18 +80,70 @@ class StackedLinear(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
 
-class MLP(nn.Module):
-    """`depth` stacked Linear layers (the last one the classifier) with `activation` between them.
-    The monitor observes each layer's output z through forward hooks on `layers`."""
+class StackedNorm(nn.Module):
+    """BatchNorm1d or LayerNorm of each member's (batch, width) pre-activations, with its own affine
+    gamma (1 at init) and beta (0) and, for BatchNorm, its own running statistics, (members, width).
+    In training mode BatchNorm normalizes with the batch's statistics and updates the running ones;
+    in eval mode it uses the running ones (as nn.BatchNorm1d, momentum 0.1, eps 1e-5)."""
 
-    def __init__(self, layers: list[StackedLinear], activation: str):
+    def __init__(self, kind: str, members: int, width: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.kind, self.eps, self.momentum = kind, eps, momentum
+        self.weight = nn.Parameter(torch.ones(members, width))
+        self.bias = nn.Parameter(torch.zeros(members, width))
+        if kind == "batch":
+            self.register_buffer("running_mean", torch.zeros(members, width))
+            self.register_buffer("running_var", torch.ones(members, width))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (batch, width) for one member, else (members, batch, width)."""
+        if self.kind == "layer":  # per example: the member axis is just another batch axis
+            if z.dim() == 2:
+                return F.layer_norm(z, z.shape[-1:], self.weight[0], self.bias[0], self.eps)
+            return F.layer_norm(z, z.shape[-1:], None, None, self.eps) * self.weight.unsqueeze(1) + self.bias.unsqueeze(1)
+        # BatchNorm: each member's features side by side, (batch, members x width), one kernel; the
+        # running statistics are updated in place through the flat views of the (members, width) buffers
+        stats = (self.running_mean.view(-1), self.running_var.view(-1))
+        if z.dim() == 2:
+            return F.batch_norm(z, *stats, self.weight.view(-1), self.bias.view(-1), self.training, self.momentum, self.eps)
+        members, batch, width = z.shape
+        flat = z.transpose(0, 1).reshape(batch, members * width)
+        out = F.batch_norm(flat, *stats, self.weight.view(-1), self.bias.view(-1), self.training, self.momentum, self.eps)
+        return out.view(batch, members, width).transpose(0, 1)
+
+
+class MLP(nn.Module):
+    """`depth` stacked Linear layers (the last one the classifier); each hidden layer computes
+    z = W h + b, u = norm(z) (identity with norm none), phi(u); a residual layer (width to width: all
+    but the first and the classifier) adds alpha * phi(u) to its input. alpha is a buffer of each
+    member's residual_scale (plain) or a learned per-member scalar starting at 0 (skipinit).
+
+    The monitor observes each layer's output z (forward hooks on `layers`) and what phi receives (a
+    forward pre-hook on `act`)."""
+
+    def __init__(self, layers: list[StackedLinear], activation: str, norm: str = "none", residual: str = "none",
+                 residual_scales: Sequence[float] = ()):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.act = ACTIVATIONS[activation].module()
+        members, hidden = layers[0].weight.shape[0], len(layers) - 1
+        widths = [layer.weight.shape[1] for layer in layers[:-1]]
+        self.norms = nn.ModuleList(StackedNorm(norm, members, w) for w in widths) if norm != "none" else None
+        self.residual = residual
+        for i in range(1, hidden):  # alpha1 ... of the residual layers
+            if residual == "plain":
+                self.register_buffer(f"alpha{i}", torch.tensor(list(residual_scales), dtype=torch.float32))
+            elif residual == "skipinit":
+                self.register_parameter(f"alpha{i}", nn.Parameter(torch.zeros(members)))
 
     @property
     def members(self) -> int:
         return self.layers[0].weight.shape[0]
+
+    def _alpha(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's alpha, shaped to scale x: (members,) -> (members, 1, 1), or a scalar for one member."""
+        alpha = getattr(self, f"alpha{i}")
+        return alpha.view(-1, 1, 1) if x.dim() == 3 else alpha.view(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (members, batch, classes); x is (members, batch, 784), or (batch, 784) for all.
@@ -102,9 +154,12 @@ class MLP(nn.Module):
             x = x.expand(self.members, -1, -1)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < last:
-                x = self.act(x)
+            z = layer(x)
+            if i == last:
+                x = z
+                break
+            h = self.act(self.norms[i](z) if self.norms is not None else z)
+            x = x + self._alpha(i, x) * h if self.residual != "none" and i > 0 else h
         return x.view(self.members, -1, x.shape[-1])
 
 
@@ -128,4 +183,5 @@ def build_model(
         StackedLinear(torch.stack([m[i][0] for m in per_member]), torch.stack([m[i][1] for m in per_member]))
         for i in range(first.depth)
     ]
-    return MLP(layers, first.activation).to(device=device, dtype=dtype)
+    model = MLP(layers, first.activation, first.norm, first.residual, [c.residual_scale for c in configs])
+    return model.to(device=device, dtype=dtype)

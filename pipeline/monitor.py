@@ -14,10 +14,11 @@ Every statistic is a device tensor written into a preallocated chunk buffer with
 the loop never waits for the host; `flush()` copies a chunk to the host in one transfer and hands
 back one `results.Chunk` per member. Layer index L00 is the first Linear layer.
 
-Per layer l and member (z_l = W_l x_{l-1} + b_l is the layer's output, before the activation):
+Per layer l and member (z_l = W_l x_{l-1} + b_l is the layer's output, before norm and activation):
     weight_grad_norm  ||dL/dW_l||           backprop_norm  ||dL/dz_l|| (the error reaching layer l)
-    update_ratio      ||dW_l|| / ||W_l||    act            saturated or dead fraction (hidden layers;
-                                                           see activations.py for both definitions)
+    update_ratio      ||dW_l|| / ||W_l||    act            saturated or dead fraction of what phi
+                                                           receives (hidden layers; see activations.py)
+The global norm covers every parameter: Linear layers, normalization gamma and beta, skipinit alphas.
 Per step: loss, acc, global norm before and after clipping, whether clipping was active.
 With full=False only the per-step scalars are kept (what divergence detection needs).
 """
@@ -41,7 +42,7 @@ def member_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     dtype (clipping uses it at full precision)."""
     if tensors[0].shape[0] == 1:  # one member: one fused kernel over all tensors
         return torch.stack(torch._foreach_norm(tensors)).unsqueeze(1)
-    return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
+    return torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors])
 
 
 def activation_statistic(hidden: torch.Tensor, activation: str) -> torch.Tensor:
@@ -68,7 +69,9 @@ class Monitor:
         self.activation = activation
         self.members, self.n_layers = model.members, len(model.layers)
         self.weights = [layer.weight for layer in model.layers]
-        self.params = [p for layer in model.layers for p in (layer.weight, layer.bias)]
+        # W0, b0, W1, b1, ... then the normalization and residual parameters (in the global norm only)
+        linear = [p for layer in model.layers for p in (layer.weight, layer.bias)]
+        self.params = linear + [p for p in model.parameters() if all(p is not q for q in linear)]
         device, E, L = self.weights[0].device, self.members, self.n_layers
         # fp32 buffers, fp64 for fp64 runs: a finite fp64 norm of 1e40 must not be stored as inf
         dtype = torch.promote_types(self.weights[0].dtype, torch.float32)
@@ -86,6 +89,7 @@ class Monitor:
         if full:
             for i, layer in enumerate(model.layers):
                 layer.register_forward_hook(self._forward_hook(i))
+            model.act.register_forward_pre_hook(self._activation_hook)
 
     @property
     def step(self) -> int:
@@ -95,13 +99,16 @@ class Monitor:
         last = self.n_layers - 1
 
         def hook(module, inputs, z: torch.Tensor) -> None:
-            if not z.requires_grad:  # evaluation (no_grad): nothing to monitor
-                return
-            z.register_hook(self._backprop_hook(i))
-            if i < last:  # the output layer has no activation
-                self._hidden.append(z.detach().view(self.members, -1, z.shape[-1]))  # one member may be 2-D
+            if z.requires_grad:  # not in evaluation (no_grad): nothing to monitor there
+                z.register_hook(self._backprop_hook(i))
 
         return hook
+
+    def _activation_hook(self, module, inputs: tuple[torch.Tensor]) -> None:
+        """What phi receives, hidden layer by hidden layer (after the normalization, if any)."""
+        u = inputs[0]
+        if u.requires_grad:
+            self._hidden.append(u.detach().view(self.members, -1, u.shape[-1]))  # one member may be 2-D
 
     def _backprop_hook(self, i: int):
         def hook(grad: torch.Tensor) -> None:
@@ -115,12 +122,12 @@ class Monitor:
     def gradients(self) -> torch.Tensor:
         """After backward, before clipping: record per-layer statistics and return the global
         gradient norm of each member (members,)."""
-        norms = member_norms([p.grad for p in self.params])  # (2 layers, members): W0, b0, W1, b1, ...
+        norms = member_norms([p.grad for p in self.params])  # (parameters, members): W0, b0, W1, b1, ...
         global_norm = torch.linalg.vector_norm(norms, dim=0)
         row = self._row
         self._per_step[STEP_STATS.index("global_norm_pre_clip"), row] = global_norm
         if self.full:
-            self._per_layer[LAYER_STATS.index("weight_grad_norm"), row] = norms[0::2]
+            self._per_layer[LAYER_STATS.index("weight_grad_norm"), row] = norms[0 : 2 * self.n_layers : 2]
             self._per_layer[LAYER_STATS.index("backprop_norm"), row] = torch.stack(self._backprop)
             # one stacked copy of the hidden pre-activations: a handful of kernels whatever the depth
             stats = activation_statistic(torch.stack(self._hidden), self.activation)

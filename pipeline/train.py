@@ -69,7 +69,7 @@ def clip_gradients(model: MLP, mode: str, thresholds: torch.Tensor,
         torch._foreach_mul_(grads, [per_member(coef, g) for g in grads])
         active = pre_norm > thresholds
     elif mode == "value":
-        active = torch.stack([g.flatten(1).abs().amax(dim=1) for g in grads]).amax(dim=0) > thresholds
+        active = torch.stack([g.reshape(g.shape[0], -1).abs().amax(dim=1) for g in grads]).amax(dim=0) > thresholds
         for g in grads:
             limit = per_member(thresholds, g)
             torch.clamp(g, -limit, limit, out=g)
@@ -82,17 +82,22 @@ def clip_gradients(model: MLP, mode: str, thresholds: torch.Tensor,
 
 def _adaptive_clip(model: MLP, ratios: torch.Tensor, per_member) -> torch.Tensor:
     """Unit-wise AGC (Brock et al. 2021): rescale each unit's gradient so that
-    ||G_i|| <= ratio * max(||W_i||, eps), row-wise for weights and whole-vector for biases. As in the
-    paper, the final (classifier) layer is left unclipped."""
+    ||G_i|| <= ratio * max(||W_i||, eps), row-wise for weights, whole-vector for biases and
+    normalization gamma and beta, whole-scalar for skipinit alphas. As in the paper, the final
+    (classifier) layer is left unclipped."""
     active = torch.zeros_like(ratios, dtype=torch.bool)
-    for layer in model.layers[:-1]:
-        for p, dims in ((layer.weight, (2,)), (layer.bias, (1,))):
-            p_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True).clamp(min=AGC_EPS)
-            g_norm = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=True)
-            max_norm = per_member(ratios, p_norm) * p_norm
-            trigger = g_norm > max_norm
-            p.grad.copy_(torch.where(trigger, p.grad * (max_norm / g_norm.clamp(min=1e-6)), p.grad))
-            active |= trigger.flatten(1).any(dim=1)
+    classifier = {id(p) for p in model.layers[-1].parameters()}
+    for p in model.parameters():
+        if id(p) in classifier:
+            continue
+        # per unit: a weight's rows (members, out, in); a vector (members, n) whole; an alpha (members,)
+        p_norm = torch.linalg.vector_norm(p.detach(), dim=-1, keepdim=True) if p.dim() > 1 else p.detach().abs()
+        g_norm = torch.linalg.vector_norm(p.grad, dim=-1, keepdim=True) if p.dim() > 1 else p.grad.abs()
+        p_norm = p_norm.clamp(min=AGC_EPS)
+        max_norm = per_member(ratios, p_norm) * p_norm
+        trigger = g_norm > max_norm
+        p.grad.copy_(torch.where(trigger, p.grad * (max_norm / g_norm.clamp(min=1e-6)), p.grad))
+        active |= trigger.view(len(active), -1).any(dim=1)
     return active
 
 
@@ -115,6 +120,7 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
 @torch.no_grad()
 def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean test loss and accuracy of each member, as device tensors (members,)."""
+    model.eval()  # BatchNorm: the running statistics
     loss = torch.zeros(model.members, device=x.device, dtype=torch.float64)
     correct = torch.zeros(model.members, device=x.device, dtype=torch.int64)
     for i in range(0, len(x), batch):
@@ -122,6 +128,7 @@ def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) ->
         yb = y[i : i + batch].expand(model.members, -1)
         loss += member_losses(logits, yb, reduction="sum").double()
         correct += (logits.argmax(dim=2) == yb).sum(dim=1)
+    model.train()
     return loss / len(x), correct.double() / len(x)
 
 

@@ -1,6 +1,7 @@
 """The engine against an independent reference: a plain nn.Linear loop, written here, in float64.
 
-For 1 and for 4 members, each clip mode, SGD and Adam, and a member that diverges while the others
+For 1 and for 4 members, each clip mode, SGD and Adam, BatchNorm and LayerNorm (nn.BatchNorm1d,
+nn.LayerNorm), plain and skipinit residual blocks, and a member that diverges while the others
 go on: every per-layer statistic, the global norms, clipping, losses, accuracies, histograms and the
 evaluations of each member equal those of the reference trained alone on the same batches.
 """
@@ -45,13 +46,14 @@ def members(n: int, clip: str = "none", activation: str = "tanh", **extra) -> li
                       variants[i]["clip_threshold"] * scale}, **BASE, **extra) for i in range(n)]
 
 
-def _agc(layers: list[nn.Linear], ratio: float) -> bool:
+def _agc(layers: list[nn.Linear], extra: list[nn.Parameter], ratio: float) -> bool:
     """Adaptive gradient clipping as Brock et al. 2021 write it, unit by unit: each row of W and
-    the whole bias, ||G_i|| <= ratio * max(||W_i||, 1e-3); the classifier is left alone."""
+    the whole bias (and each normalization gamma, beta and residual alpha as a whole),
+    ||G_i|| <= ratio * max(||W_i||, 1e-3); the classifier is left alone."""
     active = False
     for layer in layers[:-1]:
         units = [(layer.weight[i], layer.weight.grad[i]) for i in range(layer.weight.shape[0])]
-        for p, g in units + [(layer.bias, layer.bias.grad)]:
+        for p, g in units + [(layer.bias, layer.bias.grad)] + [(q, q.grad) for q in extra if layer is layers[0]]:
             limit = ratio * max(p.norm().item(), 1e-3)
             if g.norm().item() > limit:
                 g.mul_(limit / g.norm().item())
@@ -75,7 +77,26 @@ def reference(config: RunConfig, start: list[tuple[torch.Tensor, torch.Tensor]],
         for layer, (w, b) in zip(layers, start):
             layer.weight.copy_(w)
             layer.bias.copy_(b)
-    params = [p for layer in layers for p in layer.parameters()]
+    hidden = len(layers) - 1
+    norm_of = {"none": lambda w: nn.Identity(), "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}[config.norm]
+    norms = [norm_of(config.width).double() for _ in range(hidden)]
+    if config.residual == "skipinit":
+        alphas = [nn.Parameter(torch.zeros((), dtype=torch.float64)) for _ in range(hidden)]
+    else:
+        alphas = [torch.tensor(config.residual_scale, dtype=torch.float64)] * hidden
+    extra = [p for n in norms for p in n.parameters()] + (alphas[1:] if config.residual == "skipinit" else [])
+    params = [p for layer in layers for p in layer.parameters()] + extra
+
+    def forward(h: torch.Tensor, zs: list, us: list) -> torch.Tensor:
+        for j, layer in enumerate(layers):
+            z = layer(h)
+            zs.append(z)
+            if j == hidden:
+                return z
+            u = norms[j](z)
+            us.append(u)
+            h = h + alphas[j] * act(u) if config.residual != "none" and j > 0 else act(u)
+
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     else:
@@ -90,12 +111,10 @@ def reference(config: RunConfig, start: list[tuple[torch.Tensor, torch.Tensor]],
         order = torch.randperm(n, generator=generator)
         for i in range(per_epoch):
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            h, zs = data.x_train[idx], []
-            for j, layer in enumerate(layers):
-                z = layer(h)
+            zs, us = [], []
+            h = forward(data.x_train[idx], zs, us)
+            for z in zs:
                 z.retain_grad()
-                zs.append(z)
-                h = act(z) if j < len(layers) - 1 else z
             loss = F.cross_entropy(h, data.y_train[idx])
             opt.zero_grad()
             loss.backward()
@@ -103,7 +122,7 @@ def reference(config: RunConfig, start: list[tuple[torch.Tensor, torch.Tensor]],
             rec["acc"].append((h.argmax(1) == data.y_train[idx]).double().mean().item())
             rec["weight_grad_norm"].append([l.weight.grad.norm().item() for l in layers])
             rec["backprop_norm"].append([z.grad.norm().item() for z in zs])
-            low = [_low_slope(act, z) for z in zs[:-1]]
+            low = [_low_slope(act, u) for u in us]  # what phi receives
             if config.activation == "tanh":
                 rec["act"].append([m.double().mean().item() for m in low])
             else:  # dead: low slope for every example of the batch
@@ -118,7 +137,7 @@ def reference(config: RunConfig, start: list[tuple[torch.Tensor, torch.Tensor]],
                 rec["active"].append(max(p.grad.abs().max().item() for p in params) > config.clip_threshold)
                 nn.utils.clip_grad_value_(params, config.clip_threshold)
             elif config.clip == "agc":
-                rec["active"].append(_agc(layers, config.clip_threshold))
+                rec["active"].append(_agc(layers, extra, config.clip_threshold))
             else:
                 rec["active"].append(False)
             rec["post"].append(math.sqrt(sum(p.grad.norm().item() ** 2 for p in params)))
@@ -130,10 +149,11 @@ def reference(config: RunConfig, start: list[tuple[torch.Tensor, torch.Tensor]],
             if step == config.total_steps:
                 break
         with torch.no_grad():
-            h = data.x_test
-            for j, layer in enumerate(layers):
-                h = layer(h)
-                h = act(h) if j < len(layers) - 1 else h
+            for module in norms:
+                module.eval()
+            h = forward(data.x_test, [], [])
+            for module in norms:
+                module.train()
             rec["evals"].append((step - 1, F.cross_entropy(h, data.y_test).item(),
                                  (h.argmax(1) == data.y_test).double().mean().item()))
     return rec
@@ -210,3 +230,25 @@ def test_a_diverging_member_stops_while_the_others_go_on(mnist64):
                        if not (math.isfinite(loss) and math.isfinite(pre)))
             assert result.steps == bad + 1 and result.table.step.max() == bad  # kept up to the first bad step
             assert_matches(result, ref, config, until=bad)
+
+
+@pytest.mark.parametrize("norm, residual, clip", [
+    ("batch", "none", "norm"), ("layer", "skipinit", "value"), ("none", "plain", "norm"),
+    ("none", "skipinit", "agc"), ("batch", "skipinit", "norm"), ("layer", "plain", "agc"),
+])
+@pytest.mark.parametrize("n_members", [1, 3])
+def test_normalization_and_residual_blocks_match_torch_modules(mnist64, norm, residual, clip, n_members):
+    """BatchNorm (batch statistics in training, running ones in the evaluations, each member its
+    own), LayerNorm, and residual blocks: the same numbers as nn.BatchNorm1d and nn.LayerNorm."""
+    configs = [c.replace(residual_scale=0.5 + 0.25 * i) for i, c in
+               enumerate(members(n_members, clip, norm=norm, residual=residual))]
+    if clip == "agc":  # the ratios are relative to the weights: bite, but let skipinit's alphas move
+        configs = [c.replace(clip_threshold=0.02) for c in configs]
+    bites = []
+    for config, start, result in zip(configs, initial_parameters(configs), train(configs, mnist64)):
+        ref = reference(config, start, mnist64)
+        assert result.outcome == "completed"
+        assert_matches(result, ref, config)
+        np.testing.assert_allclose([e[1:] for e in result.evals], [e[1:] for e in ref["evals"]], rtol=1e-9)
+        bites.append(any(ref["active"]))
+    assert any(bites)
