@@ -190,6 +190,7 @@ class Mnist:
     digest: str  # of the verified checksums: the MLflow dataset digest
     location: str  # the folder the tensors were read from
     input_sq_mean: float  # E[x^2] over the training images, the theory's input statistic
+    input_var_mean: float  # each pixel's variance over the training images, averaged: BatchNorm's
 
 
 def load(
@@ -220,4 +221,5 @@ def load(
         digest=dataset_digest(),
         location=str(folder.resolve()),
         input_sq_mean=float(torch.linalg.vector_norm(x_train) ** 2 / x_train.numel()),
+        input_var_mean=float(x_train.var(dim=0, correction=0).mean()),
     )

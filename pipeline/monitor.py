@@ -96,8 +96,6 @@ class Monitor:
         return self._first_step + self._row
 
     def _forward_hook(self, i: int):
-        last = self.n_layers - 1
-
         def hook(module, inputs, z: torch.Tensor) -> None:
             if z.requires_grad:  # not in evaluation (no_grad): nothing to monitor there
                 z.register_hook(self._backprop_hook(i))

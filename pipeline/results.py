@@ -48,6 +48,7 @@ class RunResult:
     table: pd.DataFrame  # one row per step x layer (see layer_table)
     histograms: dict[str, np.ndarray]  # histograms.npz: steps, counts (steps, layers, bins), edges
     input_sq_mean: float  # E[x^2] of the training inputs, for the theory's finite-depth prediction
+    input_var_mean: float  # the pixels' variance across the training images, averaged (BatchNorm's theory)
 
 
 def layer_table(chunks: list[Chunk], act_statistic: str) -> pd.DataFrame:

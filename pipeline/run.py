@@ -44,7 +44,7 @@ class RunSummary:
 def summary_metrics(config: RunConfig, result: RunResult) -> dict[str, float]:
     """One number each: the final test metrics, the gradient ratio at init, and the mean-field
     prediction against the slope measured at step 0 (NaN where unknown: not logged)."""
-    prediction = theory.predict(config, result.input_sq_mean)
+    prediction = theory.predict(config, result.input_sq_mean, result.input_var_mean)
     init = result.table[result.table.step == 0].sort_values("layer")
     measured = theory.measured_slope(init.backprop_norm.to_numpy()) if len(init) else math.nan
     return {

@@ -9,6 +9,7 @@ import torch
 from pipeline import theory
 from pipeline.activations import ACTIVATIONS as REGISTRY
 from pipeline.config import ACTIVATIONS, RunConfig
+from pipeline.model import build_model
 from pipeline.train import train
 
 
@@ -78,3 +79,83 @@ def test_gain_and_bias_variance_enter_the_prediction():
     assert theory.sigma_b2_of(cfg, 256) == pytest.approx(0.04)
     # with biases, q* stays away from zero even in the ordered phase
     assert theory.predict(cfg.replace(init_gain=0.8)).q_star > 0.01
+
+
+def monte_carlo_profile(config: RunConfig, seeds: int = 4, batch: int = 256) -> np.ndarray:
+    """ln||dL/dz_l|| over the hidden layers (the last one 0) of random float64 nets built by the
+    engine (model.build_model) on Gaussian inputs (E[x^2] = 1, per-pixel variance 1), backpropagating
+    a random output gradient, averaged over seeds."""
+    profiles = []
+    for seed in range(seeds):
+        model = build_model([config.replace(seed=seed, batch_size=batch)], dtype=torch.float64)
+        zs: list[torch.Tensor] = []
+
+        def keep(module, inputs, z, zs=zs):
+            z.retain_grad()
+            zs.append(z)
+
+        for layer in model.layers:
+            layer.register_forward_hook(keep)
+        generator = torch.Generator().manual_seed(1000 + seed)
+        out = model(torch.randn(batch, 784, generator=generator, dtype=torch.float64))
+        (out * torch.randn(out.shape, generator=generator, dtype=torch.float64)).sum().backward()
+        norms = np.log([z.grad.norm().item() for z in zs[:-1]])
+        profiles.append(norms - norms[-1])
+    return np.mean(profiles, axis=0)
+
+
+@pytest.mark.parametrize("case", [
+    dict(activation="relu", init="he_normal"),
+    dict(activation="tanh", init="xavier_normal"),
+    dict(activation="relu", init="he_normal", norm="batch"),
+    dict(activation="tanh", init="xavier_normal", norm="batch"),
+    dict(activation="relu", init="he_normal", norm="layer"),
+    dict(activation="tanh", init="default", norm="layer"),
+    dict(activation="tanh", init="xavier_normal", residual="plain"),
+    dict(activation="relu", init="he_normal", residual="plain"),
+    dict(activation="relu", init="default", residual="plain", residual_scale=0.5),
+    dict(activation="relu", init="he_normal", norm="batch", residual="plain", residual_scale=0.3),
+    dict(activation="tanh", init="xavier_normal", norm="layer", residual="plain"),
+], ids=lambda case: "-".join(str(v) for v in case.values()))
+def test_predicted_profile_matches_monte_carlo_on_wide_random_nets(case):
+    """Each normalization and residual case: the predicted per-layer profile of ln||dL/dz|| and its
+    fitted slope against wide random nets in float64 (width 512, batch 256, depth 10)."""
+    config = RunConfig(depth=10, width=512, **case)
+    prediction = theory.predict(config, input_sq_mean=1.0, input_var_mean=1.0)
+    measured = monte_carlo_profile(config)
+    assert theory.measured_slope(np.exp(np.append(measured, 0.0))) == pytest.approx(
+        prediction.finite_slope, abs=0.015 + 0.03 * abs(prediction.finite_slope))
+    np.testing.assert_allclose(measured, prediction.log_norms, atol=0.12)
+
+
+def test_batchnorm_explodes_by_pi_over_pi_minus_one_for_relu():
+    """Yang et al. 2019: at large batch, BatchNorm's ReLU net multiplies E||dL/dz||^2 by pi/(pi - 1)
+    per layer, whatever the init, where the plain He net keeps it level."""
+    for init in ("he_normal", "xavier_normal", "default"):
+        prediction = theory.predict(RunConfig(activation="relu", init=init, norm="batch"))
+        assert prediction.chi1 == pytest.approx(math.pi / (math.pi - 1), rel=1e-6)
+    assert theory.predict(RunConfig(activation="relu", init="he_normal")).chi1 == pytest.approx(1.0)
+
+
+def test_no_prediction_where_mean_field_does_not_hold():
+    skipinit = theory.predict(RunConfig(residual="skipinit", depth=10))
+    assert math.isnan(skipinit.finite_slope)  # alpha = 0: no gradient reaches the blocks at init
+    deep_relu_stream = theory.predict(RunConfig(activation="relu", residual="plain", depth=20))
+    assert math.isnan(deep_relu_stream.finite_slope) and math.isnan(deep_relu_stream.chi1)
+    assert math.isfinite(theory.predict(RunConfig(activation="tanh", residual="plain", depth=20)).finite_slope)
+    assert math.isfinite(theory.predict(RunConfig(activation="relu", residual="plain", norm="layer", depth=20)).finite_slope)
+
+
+@pytest.mark.parametrize("case", [
+    dict(activation="relu", init="he_normal", norm="batch"),
+    dict(activation="tanh", init="xavier_normal", norm="layer"),
+    dict(activation="tanh", init="xavier_normal", residual="plain"),
+    dict(activation="relu", init="he_normal", norm="batch", residual="plain", residual_scale=0.5),
+], ids=lambda case: "-".join(str(v) for v in case.values()))
+def test_normalized_and_residual_slopes_match_on_real_mnist(mnist, case):
+    """The same check on MNIST through the training loop, with the data's own input statistics."""
+    cfg = RunConfig(depth=12, width=512, max_steps=1, batch_size=256, **case)
+    result = train([cfg], mnist)[0]
+    prediction = theory.predict(cfg, result.input_sq_mean, result.input_var_mean)
+    init_norms = result.table.query("step == 0").sort_values("layer").backprop_norm.to_numpy()
+    assert theory.measured_slope(init_norms) == pytest.approx(prediction.finite_slope, abs=0.05)

@@ -175,8 +175,8 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
     depth, deepest = _deepest(layers)
     start = deepest[deepest.step == 0]
     long = start.melt(id_vars=["activation", "init", "layer", "seed"], value_vars=["backprop_norm", "weight_grad_norm"],
-                      var_name="statistic", value_name="norm")
-    long["log10 norm"] = _log10(long["norm"])
+                      var_name="statistic", value_name="value")
+    long["log10 norm"] = _log10(long["value"])
     long["statistic"] = long.statistic.map({"backprop_norm": "||dL/dh||", "weight_grad_norm": "||dL/dW||"})
     inits = sorted(start.init.unique())
     palette = dict(zip(inits, sns.color_palette(n_colors=len(inits))))
@@ -215,20 +215,19 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
 
 
 def theory_line(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
-    """Predicted log10 ||dL/dh|| over the hidden layers of one config's runs (step 0), from the
-    finite-depth mean-field slopes, anchored at the mean measured value of the last hidden layer."""
+    """Predicted log10 ||dL/dz|| over the hidden layers of one config's runs (step 0), from the
+    finite-depth mean-field profile, anchored at the mean measured value of the last hidden layer.
+    None where theory makes no prediction (see theory._mean_field_holds; SkipInit at init)."""
     if rows.empty:
         return None
     values = {k: (v.item() if hasattr(v, "item") else v) for k, v in rows.iloc[0].items() if k in FIELDS}
     prediction = theory.predict(from_dict(values))
     last_hidden = int(rows.layer.max()) - 1
     anchor = _log10(rows[rows.layer == last_hidden].backprop_norm).mean()
-    if not np.isfinite(anchor) or not prediction.layer_slopes:
+    profile = np.array(prediction.log_norms[: last_hidden + 1]) / np.log(10)
+    if not np.isfinite(anchor) or len(profile) == 0 or not np.all(np.isfinite(profile)):
         return None
-    # going from layer l+1 down to layer l adds slope_l (natural log) to ln||dL/dh||
-    steps = np.array(prediction.layer_slopes[::-1]) / np.log(10)
-    layers = np.arange(last_hidden, -1, -1)
-    return layers, anchor + np.concatenate([[0.0], np.cumsum(steps)])[: len(layers)]
+    return np.arange(len(profile)), anchor + profile
 
 
 MIN_STEPS = 10  # a run must have lasted this many steps to be picked for the over-time figures
@@ -327,10 +326,10 @@ def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     per_step = layers[layers.layer == 0]
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
     norms = _thin(per_step[per_step["clip"] != "none"]).melt(
-        id_vars=["step", "clip"], value_vars=["global_norm_pre_clip", "global_norm_post_clip"], var_name="norm")
+        id_vars=["step", "clip"], value_vars=["global_norm_pre_clip", "global_norm_post_clip"], var_name="which")
     norms["log10 global norm"] = _log10(norms.value)
     norms["clip mode"] = norms["clip"]
-    norms["measured"] = norms["norm"].map({"global_norm_pre_clip": "before clipping",
+    norms["measured"] = norms["which"].map({"global_norm_pre_clip": "before clipping",
                                            "global_norm_post_clip": "after clipping"})
     sns.lineplot(data=norms, x="step", y="log10 global norm", hue="clip mode", style="measured",
                  style_order=["before clipping", "after clipping"], errorbar=("pi", 50), ax=axes[0])
