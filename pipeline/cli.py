@@ -143,6 +143,8 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes that train in parallel (one per GPU where there are several).")
 @click.option("--rerun", is_flag=True, help="Run every configuration again, finished or not.")
+@click.option("--reduced", is_flag=True,
+              help="Run the spec's reduced: budget (a grid of its own, named <name>-reduced).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine (--workers processes); ray: one Ray task per configuration.")
@@ -154,7 +156,7 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
 @data_dir_option
 @source_option
 @experiment_option
-def grid(spec_path: str, workers: int, rerun: bool, progress: bool, executor: str, address: str | None,
+def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: bool, executor: str, address: str | None,
          ensemble: str, data_dir: str, source: str | None, experiment: str) -> None:
     """Run every configuration of the grid SPEC (a YAML file, see benchmarks/) as a child run of
     one parent run named after the spec. Configurations that already have a FINISHED run are
@@ -164,7 +166,7 @@ def grid(spec_path: str, workers: int, rerun: bool, progress: bool, executor: st
     from .config import GridSpec, SpecError
 
     try:
-        spec = GridSpec.from_yaml(spec_path)
+        spec = GridSpec.from_yaml(spec_path, reduced=reduced)
     except SpecError as exc:
         raise click.BadParameter(str(exc), param_hint="SPEC") from None
     if executor == "ray":

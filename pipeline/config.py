@@ -200,8 +200,8 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-SPEC_KEYS = ("name", "base", "axes", "exclude", "include", "seeds", "reproduces")
-PAPERS = ("glorot2010", "he2015", "pascanu2013", "schoenholz2017")  # see report/papers.py
+SPEC_KEYS = ("name", "base", "axes", "exclude", "include", "seeds", "reproduces", "reduced")
+PAPERS = ("glorot2010", "he2015", "pascanu2013", "schoenholz2017", "yang2019", "he2016", "de2020")  # report/papers.py
 
 
 class SpecError(ValueError):
@@ -220,6 +220,8 @@ class GridSpec:
         include: [{activation: tanh, init: orthogonal}]     # extra configs (base + these keys)
         seeds: [0, 1, 2]       # or a count: 3 means seeds 0, 1, 2
         reproduces: he2015     # optional: the report compares with that paper's findings
+        reduced: {max_steps: 300, seeds: 1}  # optional: `grid --reduced` runs this smaller budget
+                                             # (base keys and seeds overridden) as grid <name>-reduced
     """
 
     name: str
@@ -232,7 +234,7 @@ class GridSpec:
         return hashlib.sha256("".join(c.config_hash() for c in self.configs).encode()).hexdigest()[:16]
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> GridSpec:
+    def from_yaml(cls, path: str | Path, reduced: bool = False) -> GridSpec:
         path = Path(path)
         text = path.read_text()
         try:
@@ -240,6 +242,9 @@ class GridSpec:
         except yaml.YAMLError as exc:
             raise SpecError(f"{path}: not valid YAML ({exc})") from None
         try:
+            if reduced:
+                raw = reduce_spec(raw, default_name=path.stem)
+                text = yaml.safe_dump(raw, sort_keys=False)  # what is logged must rebuild this grid
             return cls.from_dict(raw, default_name=path.stem, source=text)
         except ConfigError as exc:
             raise SpecError(f"{path}: {exc.key}: {exc.message}") from None
@@ -251,6 +256,10 @@ class GridSpec:
         for key in raw:
             if key not in SPEC_KEYS:
                 raise ConfigError(key, f"unknown spec key (known: {', '.join(SPEC_KEYS)})")
+        reduced = _mapping(raw, "reduced")
+        for key in reduced:
+            if key not in FIELDS and key != "seeds":
+                raise ConfigError(f"reduced.{key}", "unknown config key (a base key or seeds)")
         base = _mapping(raw, "base")
         axes = _mapping(raw, "axes")
         for key, values in axes.items():
@@ -283,6 +292,22 @@ class GridSpec:
             raise ConfigError("axes", "the grid is empty (every configuration was excluded)")
         source = source or yaml.safe_dump(raw, sort_keys=False)  # what is logged must rebuild this spec
         return cls(str(raw.get("name", default_name)), tuple(configs.values()), source, reproduces)
+
+
+def reduce_spec(raw: Any, default_name: str = "grid") -> dict[str, Any]:
+    """The spec's `reduced:` budget applied: its keys override `base` (and `seeds`), the name gains
+    '-reduced' (its own grid, its own report), and the result has no `reduced:` of its own."""
+    if not isinstance(raw, dict):
+        raise ConfigError("spec", "the top level must be a mapping")
+    if not raw.get("reduced"):
+        raise ConfigError("reduced", "this spec has no reduced: budget to run")
+    overrides = dict(_mapping(raw, "reduced"))
+    out = {k: v for k, v in raw.items() if k != "reduced"}
+    if "seeds" in overrides:
+        out["seeds"] = overrides.pop("seeds")
+    out["base"] = {**_mapping(raw, "base"), **overrides}
+    out["name"] = f"{raw.get('name', default_name)}-reduced"
+    return out
 
 
 def _combine(axes: dict[str, list], values: tuple) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 THRESHOLDS = {
@@ -32,7 +33,8 @@ def first_last_ratio(table: pd.DataFrame, column: str = "backprop_norm", step: i
     rows = table[table.step == step].sort_values("layer")[column].to_numpy()
     if len(rows) < 2 or not rows[-1] > 0:
         return math.nan
-    return float(rows[0] / rows[-1])
+    with np.errstate(invalid="ignore"):  # inf / inf: no ratio (NaN)
+        return float(np.float64(rows[0]) / rows[-1])
 
 
 def diagnose(outcome: str, table: pd.DataFrame, thresholds: dict[str, float] = THRESHOLDS) -> str:

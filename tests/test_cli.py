@@ -65,6 +65,23 @@ def test_train_records_one_run_with_the_full_contract(store, mnist_dir, tmp_path
     assert dataset.dataset.name == "mnist" and dataset.dataset.digest
 
 
+def test_normalization_and_residual_options_reach_the_run(store, mnist_dir):
+    result = invoke("train", *TINY, "--norm", "layer", "--residual", "plain", "--residual-scale", "0.5",
+                    "--data-dir", mnist_dir, "--experiment", store)
+    assert result.exit_code == 0, result.output
+    (run,) = runs_of(store)
+    assert run.info.run_name == "relu-d4-w32-default-noclip-ln-res0.5-s0"
+    params = run.data.params
+    assert (params["norm"], params["residual"], params["residual_scale"]) == ("layer", "plain", "0.5")
+    assert "theory/slope_pred" in run.data.metrics  # LayerNorm residual streams are predicted
+    result = invoke("train", *TINY, "--residual", "skipinit", "--data-dir", mnist_dir, "--experiment", store)
+    assert result.exit_code == 0, result.output
+    skipinit = next(r for r in runs_of(store) if r.data.params["residual"] == "skipinit")
+    # alpha = 0 at init: no gradient reaches the blocks, so there is no slope to predict or measure
+    assert "theory/slope_pred" not in skipinit.data.metrics and "theory/slope_error" not in skipinit.data.metrics
+    assert skipinit.data.tags["gradbench.outcome"] == "completed"
+
+
 def test_diverging_run_exits_0_and_is_tagged_diverged(store, mnist_dir):
     result = invoke("train", "--activation", "relu", "--depth", "10", "--width", "256", "--init", "normal",
                     "--init-std", "1", "--max-steps", "20", "--data-dir", mnist_dir, "--experiment", store)
@@ -90,6 +107,10 @@ def test_diverging_run_exits_0_and_is_tagged_diverged(store, mnist_dir):
         (["--clip", "norm", "--clip-threshold", "0"], "--clip-threshold"),
         (["--train-subset", "60001"], "--train-subset"),
         (["--device", "tpu"], "--device"),
+        (["--norm", "group"], "--norm"),
+        (["--residual", "highway"], "--residual"),
+        (["--residual", "plain", "--residual-scale", "0"], "--residual-scale"),
+        (["--residual-scale", "nan"], "--residual-scale"),
         (["--source", "/no/such/folder"], "--source"),
     ],
 )

@@ -9,6 +9,14 @@ def test_defaults_are_valid_and_hash_is_stable():
     assert a.config_hash() != a.replace(seed=1).config_hash()
 
 
+def test_remedies_are_part_of_the_identity():
+    base = RunConfig()
+    hashes = {base.replace(**change).config_hash() for change in
+              ({}, {"norm": "batch"}, {"norm": "layer"}, {"residual": "plain"}, {"residual": "skipinit"},
+               {"residual": "plain", "residual_scale": 0.5})}
+    assert len(hashes) == 6
+
+
 def test_hash_ignores_device_and_metric_stride():
     base = RunConfig()
     assert base.replace(device="cpu", log_every=1).config_hash() == base.config_hash()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from pipeline.cli import cli
-from pipeline.config import GROUP_KEYS, ConfigError, GridSpec, RunConfig, SpecError
+from pipeline.config import GROUP_KEYS, PAPERS, ConfigError, GridSpec, RunConfig, SpecError, reduce_spec
 from pipeline.grid import plan_groups
 from tests.conftest import REPO, runs_of
 
@@ -116,9 +116,7 @@ def test_spec_file_errors_name_the_file(tmp_path):
         GridSpec.from_yaml(path)
 
 
-@pytest.mark.parametrize(
-    "name", ["quick.yaml", "standard.yaml", "glorot2010.yaml", "he2015.yaml", "pascanu2013.yaml", "schoenholz2017.yaml"]
-)
+@pytest.mark.parametrize("name", ["quick.yaml", "standard.yaml", *(f"{paper}.yaml" for paper in PAPERS)])
 def test_shipped_specs_are_valid(name):
     spec = GridSpec.from_yaml(REPO / "benchmarks" / name)
     assert spec.name == name.removesuffix(".yaml")
@@ -131,6 +129,33 @@ def test_quick_spec_covers_the_study():
     configs = GridSpec.from_yaml(REPO / "benchmarks" / "quick.yaml").configs
     assert len({c.activation for c in configs}) >= 3 and len({c.init for c in configs}) >= 4
     assert len({c.depth for c in configs}) >= 2 and {c.clip for c in configs} >= {"none", "norm"}
+    # all four remedy families on the deepest nets: init, clipping, normalization, residual
+    deepest = [c for c in configs if c.depth == max(c.depth for c in configs)]
+    assert {c.norm for c in deepest} >= {"none", "batch"} and len({c.residual for c in deepest}) >= 2
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_every_paper_spec_has_a_reduced_budget(paper):
+    full = GridSpec.from_yaml(REPO / "benchmarks" / f"{paper}.yaml")
+    reduced = GridSpec.from_yaml(REPO / "benchmarks" / f"{paper}.yaml", reduced=True)
+    assert reduced.name == f"{paper}-reduced" and reduced.reproduces == paper
+    assert sum(c.total_steps for c in reduced.configs) < sum(c.total_steps for c in full.configs)
+    again = GridSpec.from_dict(yaml.safe_load(reduced.source))  # the logged source rebuilds the reduced grid
+    assert again.spec_hash == reduced.spec_hash and again.name == reduced.name
+
+
+def test_reduced_overrides_base_and_seeds():
+    raw = {"name": "g", "base": {"max_steps": 100, "width": 8}, "axes": {"depth": [3, 4]}, "seeds": 3,
+           "reduced": {"max_steps": 10, "seeds": [0]}}
+    spec = GridSpec.from_dict(reduce_spec(raw))
+    assert spec.name == "g-reduced" and len(spec.configs) == 2
+    assert {(c.max_steps, c.width, c.seed) for c in spec.configs} == {(10, 8, 0)}
+    with pytest.raises(ConfigError) as err:
+        GridSpec.from_dict({**raw, "reduced": {"max_step": 10}})
+    assert err.value.key == "reduced.max_step"
+    with pytest.raises(ConfigError) as err:
+        reduce_spec({"axes": {"depth": [3]}})
+    assert err.value.key == "reduced"
 
 
 # -- grids through the CLI -------------------------------------------------------------------------
@@ -148,6 +173,10 @@ def test_bad_spec_exits_2_and_creates_no_parent_run(store, mnist_dir, tmp_path):
     result = grid_cli(path, store, mnist_dir)
     assert result.exit_code == 2
     assert "tiny.yaml" in result.output and "axes.depth" in result.output
+    assert runs_of(store) == []
+    path = write_spec(tmp_path, {"base": TINY_BASE, "axes": {"depth": [3]}})
+    result = grid_cli(path, store, mnist_dir, "--reduced")  # no reduced: budget in the spec
+    assert result.exit_code == 2 and "reduced" in result.output
     assert runs_of(store) == []
 
 

@@ -28,7 +28,7 @@ from .figures import all_figures
 from .papers import section
 from .runpage import page_names, run_figure, slug
 
-SUMMARY_COLUMNS = ["run_name", "activation", "depth", "width", "init", "clip", "clip_threshold", "seed", "outcome",
+SUMMARY_COLUMNS = ["run_name", "activation", "depth", "width", "init", "remedy", "clip", "clip_threshold", "seed", "outcome",
                    "diagnosis", "test_acc", "first_last_ratio"]
 META = re.compile(r'<meta name="gradbench-(\w+)" content="([^"]*)">')
 
@@ -43,7 +43,7 @@ def _environment() -> jinja2.Environment:
 def render(data: ReportData, n_configs: int, run_dir: str = "", pages: dict[str, str] | None = None) -> str:
     """The report page. `pages` maps run ids to their pages' file names inside `run_dir`."""
     pages = pages or {}
-    rows = data.runs.sort_values(["activation", "init", "depth", "clip", "seed"]).to_dict("records")
+    rows = data.runs.sort_values(["activation", "init", "remedy", "depth", "clip", "seed"]).to_dict("records")
     for row in rows:
         row["page"] = pages.get(row["run_id"], "")
     return _environment().get_template("template.html.j2").render(

@@ -25,6 +25,22 @@ class ReportData:
     histograms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # run id -> histograms.npz
 
 
+NORM_LABELS = {"none": "", "batch": "BatchNorm", "layer": "LayerNorm"}
+
+
+def remedy_label(norm: str, residual: str, residual_scale: float) -> str:
+    """The architectural remedies of a run: 'BatchNorm + residual 0.5', 'SkipInit', '' for none."""
+    parts = [NORM_LABELS[norm]]
+    parts.append({"none": "", "plain": f"residual {residual_scale:g}", "skipinit": "SkipInit"}[residual])
+    return " + ".join(p for p in parts if p)
+
+
+def setup_label(init: str, norm: str, residual: str, residual_scale: float) -> str:
+    """What the figures colour by: the init, and the architectural remedies when there are any."""
+    remedy = remedy_label(norm, residual, residual_scale)
+    return f"{init} + {remedy}" if remedy else init
+
+
 def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
     client = tracking.get_client()
     parent = tracking.find_grid_run(client, experiment, grid_run_id)
@@ -49,6 +65,8 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
                 "test_acc": metrics.get("final/test_acc", float("nan")),
                 "first_last_ratio": metrics.get("grad/first_last_ratio_init", float("nan")),
                 "slope_error": metrics.get("theory/slope_error", float("nan")),  # absent where no prediction
+                "slope_measured": metrics.get("theory/slope_measured", float("nan")),
+                "slope_pred": metrics.get("theory/slope_pred", float("nan")),
                 "url": tracking.run_url(run),
             }
             rows.append(row)
@@ -71,9 +89,11 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
                 except (OSError, ValueError, zipfile.BadZipFile) as exc:
                     missing.append(f"{run.info.run_name}: gradients/histograms.npz unreadable ({exc})")
     runs = pd.DataFrame(rows, columns=["run_id", "run_name", *FIELDS, "outcome", "diagnosis", "test_acc",
-                                       "first_last_ratio", "slope_error", "url"])
+                                       "first_last_ratio", "slope_error", "slope_measured", "slope_pred", "url"])
+    runs["remedy"] = [remedy_label(*v) for v in zip(runs["norm"], runs.residual, runs.residual_scale)]
+    runs["setup"] = [setup_label(*v) for v in zip(runs["init"], runs["norm"], runs.residual, runs.residual_scale)]
     layers = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
-    layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis", "slope_error"]], on="run_id") if tables else layers
+    layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis", "slope_error", "setup"]], on="run_id") if tables else layers
     experiment_name = client.get_experiment(parent.info.experiment_id).name
     return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing, spec.reproduces,
                       histograms)

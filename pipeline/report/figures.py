@@ -150,23 +150,24 @@ def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
     if runs.empty:
         return None
     clips = sorted(runs["clip"].unique(), key=lambda c: (c != "none", c))
-    rows = runs.groupby(["activation", "init"]).ngroups
+    rows = runs.groupby(["activation", "setup"]).ngroups
     fig, axes = plt.subplots(1, len(clips), figsize=(2.4 + 2.6 * len(clips), 1.2 + 0.32 * rows), squeeze=False,
                              layout="constrained")
-    index = runs.groupby(["activation", "init"]).size().index  # the same rows in every panel
+    index = runs.groupby(["activation", "setup"]).size().index  # the same rows in every panel
     depths = sorted(runs.depth.unique())
     for i, (ax, clip) in enumerate(zip(axes[0], clips)):
-        table = runs[runs["clip"] == clip].pivot_table(index=["activation", "init"], columns="depth", values="test_acc")
+        table = runs[runs["clip"] == clip].pivot_table(index=["activation", "setup"], columns="depth", values="test_acc")
         table = table.reindex(index=index, columns=depths)
         # the row labels once, on the first panel: drawn on every panel they overlap the neighbour's cells
         sns.heatmap(table, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", cbar=False, ax=ax,
                     annot_kws={"fontsize": 7}, yticklabels=i == 0)
         ax.set_title(f"clip = {clip}")
-        ax.set_ylabel("activation - init" if i == 0 else "")
+        ax.set_ylabel("activation - init [+ norm, residual]" if i == 0 else "")
     return Figure("accuracy", "Final test accuracy",
-                  "Mean final test accuracy over seeds, per activation and init (rows) and depth (columns), one "
-                  "panel per clip setting. Look for the cells that fall to chance (0.10) as depth grows, and for "
-                  "the init or clipping that brings them back.", *_encode(fig))
+                  "Mean final test accuracy over seeds, per activation and init with its normalization and "
+                  "residual remedies if any (rows), and depth (columns), one panel per clip setting; a blank cell "
+                  "is not in the grid. Look for the cells that fall to chance (0.10) as depth grows, and for the "
+                  "remedy that brings them back.", *_encode(fig))
 
 
 def gradient_flow(layers: pd.DataFrame) -> Figure | None:
@@ -174,19 +175,25 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
         return None
     depth, deepest = _deepest(layers)
     start = deepest[deepest.step == 0]
-    long = start.melt(id_vars=["activation", "init", "layer", "seed"], value_vars=["backprop_norm", "weight_grad_norm"],
+    # SkipInit's blocks get exactly zero gradient at step 0 (alpha = 0): no line to draw (a line
+    # over the missing log10(0) would join the first layer to the last and look level)
+    silent = sorted(start[start.backprop_norm == 0].setup.unique())
+    start = start[~start.setup.isin(silent)]
+    if start.empty:
+        return None
+    long = start.melt(id_vars=["activation", "setup", "layer", "seed"], value_vars=["backprop_norm", "weight_grad_norm"],
                       var_name="statistic", value_name="value")
     long["log10 norm"] = _log10(long["value"])
     long["statistic"] = long.statistic.map({"backprop_norm": "||dL/dh||", "weight_grad_norm": "||dL/dW||"})
-    inits = sorted(start.init.unique())
+    inits = sorted(start.setup.unique())
     palette = dict(zip(inits, sns.color_palette(n_colors=len(inits))))
-    grid = sns.relplot(data=long, x="layer", y="log10 norm", hue="init", hue_order=inits, palette=palette,
+    grid = sns.relplot(data=long, x="layer", y="log10 norm", hue="setup", hue_order=inits, palette=palette,
                        col="activation", row="statistic", kind="line", marker="o", height=2.6, aspect=1.2,
                        facet_kws={"sharey": "row"})
     errors: dict[str, list[str]] = {}  # activation -> "init: error" notes, for the caption
     for activation, ax in zip(grid.col_names, grid.axes[0]):
         for init in inits:
-            rows = start[(start.activation == activation) & (start.init == init)]
+            rows = start[(start.activation == activation) & (start.setup == init)]
             line = theory_line(rows)
             if line is None:
                 continue
@@ -202,12 +209,16 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
             [], [], color="black", linestyle=(0, (1.5, 1.5)), marker="x", label="mean-field prediction")]
         labels = [t.get_text() for t in grid.legend.texts] + ["mean-field prediction"]
         grid.legend.remove()
-        grid.figure.legend(handles, labels, title="init", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        grid.figure.legend(handles, labels, title="init [+ norm, residual]", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     table = "; ".join(f"{activation}: {', '.join(notes)}" for activation, notes in errors.items())
     worst = f" Measured minus predicted slope of ln||dL/dh|| per layer: {table}." if errors else ""
+    if silent:
+        worst += (f" Left out: {', '.join(silent)}, whose residual blocks receive exactly zero gradient at step 0 "
+                  "(alpha = 0 at init); their run pages show the later steps.")
     return Figure("gradient-flow", f"Gradient flow at initialization (depth {depth})",
                   "log10 norm of the error signal dL/dh (top) and of the weight gradient dL/dW (bottom) per layer "
-                  "at step 0, layer 0 next to the input, colour = init (Glorot & Bengio's picture). A line that "
+                  "at step 0, layer 0 next to the input, colour = init and, where a run has them, its normalization and "
+                  "residual remedies (Glorot & Bengio's picture). A line that "
                   "falls towards layer 0 is a vanishing gradient; one that rises is an exploding gradient; flat is "
                   "what a good init achieves. Black dotted with crosses: the mean-field prediction "
                   "(pipeline/theory.py) for the hidden layers, anchored at the last hidden layer's measured value."
@@ -253,6 +264,39 @@ def telling_runs(runs: pd.DataFrame, layers: pd.DataFrame) -> list[tuple[str, pd
     return picks
 
 
+def remedies(runs: pd.DataFrame) -> Figure | None:
+    """The four families side by side on the deepest nets: init, clipping, normalization, residual."""
+    if runs.empty or not (runs.remedy != "").any():
+        return None
+    depth = runs.depth.max()
+    deep = runs[runs.depth == depth].copy()
+    clip = np.where(deep["clip"] == "none", "", ", clip " + deep["clip"] + " " + deep.clip_threshold.map("{:g}".format))
+    deep["remedies"] = deep.setup + clip
+    order = (deep.assign(key=list(zip(deep.remedy != "", deep["clip"] != "none", deep.setup)))
+             .sort_values("key").remedies.unique().tolist())
+    deep["log10 first/last"] = _log10(deep.first_last_ratio)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.4 + 0.3 * len(order)), sharey=True, layout="constrained")
+    for ax, column in zip(axes, ["log10 first/last", "test_acc"]):
+        sns.stripplot(data=deep, x=column, y="remedies", hue="activation", order=order, ax=ax, size=6, jitter=False,
+                      dodge=False, legend=ax is axes[-1])
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].axvline(0, color="black", linewidth=0.8)
+    for x in (-2, 2):  # the diagnosis thresholds (vanishing_ratio 1e-2, exploding_ratio 1e2)
+        axes[0].axvline(x, color="#d1495b", linewidth=0.8, linestyle="--")
+    axes[0].set(xlabel="log10 ||dL/dh|| first layer / last layer, step 0", ylabel="")
+    axes[1].set(xlabel="final test accuracy", xlim=(0, 1))
+    if axes[1].get_legend() is not None:
+        sns.move_legend(axes[1], "center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    return Figure("remedies", f"Remedies side by side (depth {depth})",
+                  "Each row is one combination of remedies on the deepest nets of the grid: the init, with "
+                  "normalization (BatchNorm, LayerNorm) and residual blocks (fixed scale or SkipInit) where a run "
+                  "has them, and gradient clipping. Left: how much larger the error signal is at the first layer "
+                  "than at the last at initialization (0: level; beyond the red dashed lines at -2 and +2 the run "
+                  "is diagnosed vanishing or exploding). Right: final test accuracy. Colour = activation; one dot "
+                  "per seed. Runs without a finite ratio (diverged at step 0) are left out of the left panel.",
+                  *_encode(fig))
+
+
 def layer_step_heatmaps(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     picks = [(label, run) for label, run in telling_runs(runs, layers) if (layers.run_id == run.run_id).any()]
     if not picks:
@@ -284,8 +328,8 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
     per_step = deepest[deepest.layer == 0]
     steps = _thin(per_step)
     finite = steps[np.isfinite(steps.loss.astype(float))]
-    long = finite.melt(id_vars=["activation", "init", "step", "seed"], value_vars=["loss", "acc"], var_name="metric")
-    grid = sns.relplot(data=long, x="step", y="value", hue="init", col="activation", row="metric", kind="line",
+    long = finite.melt(id_vars=["activation", "setup", "step", "seed"], value_vars=["loss", "acc"], var_name="metric")
+    grid = sns.relplot(data=long, x="step", y="value", hue="setup", hue_order=sorted(long.setup.unique()), col="activation", row="metric", kind="line",
                        height=2.4, aspect=1.3, errorbar="sd", facet_kws={"sharey": "row"})
     grid.set_titles("{row_name} - {col_name}")
     grid.axes[0][0].set_ylabel("train loss")
@@ -314,7 +358,7 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
             "panel when that loss is beyond it.") if marked else ""
     return Figure("training", f"Training curves (depth {depth})",
                   "Training loss (on a log scale where it spans more than a decade) and accuracy per step, colour "
-                  "= init; the band is one standard "
+                  "= init [+ normalization, residual]; the band is one standard "
                   "deviation over seeds where there are several. Flat curves at loss 2.3 are networks that never "
                   "started to learn." + note, *_encode(grid.figure))
 
@@ -354,6 +398,9 @@ def outcomes(runs: pd.DataFrame) -> Figure | None:
     if runs.empty:
         return None
     factors = [f for f in ("activation", "init", "depth", "clip") if runs[f].nunique() > 0]
+    if (runs.remedy != "").any():
+        factors.append("remedy")
+        runs = runs.assign(remedy=runs.remedy.replace("", "none"))
     fig, axes = plt.subplots(1, len(factors), figsize=(4.2 * len(factors), 3.6), squeeze=False)
     for i, (ax, factor) in enumerate(zip(axes[0], factors)):
         counts = pd.crosstab(runs[factor], runs.diagnosis).reindex(columns=[l for l in LABELS if l in set(runs.diagnosis)])
@@ -412,6 +459,7 @@ def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, histograms: dict | Non
     figures = [
         accuracy_heatmaps(runs),
         gradient_flow(layers),
+        remedies(runs),
         layer_step_heatmaps(layers, runs),
         histograms_over_time(runs, layers, histograms or {}),
         training_curves(layers),

@@ -147,7 +147,122 @@ def schoenholz2017(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
     )
 
 
-SECTIONS = {"glorot2010": glorot2010, "he2015": he2015, "pascanu2013": pascanu2013, "schoenholz2017": schoenholz2017}
+YANG_RELU_FACTOR = np.pi / (np.pi - 1)  # Yang et al. 2019: E||dL/dz||^2 per layer, ReLU + BatchNorm, large batch
+
+
+def yang2019(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
+    rows = []
+    for (activation, norm, depth), group in runs.groupby(["activation", "norm", "depth"]):
+        measured, predicted = group.slope_measured.dropna(), group.slope_pred.dropna()
+        if norm == "batch":
+            paper = f"{YANG_RELU_FACTOR:.3f} (pi/(pi-1))" if activation == "relu" else "> 1 (explodes)"
+        else:
+            paper = "1 (critical init)" if activation == "relu" else "n/a"
+        rows.append([activation, "BatchNorm" if norm == "batch" else "none", depth, paper,
+                     f"{np.exp(2 * predicted.mean()):.3f}" if len(predicted) else "n/a",
+                     f"{np.exp(2 * measured.mean()):.3f}" if len(measured) else "n/a",
+                     _mean_sd(measured, digits=3), _mean_sd(predicted, digits=3), len(group)])
+    data = runs.assign(norm=runs["norm"].map({"none": "none", "batch": "BatchNorm"}))
+    fig, axes = plt.subplots(1, data.activation.nunique(), figsize=(5.2 * data.activation.nunique(), 3.6),
+                             squeeze=False, sharey=True, layout="constrained")
+    for ax, (activation, group) in zip(axes[0], data.groupby("activation")):
+        sns.lineplot(data=group, x="depth", y="slope_measured", hue="norm", marker="o", errorbar=("pi", 100),
+                     ax=ax, hue_order=["none", "BatchNorm"])
+        predicted = group.groupby(["norm", "depth"]).slope_pred.mean().reset_index()
+        for norm, line in predicted.groupby("norm"):
+            ax.plot(line.depth, line.slope_pred, color="black", linestyle=(0, (1.5, 1.5)), marker="x",
+                    label=f"theory, {norm}")
+        ax.axhline(0.5 * np.log(YANG_RELU_FACTOR), color="#d1495b", linewidth=0.8, linestyle="--",
+                   label="paper: ReLU + BN, ln(pi/(pi-1))/2")
+        ax.set(title=activation, ylabel="slope of ln||dL/dz|| per layer", xlabel="depth")
+        ax.legend(fontsize=7)
+    figure = Figure("yang2019", "Gradient explosion under BatchNorm, measured against theory",
+                    "Per-layer slope of ln||dL/dz|| at initialization, towards the input (> 0: the gradient grows, "
+                    "explodes), fitted over the hidden layers of each run, against depth; with and without "
+                    "BatchNorm (colour; the range over seeds as a band). Black dotted with crosses: the "
+                    "mean-field prediction (pipeline/theory.py). Red dashed: the paper's large-batch factor for "
+                    "ReLU with BatchNorm.", *_encode(fig))
+    return Section(
+        "Yang et al. 2019",
+        "BatchNorm makes gradients explode at initialization: for ReLU, E||dL/dz||^2 grows by pi/(pi-1) = "
+        "1.47 per layer towards the input in the large-batch limit, whatever the init, where the plain net "
+        "with He init keeps it level (factor 1). Smaller batches explode faster.",
+        ["activation", "norm", "depth", "paper: factor per layer", "theory: factor", "measured: factor",
+         "measured slope", "predicted slope", "runs"],
+        rows,
+        [figure],
+        note="Factor: exp(2 x slope), the growth of E||dL/dz||^2 per layer towards the input, from the mean "
+             "slope over seeds. The theory is the large-batch limit; at batch 256 Monte Carlo puts the finite-batch "
+             "excess under 1% per layer (README).",
+    )
+
+
+def _families(runs: pd.DataFrame) -> pd.Series:
+    labels = runs.remedy if "remedy" in runs else pd.Series("", index=runs.index)
+    return labels.replace("", "plain")
+
+
+def _depth_table(runs: pd.DataFrame, paper: dict[str, str]) -> tuple[list[list[object]], str, Figure]:
+    """Per family and depth: accuracy, how many runs trained, their outcomes; the deepest depth at
+    which every run of a family trained; and accuracy against depth as a figure."""
+    runs = runs.assign(family=_families(runs))
+    rows, deepest = [], {}
+    for (family, depth), group in runs.groupby(["family", "depth"]):
+        trained = int((group.test_acc > CONVERGED_ACC).sum())
+        outcomes = ", ".join(f"{n} {d}" for d, n in group.diagnosis.value_counts().items())
+        rows.append([family, depth, paper.get(family, "n/a"), f"{trained} of {len(group)}",
+                     _mean_sd(group.test_acc, digits=3), outcomes])
+        if trained == len(group):
+            deepest[family] = max(deepest.get(family, 0), depth)
+    summary = "; ".join(f"{family}: {deepest[family] if family in deepest else 'none'}"
+                        for family in sorted(runs.family.unique()))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
+    sns.lineplot(data=runs, x="depth", y="test_acc", hue="family", marker="o", errorbar=("pi", 100), ax=ax)
+    ax.axhline(CONVERGED_ACC, color="black", linewidth=0.8, linestyle=":", label="trained above this")
+    ax.axhline(0.1, color="#d1495b", linewidth=0.8, linestyle="--", label="chance")
+    ax.set(xscale="log", ylim=(0, 1), xlabel="depth (log scale)", ylabel="final test accuracy")
+    ax.set_xticks(sorted(runs.depth.unique()), labels=[str(d) for d in sorted(runs.depth.unique())])
+    ax.legend(fontsize=7, loc="lower left")
+    figure = Figure("depth", "Final test accuracy against depth, per family",
+                    "Final test accuracy of each family against depth (the range over seeds as a band). Dotted: "
+                    f"the 'trained' line (accuracy {CONVERGED_ACC}); red dashed: chance.", *_encode(fig))
+    return rows, summary, figure
+
+
+def he2016(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
+    rows, summary, figure = _depth_table(runs, {"BatchNorm": "degrades with depth",
+                                                 "BatchNorm + residual 1": "keeps training"})
+    return Section(
+        "He et al. 2016",
+        "Deeper plain networks train worse, BatchNorm notwithstanding (the degradation problem); with "
+        "identity shortcuts the same networks keep training as depth grows.",
+        ["family", "depth", "paper", "measured: runs that trained", "final test accuracy", "diagnosis"],
+        rows,
+        [figure],
+        note=f"Deepest depth at which every run trained (accuracy above {CONVERGED_ACC}): {summary}. Paper: "
+             "their Figures 1 and 4 (CIFAR-10 and ImageNet, convolutional nets); here MLPs on MNIST at a fixed "
+             "step budget.",
+    )
+
+
+def de2020(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
+    rows, summary, figure = _depth_table(runs, {"residual 1": "explodes with depth", "BatchNorm + residual 1": "trains",
+                                                 "SkipInit": "trains, without normalization"})
+    return Section(
+        "De & Smith 2020",
+        "Without normalization a deep residual network explodes (each block adds its variance to the "
+        "stream); BatchNorm trains it by shrinking each residual branch relative to the skip, and SkipInit, a "
+        "learnable scalar on each branch that starts at 0, trains it as well without any normalization.",
+        ["family", "depth", "paper", "measured: runs that trained", "final test accuracy", "diagnosis"],
+        rows,
+        [figure],
+        note=f"Deepest depth at which every run trained (accuracy above {CONVERGED_ACC}): {summary}. Paper: "
+             "their Table 1 and Figure 2 (Wide-ResNets on CIFAR-10, ResNet-50 on ImageNet); here MLPs on MNIST.",
+    )
+
+
+SECTIONS = {"glorot2010": glorot2010, "he2015": he2015, "pascanu2013": pascanu2013, "schoenholz2017": schoenholz2017,
+            "yang2019": yang2019, "he2016": he2016, "de2020": de2020}
 
 
 def section(paper: str | None, runs: pd.DataFrame, layers: pd.DataFrame) -> Section | None:
