@@ -21,10 +21,12 @@ SPEC = {
     "base": TINY_BASE,
     "axes": {"activation": ["relu", "tanh"], "init": ["default", "he_normal"],
              "clipping": [{"clip": "none"}, {"clip": "norm", "clip_threshold": 0.5}]},
+    "include": [{"activation": "relu", "init": "default", "norm": "batch"},
+                {"activation": "tanh", "init": "default", "residual": "skipinit"}],
 }
-FIGURES = ["accuracy", "gradient-flow", "layer-step", "histograms", "training", "clipping", "outcomes"]
+FIGURES = ["accuracy", "gradient-flow", "remedies", "layer-step", "histograms", "training", "clipping", "outcomes"]
 # What each figure's caption must name (a figure says what its caption says).
-CAPTION_NAMES = {"accuracy": "test accuracy", "gradient-flow": "dL/dh", "layer-step": "each layer",
+CAPTION_NAMES = {"accuracy": "test accuracy", "gradient-flow": "dL/dh", "remedies": "normalization", "layer-step": "each layer",
                  "histograms": "log10|dL/dW|", "training": "loss", "clipping": "clipping", "outcomes": "diagnosed"}
 ARTIFACTS = Path(os.environ.get("GRADBENCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
@@ -41,7 +43,7 @@ def report_cli(store, out_dir, *extra):
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory, mnist_dir, tracking_uri):
-    """One tiny grid (8 runs) and its report, shared by the tests that only read them."""
+    """One tiny grid (10 runs) and its report, shared by the tests that only read them."""
     tmp = tmp_path_factory.mktemp("report")
     client = MlflowClient(tracking_uri)
     store = "report-tiny"
@@ -67,7 +69,9 @@ def test_report_has_every_section_and_is_logged_to_the_grid_run(tiny_report):
     for key in FIGURES:
         assert f'<figure id="{key}">' in text, key
     assert text.count('src="data:image/png;base64,') == len(FIGURES)
-    assert text.count("<tr>") == 1 + 8  # header + one row per configuration
+    assert text.count("<tr>") == 1 + 10  # header + one row per configuration
+    # SkipInit's blocks get no gradient at step 0: said, not drawn as a level line
+    assert "Left out: default + SkipInit" in text
     assert "Grid <strong>tiny</strong> in experiment <strong>report-tiny</strong>" in text
     artifacts = [a.path for a in client.list_artifacts(grid.parent_run_id, "report")]
     assert artifacts == [f"report/{html.name}"]
@@ -88,7 +92,7 @@ def test_every_run_has_its_own_page_linked_from_the_summary(tiny_report):
     text = html.read_text()
     folder = html.with_suffix("")
     pages = sorted(folder.glob("*.html"))
-    assert len(pages) == 8
+    assert len(pages) == 10
     for page in pages:
         assert f'href="{folder.name}/{page.name}"' in text
         assert f'id="run-{page.stem}"' in text  # addressable from the summary row
@@ -155,7 +159,7 @@ def test_grid_without_finished_runs_reports_what_is_missing(store, tmp_path, mni
     result = report_cli(store, tmp_path / "out")
     assert result.exit_code == 0, result.output
     text = next((tmp_path / "out").glob("tiny-*.html")).read_text()
-    assert "has no finished runs" in text and text.count("no finished run</li>") == 8
+    assert "has no finished runs" in text and text.count("no finished run</li>") == 10
 
 
 def test_run_missing_its_statistics_artifact_is_named(store, tmp_path, mnist_dir):

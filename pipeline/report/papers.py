@@ -172,16 +172,17 @@ def yang2019(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
         for norm, line in predicted.groupby("norm"):
             ax.plot(line.depth, line.slope_pred, color="black", linestyle=(0, (1.5, 1.5)), marker="x",
                     label=f"theory, {norm}")
-        ax.axhline(0.5 * np.log(YANG_RELU_FACTOR), color="#d1495b", linewidth=0.8, linestyle="--",
-                   label="paper: ReLU + BN, ln(pi/(pi-1))/2")
+        if activation == "relu":  # the paper's closed form is ReLU's
+            ax.axhline(0.5 * np.log(YANG_RELU_FACTOR), color="#d1495b", linewidth=0.8, linestyle="--",
+                       label="paper: ReLU + BN, ln(pi/(pi-1))/2")
         ax.set(title=activation, ylabel="slope of ln||dL/dz|| per layer", xlabel="depth")
         ax.legend(fontsize=7)
     figure = Figure("yang2019", "Gradient explosion under BatchNorm, measured against theory",
                     "Per-layer slope of ln||dL/dz|| at initialization, towards the input (> 0: the gradient grows, "
                     "explodes), fitted over the hidden layers of each run, against depth; with and without "
                     "BatchNorm (colour; the range over seeds as a band). Black dotted with crosses: the "
-                    "mean-field prediction (pipeline/theory.py). Red dashed: the paper's large-batch factor for "
-                    "ReLU with BatchNorm.", *_encode(fig))
+                    "mean-field prediction (pipeline/theory.py). Red dashed (ReLU panel): the paper's large-batch "
+                    "factor for ReLU with BatchNorm.", *_encode(fig))
     return Section(
         "Yang et al. 2019",
         "BatchNorm makes gradients explode at initialization: for ReLU, E||dL/dz||^2 grows by pi/(pi-1) = "
