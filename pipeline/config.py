@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,16 +67,19 @@ class RunConfig:
     depth: int = field(default=10, metadata=_spec("Number of Linear layers, output layer included.", min=2))
     width: int = field(default=256, metadata=_spec("Units in each hidden layer.", min=1))
     init: str = field(default="default", metadata=_spec("Weight initialization scheme.", member=True, choices=INITS))
-    init_std: float = field(default=1.0, metadata=_spec("Std of the weights for --init normal.", member=True, gt=0.0))
+    init_std: float = field(default=1.0, metadata=_spec("Std of the weights for --init normal (ignored otherwise).", member=True, gt=0.0))
     init_gain: float = field(
-        default=1.0, metadata=_spec("Multiplies the weight std of xavier_*, he_*, lecun_normal, orthogonal.", member=True, gt=0.0)
+        default=1.0, metadata=_spec(
+            "Multiplies the weight std of xavier_*, he_*, lecun_normal, orthogonal (ignored otherwise).", member=True, gt=0.0)
     )
     bias_std: float = field(
-        default=0.0, metadata=_spec("Biases ~ N(0, bias_std^2) for every init but default (0: zero).", member=True, min=0.0)
+        default=0.0, metadata=_spec(
+            "Biases ~ N(0, bias_std^2) for every init but default (0: zero; ignored with default).", member=True, min=0.0)
     )
     clip: str = field(default="none", metadata=_spec("Gradient clipping mode.", choices=CLIPS))
     clip_threshold: float = field(
-        default=1.0, metadata=_spec("Max global norm (norm), max |g| (value) or max ratio (agc).", member=True, gt=0.0)
+        default=1.0, metadata=_spec(
+            "Max global norm (norm), max |g| (value) or max ratio (agc); ignored with --clip none.", member=True, gt=0.0)
     )
     norm: str = field(default="none", metadata=_spec(
         "Normalization of each hidden pre-activation before phi: batch (BatchNorm1d) or layer (LayerNorm).",
@@ -84,7 +88,7 @@ class RunConfig:
         "Residual blocks on the width-to-width layers: h + alpha * phi(norm(W h + b)); plain: alpha = "
         "--residual-scale, skipinit: alpha learned, 0 at init (De & Smith 2020).", choices=RESIDUALS))
     residual_scale: float = field(default=1.0, metadata=_spec(
-        "alpha of --residual plain.", member=True, gt=0.0))
+        "alpha of --residual plain (ignored otherwise).", member=True, gt=0.0))
     optimizer: str = field(default="sgd", metadata=_spec("Optimizer.", choices=OPTIMIZERS))
     lr: float = field(default=0.01, metadata=_spec("Learning rate.", gt=0.0))
     momentum: float = field(default=0.9, metadata=_spec("SGD momentum (beta1 for adam).", min=0.0, lt=1.0))
@@ -102,6 +106,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        # canonical form: a value that cannot affect the run is reset to its default, so that two
+        # configurations that train the same numbers have the same hash (and run once)
+        for name, unused in UNUSED_WHEN.items():
+            if unused(self) and getattr(self, name) != FIELDS[name].default:
+                object.__setattr__(self, name, FIELDS[name].default)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +138,14 @@ class RunConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
+# When a field cannot change what a run computes (then RunConfig resets it to its default)
+UNUSED_WHEN = {
+    "init_std": lambda c: c.init != "normal",
+    "init_gain": lambda c: c.init in ("default", "normal"),
+    "bias_std": lambda c: c.init == "default",
+    "clip_threshold": lambda c: c.clip == "none",
+    "residual_scale": lambda c: c.residual != "plain",
+}
 # Derived from the field metadata, never listed by hand:
 NOT_HASHED = tuple(n for n, f in FIELDS.items() if not f.metadata["hashed"])
 GROUP_KEYS = tuple(n for n, f in FIELDS.items() if not f.metadata["member"])  # what a group's members share
@@ -170,6 +187,8 @@ def _check_field(name: str, value: Any, type_name: str, meta: Any) -> None:
     expected = {"int": int, "float": (int, float), "str": str}[type_name]
     if isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(name, f"expected {type_name}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison, inf every gt
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(name, f"{value!r} is not one of {', '.join(meta['choices'])}")
     if "min" in meta and value < meta["min"]:
@@ -288,6 +307,8 @@ class GridSpec:
                 if origin == "axes" and any(_matches(config, ex) for ex in excludes):
                     continue
                 configs.setdefault(config.config_hash(), config)
+        if not (base or axes or raw.get("include")):
+            raise ConfigError("spec", "is empty: give a base configuration, axes or include (see benchmarks/)")
         if not configs:
             raise ConfigError("axes", "the grid is empty (every configuration was excluded)")
         source = source or yaml.safe_dump(raw, sort_keys=False)  # what is logged must rebuild this spec

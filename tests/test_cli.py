@@ -111,6 +111,8 @@ def test_diverging_run_exits_0_and_is_tagged_diverged(store, mnist_dir):
         (["--residual", "highway"], "--residual"),
         (["--residual", "plain", "--residual-scale", "0"], "--residual-scale"),
         (["--residual-scale", "nan"], "--residual-scale"),
+        (["--bias-std", "nan"], "--bias-std"),
+        (["--lr", "inf"], "--lr"),
         (["--source", "/no/such/folder"], "--source"),
     ],
 )

@@ -17,6 +17,21 @@ def test_remedies_are_part_of_the_identity():
     assert len(hashes) == 6
 
 
+def test_values_that_cannot_matter_do_not_change_the_identity():
+    """--clip-threshold without clipping, --init-std with another init, ...: the same numbers, the
+    same configuration (reset to the default), so a grid trains them once."""
+    base = RunConfig()
+    for change in ({"clip_threshold": 5.0}, {"init_std": 0.1}, {"init_gain": 2.0}, {"bias_std": 0.3},
+                   {"residual_scale": 0.5}):
+        assert base.replace(**change) == base, change
+    assert RunConfig(clip="norm", clip_threshold=5.0).clip_threshold == 5.0  # where they matter, they stay
+    assert RunConfig(init="normal", init_std=0.1, init_gain=2.0).to_dict()["init_gain"] == 1.0
+    assert RunConfig(init="he_normal", init_gain=2.0, bias_std=0.3).bias_std == 0.3
+    assert RunConfig(residual="plain", residual_scale=0.5).residual_scale == 0.5
+    with pytest.raises(ConfigError):  # a bad value is still an error, used or not
+        RunConfig(clip_threshold=-1.0)
+
+
 def test_hash_ignores_device_and_metric_stride():
     base = RunConfig()
     assert base.replace(device="cpu", log_every=1).config_hash() == base.config_hash()
@@ -39,6 +54,10 @@ def test_hash_ignores_device_and_metric_stride():
         ("device", "tpu"),
         ("depth", 2.5),
         ("depth", True),
+        ("bias_std", float("nan")),
+        ("lr", float("inf")),
+        ("init_std", float("nan")),
+        ("residual_scale", float("inf")),
     ],
 )
 def test_bad_values_name_the_field(key, value):

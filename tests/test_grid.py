@@ -102,6 +102,10 @@ def test_duplicate_configs_are_run_once():
         ({"seeds": []}, "seeds"),
         ({"seeds": [-1]}, "seeds"),
         ({"axes": {"depth": [5]}, "exclude": [{"depth": 5}]}, "axes"),
+        ({}, "spec"),
+        ({"name": "nothing", "seeds": 3}, "spec"),
+        ({"base": {"lr": float("inf")}}, "base.lr"),
+        ({"axes": {"bias_std": [0.1, float("nan")]}}, "axes.bias_std"),
     ],
 )
 def test_spec_errors_name_the_key(raw, key):
