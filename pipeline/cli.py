@@ -52,9 +52,15 @@ source_option = click.option(
     "--source", envvar=SOURCE_ENV, metavar="DIR_OR_URL", default=None,
     help=f"Folder or URL with the four MNIST IDX files (.gz or not) instead of downloading. Env: {SOURCE_ENV}.",
 )
+def _experiment_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip() or any(not c.isprintable() for c in value) or len(value) > 500:
+        raise click.BadParameter(f"{value!r} is not an experiment name: give 1 to 500 printable characters")
+    return value
+
+
 experiment_option = click.option(
     "--experiment", default="gradbench", show_default=True, envvar=EXPERIMENT_ENV, metavar="NAME",
-    help="MLflow experiment (ignored under `mlflow run`, which has chosen one).",
+    callback=_experiment_name, help="MLflow experiment (ignored under `mlflow run`, which has chosen one).",
 )
 
 
@@ -85,12 +91,24 @@ def _prepare(data_dir: str, source: str | None):
     from . import data
 
     _check_source(source)
+    _check_folder(data_dir, "--data-dir")
     try:
         return data.prepare(data_dir, source)
     except DataError as exc:
         raise click.BadParameter(str(exc), param_hint="--source") from None
     except DownloadError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # a read-only or full disk: the environment, not the input
+        raise click.ClickException(f"cannot write MNIST into {data_dir!r}: {exc.strerror or exc}") from None
+
+
+def _check_folder(path: str, option: str) -> None:
+    """A folder to create or use: no part of it may be an existing file (a usage error, exit 2)."""
+    for part in [Path(path), *Path(path).parents]:
+        if part.exists():
+            if not part.is_dir():
+                raise click.BadParameter(f"{str(part)!r} is a file, not a folder", param_hint=option)
+            return
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -208,10 +226,13 @@ def report(grid_run_id: str | None, out_dir: str, experiment: str) -> None:
     from . import tracking
     from .report import build_report
 
+    _check_folder(out_dir, "--out-dir")
     try:
         path = build_report(experiment, grid_run_id or None, out_dir)  # '' from MLproject means none
     except tracking.NotFound as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # a read-only or full disk
+        raise click.ClickException(f"cannot write the report into {out_dir!r}: {exc.strerror or exc}") from None
     click.echo(f"report written to {path}")
 
 

@@ -255,7 +255,10 @@ class GridSpec:
     @classmethod
     def from_yaml(cls, path: str | Path, reduced: bool = False) -> GridSpec:
         path = Path(path)
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

@@ -232,7 +232,7 @@ def run_grid(
         exp_id, parent_id = tracking.open_grid_run(client, spec, experiment)
         # the dataset row exists before the workers link their runs to it (they would race to create it)
         tracking.log_dataset(client, parent_id, str(folder.resolve()), data.dataset_digest())
-        stale = tracking.fail_stale_runs(client, exp_id, spec.name)
+        stale = tracking.fail_stale_runs(client, exp_id)
     if stale:
         echo(f"marked {stale} run(s) FAILED that a killed grid left RUNNING")
     result = GridResult(parent_id, total=len(spec.configs), skipped=0)

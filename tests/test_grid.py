@@ -345,3 +345,19 @@ def test_two_workers_train_groups(store, mnist_dir, tmp_path):
     assert len({r.data.tags["gradbench.group"] for r in runs}) == 2
     assert len({r.data.tags["gradbench.pid"] for r in runs}) >= 1 and str(os.getpid()) not in {
         r.data.tags["gradbench.pid"] for r in runs}  # trained by the workers
+
+
+def test_a_name_with_quotes_and_slashes_is_data_not_syntax(store, mnist_dir, tmp_path):
+    """A grid name goes into tags and the report's metadata, never into MLflow's filter language
+    or a path: it runs, resumes, and reports inside --out-dir."""
+    name = "it's \"quoted\" / ../../elsewhere"
+    path = write_spec(tmp_path, {"name": name, "base": TINY_BASE, "axes": {"depth": [3]}})
+    for expected in ("0 already finished", "1 already finished"):
+        result = grid_cli(path, store, mnist_dir)
+        assert result.exit_code == 0, result.output
+        assert expected in result.output
+    out = tmp_path / "reports"
+    result = CliRunner().invoke(cli, ["report", "--experiment", store, "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    written = [p for p in tmp_path.rglob("*.html") if "artifacts" not in p.parts]  # the store's copy aside
+    assert written and all(out in p.parents and ".." not in p.name for p in written)

@@ -15,7 +15,8 @@ from .figures import Figure, _encode, _log10, _thin, draw_histograms, loss_scale
 
 def slug(name: str, limit: int = 80) -> str:
     """A safe file name for any name: letters, digits, '.', '_' and '-' only, never a path."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:limit].strip("-.")
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    cleaned = re.sub(r"\.{2,}", ".", cleaned).strip("-.")[:limit].strip("-.")  # no '..' anywhere
     return cleaned or "unnamed"
 
 

@@ -120,13 +120,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_stale_runs(client: MlflowClient, experiment_id: str, grid: str) -> int:
-    """Mark FAILED the RUNNING children of this grid whose process, on this host, is gone (killed
-    outright, so it could not mark them itself). Runs of other hosts are left alone: another
-    machine may be running the same spec right now. Returns how many were marked."""
-    running = search_all(
-        client, experiment_id, f"attributes.status = 'RUNNING' and tags.`{TAG_GRID}` = '{grid}' and tags.`{TAG_CONFIG_HASH}` LIKE '%'"
-    )
+def fail_stale_runs(client: MlflowClient, experiment_id: str) -> int:
+    """Mark FAILED the RUNNING runs of this experiment whose process, on this host, is gone (killed
+    outright, so it could not mark them itself), grid or not. Runs of other hosts are left alone:
+    another machine may be running the same spec right now. Returns how many were marked. (No user
+    text goes into the filter: names are compared here, not in MLflow's filter language.)"""
+    running = search_all(client, experiment_id, f"attributes.status = 'RUNNING' and tags.`{TAG_CONFIG_HASH}` LIKE '%'")
     host = socket.gethostname()
     stale = [
         r for r in running

@@ -1,0 +1,104 @@
+"""Bad input, table-driven: every case exits 2 (usage) with a message that names the culprit, never
+a traceback, and leaves the store as it was (no run created, none left RUNNING).
+
+More cases of each class live beside the feature they guard (test_cli, test_grid, test_data)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from tests.conftest import runs_of
+
+SPEC_OK = "base: {depth: 3, width: 8, max_steps: 2, train_subset: 64, batch_size: 32}\n"
+SPECS = {
+    "not-utf8.yaml": b"\xff\xfe\x00 name: x\n",
+    "int-key.yaml": SPEC_OK.encode() + b"axes:\n  1: [2]\n",
+    "empty.yaml": b"",
+    "only-name.yaml": b"name: nothing\n",
+    "bad-yaml.yaml": b"axes: [unclosed\n",
+    "list.yaml": b"- depth: 3\n",
+    "axis-scalar.yaml": SPEC_OK.encode() + b"axes: {depth: 3}\n",
+    "zero-seeds.yaml": SPEC_OK.encode() + b"seeds: 0\n",
+    "include-typo.yaml": SPEC_OK.encode() + b"include: [{widht: 3}]\n",
+    "nan.yaml": b"base: {lr: .nan}\n",
+    "inf.yaml": b"axes: {init_std: [1.0, .inf]}\n",
+    "unknown-paper.yaml": SPEC_OK.encode() + b"reproduces: smith1999\n",
+    "bad-norm.yaml": SPEC_OK.encode() + b"axes: {norm: [none, group]}\n",
+    "bad-reduced.yaml": SPEC_OK.encode() + b"reduced: {max_step: 1}\n",
+}
+
+# (command line, culprit named in the message); {tmp} is the test's folder, {afile} a plain file
+CASES = [
+    ("train --experiment ''", "--experiment"),
+    ("train --experiment '   '", "--experiment"),
+    ("train --experiment $'a\\nb'", "--experiment"),
+    ("train --device mps", "--device"),
+    ("train --device cuda:x", "--device"),
+    ("train --data-dir {afile}/data", "--data-dir"),
+    ("train --norm group", "--norm"),
+    ("train --residual highway", "--residual"),
+    ("train --residual plain --residual-scale -1", "--residual-scale"),
+    ("train --bias-std nan", "--bias-std"),
+    ("train --lr inf", "--lr"),
+    ("train --lr -inf", "--lr"),
+    ("train --init-std nan", "--init-std"),
+    ("train --momentum 1", "--momentum"),
+    ("train --depth 0", "--depth"),
+    ("train --depth 2.5", "--depth"),
+    ("train --width -3", "--width"),
+    ("train --clip foo", "--clip"),
+    ("train --precision fp8", "--precision"),
+    ("train --optimizer rmsprop", "--optimizer"),
+    ("train --activation swish", "--activation"),
+    ("train --log-every 0", "--log-every"),
+    ("train --batch-size 0", "--batch-size"),
+    ("train --epochs 0", "--epochs"),
+    ("train --max-steps -1", "--max-steps"),
+    ("train --seed -1", "--seed"),
+    ("train --train-subset 60001", "--train-subset"),
+    ("train --source {tmp}/nowhere", "--source"),
+    ("prepare --data-dir {afile}", "--data-dir"),
+    ("prepare --source {afile}", "--source"),
+    ("report --out-dir {afile}/reports", "--out-dir"),
+    ("report --experiment ''", "--experiment"),
+    ("grid {tmp}/no-such.yaml", "no-such.yaml"),
+    ("grid {tmp}/not-utf8.yaml", "not UTF-8"),
+    ("grid {tmp}/int-key.yaml", "axes.1"),
+    ("grid {tmp}/empty.yaml", "empty"),
+    ("grid {tmp}/only-name.yaml", "empty"),
+    ("grid {tmp}/bad-yaml.yaml", "not valid YAML"),
+    ("grid {tmp}/list.yaml", "mapping"),
+    ("grid {tmp}/axis-scalar.yaml", "axes.depth"),
+    ("grid {tmp}/zero-seeds.yaml", "seeds"),
+    ("grid {tmp}/include-typo.yaml", "include.widht"),
+    ("grid {tmp}/nan.yaml", "base.lr"),
+    ("grid {tmp}/inf.yaml", "axes.init_std"),
+    ("grid {tmp}/unknown-paper.yaml", "reproduces"),
+    ("grid {tmp}/bad-norm.yaml", "axes.norm"),
+    ("grid {tmp}/bad-reduced.yaml", "reduced.max_step"),
+    ("grid {tmp}/bad-norm.yaml --workers 0", "--workers"),
+    ("grid {tmp}/empty.yaml --reduced", "empty"),
+]
+
+
+@pytest.mark.parametrize("line, culprit", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_usage_error_that_names_the_culprit(line, culprit, store, tmp_path, mnist_dir):
+    import shlex
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for name, content in SPECS.items():
+        (tmp_path / name).write_bytes(content)
+    args = shlex.split(line.replace("$'a\\nb'", "PLACEHOLDER").format(tmp=tmp_path, afile=afile))
+    args = ["a\nb" if a == "PLACEHOLDER" else a for a in args]
+    if args[0] in ("train", "grid") and "--data-dir" not in args:
+        args += ["--data-dir", str(mnist_dir)]
+    if "--experiment" not in args and args[0] != "prepare":
+        args += ["--experiment", store]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert culprit in result.output, result.output
+    assert "Traceback" not in result.output
+    assert runs_of(store) == []  # nothing created, so nothing left RUNNING or duplicated
