@@ -55,6 +55,30 @@ def activation_statistic(hidden: torch.Tensor, activation: str) -> torch.Tensor:
     return hidden.gt_(act.threshold).amax(dim=-2).mean(dim=-1).neg_().add_(1)
 
 
+SIGNAL_STATS = ("q", "c")
+
+
+def square_and_cross(x: torch.Tensor, members: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of a layer's input x (members, batch, n): the mean of x^2 over entries, and the mean over
+    pairs of different examples of x_a . x_b / n, each (members,)."""
+    x = x.reshape(members, -1, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
+    batch, n = x.shape[1], x.shape[2]
+    square = x.pow(2).sum(dim=(1, 2))
+    total = x.sum(dim=1).pow(2).sum(dim=1)  # |sum_a x_a|^2 = sum over all pairs, a == b included
+    return square / (batch * n), (total - square) / (batch * max(batch - 1, 1) * n)
+
+
+def length_and_correlation(z: torch.Tensor, members: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: the mean squared pre-activation, and c: the mean correlation z_a . z_b / (|z_a| |z_b|)
+    over pairs of different examples of the batch, each (members,)."""
+    z = z.reshape(members, -1, z.shape[-1]).to(torch.promote_types(z.dtype, torch.float32))
+    batch = z.shape[1]
+    q = z.pow(2).mean(dim=(1, 2))
+    unit = z / torch.linalg.vector_norm(z, dim=2, keepdim=True).clamp(min=1e-30)
+    total = unit.sum(dim=1).pow(2).sum(dim=1)  # sum over all pairs of cosines, a == b included (= batch)
+    return q, (total - batch) / (batch * max(batch - 1, 1))
+
+
 def grad_histogram(grad: torch.Tensor) -> torch.Tensor:
     """Counts of log10|grad| in the fixed HIST_BINS bins over HIST_RANGE."""
     lo, hi = HIST_RANGE
@@ -86,6 +110,10 @@ class Monitor:
         self._weight_norms: torch.Tensor | None = None
         self.hist_steps = sorted({0, total_steps // 2, total_steps - 1})
         self._hist = torch.zeros((E, len(self.hist_steps), L, HIST_BINS), device=device)
+        # forward signal at the histogram steps: q and c of each hidden layer's z, and of the input
+        self._signal = torch.full((len(self.hist_steps), len(SIGNAL_STATS), L - 1, E), float("nan"), device=device,
+                                  dtype=dtype)
+        self._input = torch.full((len(self.hist_steps), 2, E), float("nan"), device=device, dtype=dtype)
         if full:
             for i, layer in enumerate(model.layers):
                 layer.register_forward_hook(self._forward_hook(i))
@@ -97,8 +125,16 @@ class Monitor:
 
     def _forward_hook(self, i: int):
         def hook(module, inputs, z: torch.Tensor) -> None:
-            if z.requires_grad:  # not in evaluation (no_grad): nothing to monitor there
-                z.register_hook(self._backprop_hook(i))
+            if not z.requires_grad:  # evaluation (no_grad): nothing to monitor there
+                return
+            z.register_hook(self._backprop_hook(i))
+            if self.step in self.hist_steps:
+                slot = self.hist_steps.index(self.step)
+                with torch.no_grad():
+                    if i == 0:
+                        self._input[slot] = torch.stack(square_and_cross(inputs[0].detach(), self.members))
+                    if i < self.n_layers - 1:
+                        self._signal[slot, :, i] = torch.stack(length_and_correlation(z.detach(), self.members))
 
         return hook
 
@@ -182,6 +218,17 @@ class Monitor:
         self._per_step.fill_(float("nan"))
         self._per_layer.fill_(float("nan"))
         return chunks
+
+    def signal(self, member: int, last_step: int) -> dict[str, np.ndarray]:
+        """The forward signal of a member at the histogram steps reached: q and c per hidden layer
+        (steps, hidden layers), the input's mean square and mean cross product (steps,)."""
+        taken = [i for i, s in enumerate(self.hist_steps) if s <= last_step]
+        if not self.full or not taken:
+            return {}
+        signal = self._signal[taken, ..., member].cpu().numpy()
+        inputs = self._input[taken, :, member].cpu().numpy()
+        return {"steps": np.array([self.hist_steps[i] for i in taken]), "q": signal[:, 0], "c": signal[:, 1],
+                "input_sq": inputs[:, 0], "input_cross": inputs[:, 1]}
 
     def histograms(self, member: int, last_step: int) -> dict[str, np.ndarray]:
         """histograms.npz of a member: gradient histograms at the first, middle and last step reached."""

@@ -6,7 +6,7 @@ them here lets the tracking code read a chunk without importing any training cod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,7 @@ class RunResult:
     histograms: dict[str, np.ndarray]  # histograms.npz: steps, counts (steps, layers, bins), edges
     input_sq_mean: float  # E[x^2] of the training inputs, for the theory's finite-depth prediction
     input_var_mean: float  # the pixels' variance across the training images, averaged (BatchNorm's theory)
+    signal: dict[str, np.ndarray] = field(default_factory=dict)  # monitor.Monitor.signal: forward q and c
 
 
 def layer_table(chunks: list[Chunk], act_statistic: str) -> pd.DataFrame:

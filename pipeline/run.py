@@ -14,6 +14,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+import pandas as pd
+
 from . import plots, theory, tracking
 from .config import RunConfig, run_name
 from .data import Mnist
@@ -41,12 +44,47 @@ class RunSummary:
         )
 
 
-def summary_metrics(config: RunConfig, result: RunResult) -> dict[str, float]:
-    """One number each: the final test metrics, the gradient ratio at init, and the mean-field
-    prediction against the slope measured at step 0 (NaN where unknown: not logged)."""
+def forward_maps(config: RunConfig, result: RunResult) -> theory.ForwardMaps | None:
+    """The q/c-map prediction from the input of the run's first step (None where there is none)."""
+    signal = result.signal
+    if not signal or signal["steps"][0] != 0:
+        return None
+    return theory.forward_maps(config, float(signal["input_sq"][0]), float(signal["input_cross"][0]))
+
+
+def signal_table(result: RunResult, maps: theory.ForwardMaps | None) -> pd.DataFrame:
+    """signal/propagation.parquet: step x hidden layer x statistic (q, c), measured and predicted
+    (the prediction at step 0 only: later the weights are no longer random)."""
+    rows = []
+    signal = result.signal
+    for i, step in enumerate(signal.get("steps", [])):
+        for statistic in ("q", "c"):
+            measured = signal[statistic][i]
+            predicted = getattr(maps, statistic) if maps is not None and step == 0 else np.full(len(measured), np.nan)
+            rows.append(pd.DataFrame({"step": int(step), "layer": np.arange(len(measured)), "statistic": statistic,
+                                      "measured": measured, "predicted": predicted}))
+    columns = ["step", "layer", "statistic", "measured", "predicted"]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
+
+
+def summary_metrics(config: RunConfig, result: RunResult, maps: theory.ForwardMaps | None = None) -> dict[str, float]:
+    """One number each: the final test metrics, the gradient ratio at init, the mean-field
+    prediction against the slope measured at step 0, and the forward q/c maps against the measured
+    q and c at step 0 (NaN where unknown: not logged)."""
     prediction = theory.predict(config, result.input_sq_mean, result.input_var_mean)
     init = result.table[result.table.step == 0].sort_values("layer")
     measured = theory.measured_slope(init.backprop_norm.to_numpy()) if len(init) else math.nan
+    forward = {"theory/q_error": math.nan, "theory/c_error": math.nan, "theory/xi_c": math.nan,
+               "signal/xi_c_measured": math.nan}
+    if maps is not None:
+        q, c = result.signal["q"][0], result.signal["c"][0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            forward = {
+                "theory/q_error": float(np.max(np.abs(q / maps.q - 1))),  # relative, the worst hidden layer
+                "theory/c_error": float(np.max(np.abs(c - maps.c))),  # absolute: c is already in [-1, 1]
+                "theory/xi_c": maps.xi_c,
+                "signal/xi_c_measured": theory.measured_correlation_depth(c, maps.c_star),
+            }
     return {
         "final/test_acc": result.final_test_acc,
         "final/test_loss": result.final_test_loss,
@@ -61,6 +99,7 @@ def summary_metrics(config: RunConfig, result: RunResult) -> dict[str, float]:
         "theory/slope_pred": prediction.finite_slope,
         "theory/slope_measured": measured,
         "theory/slope_error": measured - prediction.finite_slope,
+        **forward,
     }
 
 
@@ -95,9 +134,11 @@ def run_group(
             diagnosis = diagnose(result.outcome, result.table)
             figures = {} if result.table.empty else {
                 "plots/gradient_flow.png": plots.gradient_flow(result.table, run_name(config))}
+            maps = forward_maps(config, result)
+            tables = {"signal/propagation.parquet": signal_table(result, maps)} if result.signal else {}
             with shielded():
-                logger.finish(result, summary_metrics(config, result),
-                              {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}, figures)
+                logger.finish(result, summary_metrics(config, result, maps),
+                              {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}, figures, tables)
                 summaries.append(RunSummary(logger.run_id, run_name(config), result.outcome, diagnosis,
                                             result.final_test_acc, result.seconds))
     except BaseException as exc:

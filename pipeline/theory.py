@@ -245,6 +245,73 @@ def _fit_slope(log_norms: np.ndarray) -> float:
     return float(-np.polyfit(np.arange(len(log_norms)), log_norms, 1)[0])
 
 
+def _cross_moment(activation: str, q: float, c: float) -> float:
+    """E[phi(u1) phi(u2)] for u1, u2 ~ N(0, q) with correlation c (a 2-D quadrature)."""
+    phi = ACTIVATIONS[activation].phi
+    if q <= 0:
+        return float(phi(np.zeros(1))[0] ** 2)
+    x, w = _panels(q, n=24, order=4)
+    density = w * np.exp(-x * x / (2 * q)) / math.sqrt(2 * math.pi * q)
+    x1, x2 = np.meshgrid(x, x, indexing="ij")
+    c = min(max(c, -1.0), 1.0)
+    u2 = c * x1 + math.sqrt(max(1 - c * c, 0.0)) * x2
+    return float(np.sum(np.outer(density, density) * phi(x1) * phi(u2)))
+
+
+@dataclass(frozen=True)
+class ForwardMaps:
+    """The q-map and c-map from the measured input (Poole et al. 2016, Schoenholz et al. 2017)."""
+
+    q: np.ndarray  # predicted mean squared pre-activation of each hidden layer's z
+    c: np.ndarray  # predicted mean correlation between two examples' z, per hidden layer
+    c_star: float  # the c-map's fixed point at q*
+    xi_c: float  # the correlation depth scale at c*
+
+
+def forward_maps(config: RunConfig, input_sq: float, input_cross: float, in_features: int = 784) -> ForwardMaps | None:
+    """How the length q and the correlation c of the pre-activations z = W h + b propagate from
+    the input, layer by layer: z_0's q and c from the input's mean square x.x/n and mean cross
+    product x_a.x_b/n, then
+        q_{l+1} = sigma_w^2 E[phi(u)^2] + sigma_b^2,    c_{l+1} = (sigma_w^2 E[phi(u_a) phi(u_b)] + sigma_b^2) / q_{l+1}
+    with (u_a, u_b) Gaussian of variance q_l and correlation c_l. For plain nets only (None with a
+    normalization layer or residual blocks: their forward maps are not modelled here)."""
+    if config.norm != "none" or config.residual != "none":
+        return None
+    act, width = config.activation, config.width
+    sw2_in, sb2_in = sigma_w2_of(config, in_features, width), sigma_b2_of(config, in_features)
+    sw2, sb2 = sigma_w2_of(config, width, width), sigma_b2_of(config, width)
+    q = sw2_in * input_sq + sb2_in
+    c = (sw2_in * input_cross + sb2_in) / q if q > 0 else 1.0
+    qs, cs = [], []
+    for _ in range(config.depth - 1):
+        qs.append(q)
+        cs.append(c)
+        q_next = min(length_map(act, q, sw2, sb2), Q_MAX)
+        c = min((sw2 * _cross_moment(act, q, c) + sb2) / q_next, 1.0) if q_next > 0 else 1.0
+        q = q_next
+    q_star = fixed_point(act, sw2, sb2, q0=qs[-1])
+    c_star = 1.0
+    if q_star >= 1e-12:
+        c_star = 0.5
+        for _ in range(200):
+            nxt = min((sw2 * _cross_moment(act, q_star, c_star) + sb2) / q_star, 1.0)
+            if abs(nxt - c_star) < 1e-10:
+                break
+            c_star = nxt
+    return ForwardMaps(np.array(qs), np.array(cs), c_star, correlation_depth(act, q_star, sw2, sb2))
+
+
+def measured_correlation_depth(c: np.ndarray, c_star: float) -> float:
+    """xi_c from the decay of |c_l - c*| over the hidden layers: -1 / slope of ln|c_l - c*| (NaN
+    where it does not decay, or with fewer than 3 layers still away from c*)."""
+    gap = np.abs(np.asarray(c, dtype=float) - c_star)
+    keep = np.isfinite(gap) & (gap > 1e-6)
+    if keep.sum() < 3:
+        return math.nan
+    slope = np.polyfit(np.flatnonzero(keep), np.log(gap[keep]), 1)[0]
+    return float(-1 / slope) if slope < 0 else math.nan
+
+
 def correlation_depth(activation: str, q_star: float, sigma_w2: float, sigma_b2: float) -> float:
     """xi_c: iterate the correlation map from c = 0.5 to its fixed point c*, then -1/ln(chi_c(c*)).
     Where q* -> 0 the network is in the ordered phase (c* = 1) and chi_c = chi_1."""

@@ -40,7 +40,8 @@ def test_train_records_one_run_with_the_full_contract(store, mnist_dir, tmp_path
     metrics = run.data.metrics
     for key in ["train/loss", "train/acc", "test/loss", "test/acc", "grad/global_norm_pre_clip",
                 "grad/global_norm_post_clip", "clip/active", "final/test_acc", "grad/first_last_ratio_init",
-                "theory/chi1", "theory/slope_pred", "theory/slope_measured", "theory/slope_error"]:
+                "theory/chi1", "theory/slope_pred", "theory/slope_measured", "theory/slope_error",
+                "theory/q_error", "theory/c_error", "theory/xi_c"]:
         assert key in metrics, key
     for layer in range(4):
         for prefix in ("grad/weight_norm", "grad/backprop_norm", "update/ratio"):
@@ -58,6 +59,10 @@ def test_train_records_one_run_with_the_full_contract(store, mnist_dir, tmp_path
     # The metric logged at step 3 is the same number as in the full-resolution table.
     row = table[(table.step == 3) & (table.layer == 0)].backprop_norm.item()
     assert history[1].value == pytest.approx(row, rel=1e-6)
+    signal = pd.read_parquet(os.path.join(local, "signal", "propagation.parquet"))
+    assert set(signal.statistic) == {"q", "c"} and sorted(signal.step.unique()) == [0, 5, 9]  # the histogram steps
+    assert signal[signal.step == 0].predicted.notna().all() and signal[signal.step > 0].predicted.isna().all()
+    assert len(signal) == 3 * 2 * 3  # steps x statistics x hidden layers
     hist = np.load(os.path.join(local, "gradients", "histograms.npz"))
     assert hist["counts"].shape[:2] == (3, 4)
     assert os.path.getsize(os.path.join(local, "plots", "gradient_flow.png")) > 10_000

@@ -62,6 +62,37 @@ def test_layer_norms_match_autograd_in_float64():
     assert chunk.per_step["global_norm_pre_clip"][0] == pytest.approx(total, rel=1e-12)
 
 
+@pytest.mark.parametrize("members", [1, 3])
+def test_forward_length_and_correlation_match_a_pairwise_loop(members):
+    """q (mean z^2) and c (mean cosine between two examples' z) of each hidden layer, and the
+    input's mean square and cross product, recorded at step 0: against an explicit loop over the
+    pairs of examples, in float64, for every member."""
+    configs = [RunConfig(activation="tanh", depth=4, width=9, init="normal", init_std=0.3, bias_std=0.2, seed=s)
+               for s in range(members)]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 784, generator=g, dtype=torch.float64) + 0.5  # correlated examples
+    y = torch.randint(0, 10, (6,), generator=g)
+    model = build_model(configs, dtype=torch.float64)
+    monitor = Monitor(model, "tanh", total_steps=1, chunk_steps=1)
+    logits = model(x)
+    F.cross_entropy(logits.reshape(-1, 10), y.repeat(members)).backward()
+    monitor.step_end(torch.zeros(members), torch.zeros(members), monitor.gradients(), None)
+    pairs = [(a, b) for a in range(6) for b in range(6) if a != b]
+    for e in range(members):
+        signal = monitor.signal(e, 0)
+        assert list(signal["steps"]) == [0]
+        xs = x.numpy()
+        assert signal["input_sq"][0] == pytest.approx((xs**2).mean(), rel=1e-12)
+        assert signal["input_cross"][0] == pytest.approx(np.mean([xs[a] @ xs[b] / 784 for a, b in pairs]), rel=1e-12)
+        h = x
+        for i, layer in enumerate(model.layers[:-1]):
+            z = (h @ layer.weight[e].T + layer.bias[e]).detach().numpy()
+            cos = [z[a] @ z[b] / np.linalg.norm(z[a]) / np.linalg.norm(z[b]) for a, b in pairs]
+            assert signal["q"][0][i] == pytest.approx((z**2).mean(), rel=1e-12)
+            assert signal["c"][0][i] == pytest.approx(np.mean(cos), rel=1e-10, abs=1e-12)
+            h = torch.tanh(torch.from_numpy(z))
+
+
 def test_dead_fraction_counts_units_off_for_the_whole_batch():
     cfg = RunConfig(activation="relu", depth=3, width=6, init="he_normal")
     g = torch.Generator().manual_seed(2)

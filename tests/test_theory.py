@@ -159,3 +159,36 @@ def test_normalized_and_residual_slopes_match_on_real_mnist(mnist, case):
     prediction = theory.predict(cfg, result.input_sq_mean, result.input_var_mean)
     init_norms = result.table.query("step == 0").sort_values("layer").backprop_norm.to_numpy()
     assert theory.measured_slope(init_norms) == pytest.approx(prediction.finite_slope, abs=0.05)
+
+
+@pytest.mark.parametrize("case", [
+    dict(activation="tanh", init="xavier_normal"),
+    dict(activation="tanh", init="normal", init_std=0.1),  # chaotic: sigma_w^2 = 10
+    dict(activation="tanh", init="lecun_normal", init_gain=1.5, bias_std=0.3),
+    dict(activation="relu", init="he_normal"),
+    dict(activation="sigmoid", init="default"),
+], ids=lambda case: "-".join(str(v) for v in case.values()))
+def test_forward_q_and_c_maps_match_monte_carlo(case):
+    """The q-map and c-map, propagated from the input's mean square and mean cross product, against
+    wide random float64 nets on correlated Gaussian inputs, averaged over seeds."""
+    from pipeline.monitor import length_and_correlation, square_and_cross
+
+    config = RunConfig(depth=8, width=1024, **case)
+    generator = torch.Generator().manual_seed(5)
+    shared = torch.randn(1, 784, generator=generator, dtype=torch.float64)
+    x = 0.6 * shared + 0.8 * torch.randn(64, 784, generator=generator, dtype=torch.float64)  # correlation 0.36
+    measured = []
+    for seed in range(12):  # ReLU at criticality: q's per-layer ratio has sd ~ sqrt(5 / width) per net
+        model = build_model([config.replace(seed=seed)], dtype=torch.float64)
+        h, rows = x, []
+        with torch.no_grad():
+            for layer in model.layers[:-1]:
+                z = layer(h)
+                rows.append([v.item() for v in length_and_correlation(z, 1)])
+                h = model.act(z)
+        measured.append(rows)
+    q, c = np.mean(measured, axis=0).T
+    maps = theory.forward_maps(config, *(v.item() for v in square_and_cross(x, 1)))
+    np.testing.assert_allclose(q, maps.q, rtol=0.1)
+    np.testing.assert_allclose(c, maps.c, atol=0.03)
+    assert theory.forward_maps(config.replace(norm="batch"), 1.0, 0.1) is None  # not modelled: no prediction

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -169,9 +170,10 @@ class RunLogger:
     # -- end of run -------------------------------------------------------------------------------
 
     def finish(self, result: RunResult, summaries: dict[str, float], tags: dict[str, str],
-               figures: dict[str, plt.Figure]) -> None:
-        """Log the last step, the finite summaries (at the last step), the layer table, histograms
-        and figures (closed here), the tags; then mark the run FINISHED."""
+               figures: dict[str, plt.Figure], tables: dict[str, pd.DataFrame] | None = None) -> None:
+        """Log the last step, the finite summaries (at the last step), the layer table, histograms,
+        other tables (artifact path -> DataFrame, written as parquet) and figures (closed here), the
+        tags; then mark the run FINISHED."""
         chunk = self._last_chunk
         if chunk is not None and len(chunk.step) and int(chunk.step[-1]) != self._last_logged_step:
             self._log_rows(chunk, [len(chunk.step) - 1])
@@ -184,6 +186,11 @@ class RunLogger:
             hist_path = Path(tmp) / "histograms.npz"
             np.savez_compressed(hist_path, **result.histograms)
             self.client.log_artifact(self.run_id, str(hist_path), "gradients")
+            for artifact, frame in (tables or {}).items():
+                folder, name = artifact.rsplit("/", 1) if "/" in artifact else ("", artifact)
+                path = Path(tmp) / name
+                frame.to_parquet(path, index=False)
+                self.client.log_artifact(self.run_id, str(path), folder or None)
         for path, fig in figures.items():
             self.client.log_figure(self.run_id, fig, path, save_kwargs={"dpi": 72})
             plt.close(fig)
