@@ -59,13 +59,13 @@ SIGNAL_STATS = ("q", "c")
 
 
 def square_and_cross(x: torch.Tensor, members: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Of a layer's input x (members, batch, n): the mean of x^2 over entries, and the mean over
-    pairs of different examples of x_a . x_b / n, each (members,)."""
+    """Of a layer's input x (members, batch, n): the mean of x^2 over entries, and the cross product
+    of two different examples as the theory uses it: that mean square times the mean cosine
+    x_a . x_b / (|x_a| |x_b|) over pairs (so the first layer's predicted c is the inputs' mean
+    cosine, as measured on z, whatever the spread of the examples' norms); each (members,)."""
     x = x.reshape(members, -1, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
-    batch, n = x.shape[1], x.shape[2]
-    square = x.pow(2).sum(dim=(1, 2))
-    total = x.sum(dim=1).pow(2).sum(dim=1)  # |sum_a x_a|^2 = sum over all pairs, a == b included
-    return square / (batch * n), (total - square) / (batch * max(batch - 1, 1) * n)
+    square = x.pow(2).mean(dim=(1, 2))
+    return square, square * length_and_correlation(x, members)[1]
 
 
 def length_and_correlation(z: torch.Tensor, members: int) -> tuple[torch.Tensor, torch.Tensor]:

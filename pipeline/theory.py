@@ -270,8 +270,8 @@ class ForwardMaps:
 
 def forward_maps(config: RunConfig, input_sq: float, input_cross: float, in_features: int = 784) -> ForwardMaps | None:
     """How the length q and the correlation c of the pre-activations z = W h + b propagate from
-    the input, layer by layer: z_0's q and c from the input's mean square x.x/n and mean cross
-    product x_a.x_b/n, then
+    the input, layer by layer: z_0's q and c from the input's mean square x.x/n and cross product
+    (monitor.square_and_cross: the mean square times the mean cosine of two examples), then
         q_{l+1} = sigma_w^2 E[phi(u)^2] + sigma_b^2,    c_{l+1} = (sigma_w^2 E[phi(u_a) phi(u_b)] + sigma_b^2) / q_{l+1}
     with (u_a, u_b) Gaussian of variance q_l and correlation c_l. For plain nets only (None with a
     normalization layer or residual blocks: their forward maps are not modelled here)."""

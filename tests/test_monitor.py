@@ -83,7 +83,8 @@ def test_forward_length_and_correlation_match_a_pairwise_loop(members):
         assert list(signal["steps"]) == [0]
         xs = x.numpy()
         assert signal["input_sq"][0] == pytest.approx((xs**2).mean(), rel=1e-12)
-        assert signal["input_cross"][0] == pytest.approx(np.mean([xs[a] @ xs[b] / 784 for a, b in pairs]), rel=1e-12)
+        cosine = np.mean([xs[a] @ xs[b] / np.linalg.norm(xs[a]) / np.linalg.norm(xs[b]) for a, b in pairs])
+        assert signal["input_cross"][0] == pytest.approx((xs**2).mean() * cosine, rel=1e-12)
         h = x
         for i, layer in enumerate(model.layers[:-1]):
             z = (h @ layer.weight[e].T + layer.bias[e]).detach().numpy()

@@ -23,6 +23,7 @@ class ReportData:
     missing: list[str] = field(default_factory=list)  # what the report could not show, and why
     reproduces: str | None = None  # the paper the grid's spec reproduces, if any
     histograms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # run id -> histograms.npz
+    signal: pd.DataFrame = field(default_factory=pd.DataFrame)  # signal/propagation.parquet of every run, run_id joined
 
 
 NORM_LABELS = {"none": "", "batch": "BatchNorm", "layer": "LayerNorm"}
@@ -52,6 +53,8 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
     ]
     rows, tables = [], []
     histograms: dict[str, dict[str, np.ndarray]] = {}
+    signals: list[pd.DataFrame] = []
+    without_signal = 0
     with tempfile.TemporaryDirectory() as tmp:
         for h, run in found.items():
             config = configs[h]
@@ -88,12 +91,27 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
                         histograms[run.info.run_id] = {k: arrays[k] for k in arrays.files}
                 except (OSError, ValueError, zipfile.BadZipFile) as exc:
                     missing.append(f"{run.info.run_name}: gradients/histograms.npz unreadable ({exc})")
+            path = tracking.download_artifact(client, run.info.run_id, "signal/propagation.parquet", f"{tmp}/{h}")
+            if path is None:
+                without_signal += 1  # recorded before the forward instruments existed
+                continue
+            try:
+                signals.append(pd.read_parquet(path).assign(run_id=run.info.run_id))
+            except (OSError, ValueError) as exc:
+                missing.append(f"{run.info.run_name}: signal/propagation.parquet unreadable ({exc})")
+    if without_signal:
+        missing.append(f"{without_signal} run(s) without signal/propagation.parquet (recorded by an older gradbench): "
+                       "left out of the signal-propagation figure")
     runs = pd.DataFrame(rows, columns=["run_id", "run_name", *FIELDS, "outcome", "diagnosis", "test_acc",
                                        "first_last_ratio", "slope_error", "slope_measured", "slope_pred", "url"])
     runs["remedy"] = [remedy_label(*v) for v in zip(runs["norm"], runs.residual, runs.residual_scale)]
     runs["setup"] = [setup_label(*v) for v in zip(runs["init"], runs["norm"], runs.residual, runs.residual_scale)]
     layers = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
     layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis", "slope_error", "setup"]], on="run_id") if tables else layers
+    signal = pd.concat(signals, ignore_index=True) if signals else pd.DataFrame(
+        columns=["step", "layer", "statistic", "measured", "predicted", "run_id"])
+    if signals:
+        signal = signal.merge(runs[["run_id", "activation", "depth", "clip", "setup", "seed"]], on="run_id")
     experiment_name = client.get_experiment(parent.info.experiment_id).name
     return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing, spec.reproduces,
-                      histograms)
+                      histograms, signal)

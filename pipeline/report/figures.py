@@ -455,10 +455,58 @@ def histograms_over_time(runs: pd.DataFrame, layers: pd.DataFrame, histograms: d
                   *_encode(fig))
 
 
-def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, histograms: dict | None = None) -> list[Figure]:
+def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
+    """Forward q and c per hidden layer at step 0 on the deepest nets, measured against the q/c maps."""
+    if signal is None or signal.empty:
+        return None
+    start = signal[signal.step == 0]
+    clip = "none" if (start["clip"] == "none").any() else start["clip"].iloc[0]
+    start = start[(start.depth == start.depth.max()) & (start["clip"] == clip)]
+    if start.empty:
+        return None
+    depth = int(start.depth.iloc[0])
+    setups = sorted(start.setup.unique())
+    palette = dict(zip(setups, sns.color_palette(n_colors=len(setups))))
+    activations = sorted(start.activation.unique())
+    fig, axes = plt.subplots(2, len(activations), figsize=(3.6 * len(activations) + 2.6, 5.4), squeeze=False,
+                             sharex=True, layout="constrained")
+    for col, activation in enumerate(activations):
+        for row, statistic in enumerate(["q", "c"]):
+            ax = axes[row][col]
+            rows = start[(start.activation == activation) & (start.statistic == statistic)]
+            value = _log10(rows.measured) if statistic == "q" else rows.measured
+            sns.lineplot(x=rows.layer, y=value, hue=rows.setup, hue_order=setups, palette=palette, marker="o",
+                         markersize=4, errorbar=None, ax=ax, legend=False)
+            predicted = rows.dropna(subset=["predicted"]).groupby(["setup", "layer"]).predicted.mean().reset_index()
+            for setup, line in predicted.groupby("setup"):
+                y = _log10(line.predicted) if statistic == "q" else line.predicted
+                ax.plot(line.layer, y, color="black", linestyle=(0, (1.5, 1.5)), linewidth=1.4, zorder=5)
+                ax.plot(line.layer, y, linestyle="none", marker="x", color=palette[setup], markersize=5, zorder=6)
+            ax.set(title=f"{'log10 q' if statistic == 'q' else 'c'} - {activation}", xlabel="layer" if row else "",
+                   ylabel="log10 q (mean z^2)" if statistic == "q" else "c (mean correlation)")
+            if statistic == "c":
+                ax.set_ylim(min(-0.05, float(rows.measured.min()) - 0.05), 1.05)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    handles = [matplotlib.lines.Line2D([], [], color=palette[s], marker="o", label=s) for s in setups]
+    handles.append(matplotlib.lines.Line2D([], [], color="black", linestyle=(0, (1.5, 1.5)), marker="x",
+                                           label="q/c-map prediction"))
+    fig.legend(handles=handles, title="init [+ norm, residual]", loc="outside right center", frameon=False)
+    return Figure("signal", f"Signal propagation at initialization (depth {depth})",
+                  "Forward pass at step 0, per hidden layer (0 next to the input): top, q, the mean squared "
+                  "pre-activation z (log10); bottom, c, the mean correlation between the z of two different "
+                  "examples of the batch. Colour = init [+ normalization, residual]. Black dotted with crosses: "
+                  "the q-map and c-map of mean-field theory (Poole et al. 2016, Schoenholz et al. 2017), "
+                  "propagated from the batch's measured input (plain nets only: no prediction with "
+                  "normalization or residual blocks). c rising to 1 is the ordered phase, where inputs become "
+                  "indistinguishable; c falling towards 0 the chaotic one.", *_encode(fig))
+
+
+def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, histograms: dict | None = None,
+                signal: pd.DataFrame | None = None) -> list[Figure]:
     figures = [
         accuracy_heatmaps(runs),
         gradient_flow(layers),
+        signal_propagation(signal),
         remedies(runs),
         layer_step_heatmaps(layers, runs),
         histograms_over_time(runs, layers, histograms or {}),
