@@ -42,6 +42,13 @@ MNIST_TRAIN_SIZE = 60_000
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
+# The version of the numbers a run produces. Bump it with any change that alters what a run computes
+# or records for the same configuration (the loop, the monitor, the theory, the metrics): a grid
+# reuses only FINISHED runs of this version (tag gradbench.numbers_version) and reruns the others.
+# 2: normalization/residual fields, canonical configurations, the forward q/c signal, theory profiles.
+NUMBERS_VERSION = 2
+
+
 class ConfigError(ValueError):
     """A bad configuration value; `key` names the offending field."""
 

@@ -239,10 +239,13 @@ def run_grid(
     start = time.perf_counter()
     status = "KILLED"
     try:
-        done = set() if rerun else tracking.finished_config_hashes(client, exp_id)
+        done, older = (set(), set()) if rerun else tracking.finished_config_hashes(client, exp_id)
         todo = [c for c in spec.configs if c.config_hash() not in done]
         result.skipped = len(spec.configs) - len(todo)
         echo(f"grid {spec.name}: {len(spec.configs)} configs, {result.skipped} already finished, {len(todo)} to run")
+        again = sum(c.config_hash() in older for c in todo)
+        if again:
+            echo(f"  ({again} of them finished before, under another numbers version: run again, not reused)")
         experiment_name = client.get_experiment(exp_id).name
         # absolute: pool and Ray workers do not share the driver's working directory
         runner = _Runner(os.path.abspath(data_dir), source, experiment_name, parent_id, spec.name)

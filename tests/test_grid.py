@@ -13,7 +13,16 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from pipeline.cli import cli
-from pipeline.config import GROUP_KEYS, PAPERS, ConfigError, GridSpec, RunConfig, SpecError, reduce_spec
+from pipeline.config import (
+    GROUP_KEYS,
+    NUMBERS_VERSION,
+    PAPERS,
+    ConfigError,
+    GridSpec,
+    RunConfig,
+    SpecError,
+    reduce_spec,
+)
 from pipeline.grid import plan_groups
 from tests.conftest import REPO, runs_of
 
@@ -361,3 +370,19 @@ def test_a_name_with_quotes_and_slashes_is_data_not_syntax(store, mnist_dir, tmp
     assert result.exit_code == 0, result.output
     written = [p for p in tmp_path.rglob("*.html") if "artifacts" not in p.parts]  # the store's copy aside
     assert written and all(out in p.parents and ".." not in p.name for p in written)
+
+
+def test_runs_of_another_numbers_version_are_not_reused(store, mnist_dir, tmp_path):
+    """A FINISHED run made by code that computed differently (another NUMBERS_VERSION) is run again,
+    and the grid says so; this version's runs are reused."""
+    path = write_spec(tmp_path, {"base": TINY_BASE, "axes": {"depth": [3, 4]}})
+    assert grid_cli(path, store, mnist_dir).exit_code == 0
+    children = [r for r in runs_of(store) if "gradbench.config_hash" in r.data.tags]
+    assert {r.data.tags["gradbench.numbers_version"] for r in children} == {str(NUMBERS_VERSION)}
+    MlflowClient().set_tag(children[0].info.run_id, "gradbench.numbers_version", "1")  # as if an older gradbench
+    result = grid_cli(path, store, mnist_dir)
+    assert result.exit_code == 0, result.output
+    assert "1 already finished, 1 to run" in result.output and "another numbers version" in result.output
+    finished = Counter(r.data.tags["gradbench.config_hash"] for r in runs_of(store)
+                       if r.info.status == "FINISHED" and "gradbench.config_hash" in r.data.tags)
+    assert sorted(finished.values()) == [1, 2]  # the old run is kept; its config ran once more

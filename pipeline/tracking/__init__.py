@@ -13,6 +13,7 @@ from .store import (
     TAG_GRID,
     TAG_GROUP,
     TAG_GROUP_SIZE,
+    TAG_NUMBERS_VERSION,
     TAG_OUTCOME,
     TAG_ROLE,
     NotFound,
@@ -35,7 +36,7 @@ from .store import (
 )
 
 __all__ = [
-    "EXPERIMENT", "TAG_CONFIG_HASH", "TAG_DIAGNOSIS", "TAG_GRID", "TAG_GROUP", "TAG_GROUP_SIZE", "TAG_OUTCOME",
+    "EXPERIMENT", "TAG_CONFIG_HASH", "TAG_DIAGNOSIS", "TAG_GRID", "TAG_GROUP", "TAG_GROUP_SIZE", "TAG_NUMBERS_VERSION", "TAG_OUTCOME",
     "TAG_ROLE", "MlflowClient", "MlflowException", "NotFound", "RunLogger", "close_grid_run", "download_artifact", "ended_by",
     "experiment_id", "fail_earlier_attempts", "fail_stale_runs", "find_grid_run", "finished_config_hashes",
     "get_client", "grid_spec_of", "latest_finished_runs", "log_dataset", "log_report", "open_grid_run", "run_url",

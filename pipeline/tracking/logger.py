@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from ..activations import ACTIVATIONS
-from ..config import RunConfig, run_name
+from ..config import NUMBERS_VERSION, RunConfig, run_name
 from ..results import Chunk, RunResult
 from .store import (
     EXPERIMENT,
@@ -32,6 +32,7 @@ from .store import (
     TAG_GROUP,
     TAG_GROUP_SIZE,
     TAG_HOST,
+    TAG_NUMBERS_VERSION,
     TAG_PID,
     experiment_id,
     get_client,
@@ -96,7 +97,8 @@ class RunLogger:
         client = client or get_client()
         group_id, group_size = group or ("", 1)
         tags = {TAG_CONFIG_HASH: config.config_hash(), MLFLOW_RUN_NAME: run_name(config),
-                TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()), TAG_GROUP_SIZE: str(group_size)}
+                TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
+                TAG_NUMBERS_VERSION: str(NUMBERS_VERSION), TAG_GROUP_SIZE: str(group_size)}
         if group_id:
             tags[TAG_GROUP] = group_id
         if grid:

@@ -24,7 +24,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from ..config import GridSpec, RunConfig
+from ..config import NUMBERS_VERSION, GridSpec, RunConfig
 
 EXPERIMENT = "gradbench"
 TAG_CONFIG_HASH = "gradbench.config_hash"
@@ -37,6 +37,7 @@ TAG_SPEC_HASH = "gradbench.spec_hash"
 TAG_ROLE = "gradbench.role"  # "grid" on a grid's parent run
 TAG_HOST = "gradbench.host"  # where a run's process lives: lets a resume tell dead runs from live ones
 TAG_PID = "gradbench.pid"
+TAG_NUMBERS_VERSION = "gradbench.numbers_version"  # config.NUMBERS_VERSION of the code that made the run
 MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch call
 MAX_PARAMS_PER_CALL = 100
 
@@ -104,10 +105,15 @@ def search_all(client: MlflowClient, experiment_id: str, filter_string: str = ""
             return runs
 
 
-def finished_config_hashes(client: MlflowClient, experiment_id: str) -> set[str]:
-    """Config hashes that already have a FINISHED run in the experiment (diverged runs included)."""
+def finished_config_hashes(client: MlflowClient, experiment_id: str) -> tuple[set[str], set[str]]:
+    """(config hashes that have a FINISHED run of this numbers version, diverged runs included;
+    those that have FINISHED runs of other versions only: made by code that computed differently)."""
     runs = search_all(client, experiment_id, f"attributes.status = 'FINISHED' and tags.`{TAG_CONFIG_HASH}` LIKE '%'")
-    return {r.data.tags[TAG_CONFIG_HASH] for r in runs}
+    current, other = set(), set()
+    for run in runs:
+        same = run.data.tags.get(TAG_NUMBERS_VERSION) == str(NUMBERS_VERSION)
+        (current if same else other).add(run.data.tags[TAG_CONFIG_HASH])
+    return current, other - current
 
 
 def _alive(pid: int) -> bool:
