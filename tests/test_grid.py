@@ -23,7 +23,7 @@ from pipeline.config import (
     SpecError,
     reduce_spec,
 )
-from pipeline.grid import plan_groups
+from pipeline.grid import auto_groups, plan_groups
 from tests.conftest import REPO, runs_of
 
 TINY_BASE = {"depth": 3, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 6, "log_every": 2}
@@ -79,6 +79,13 @@ def test_plan_groups_keeps_only_compatible_configs_together():
         assert len({tuple(getattr(c, k) for k in GROUP_KEYS) for c in group}) == 1
     assert sorted(c.config_hash() for g in found for c in g) == sorted(c.config_hash() for c in configs)
     assert plan_groups(configs, ensemble=False) == [[c] for c in configs]
+
+
+def test_auto_ensembles_group_narrow_nets_on_a_cpu_and_everything_on_cuda():
+    narrow = [RunConfig(width=128, seed=s) for s in range(3)]
+    wide = [RunConfig(width=1024, seed=s) for s in range(2)]
+    assert sorted(map(len, auto_groups(narrow + wide, cuda=False))) == [1, 1, 3]
+    assert sorted(map(len, auto_groups(narrow + wide, cuda=True))) == [2, 3]
 
 
 def test_exclude_and_include_make_irregular_grids():
