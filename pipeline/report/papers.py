@@ -231,37 +231,37 @@ def _depth_table(runs: pd.DataFrame, paper: dict[str, str]) -> tuple[list[list[o
     return rows, summary, figure
 
 
-def he2016(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
-    rows, summary, figure = _depth_table(runs, {"BatchNorm": "degrades with depth",
-                                                 "BatchNorm + residual 1": "keeps training"})
+def _depth_section(runs: pd.DataFrame, paper: str, finding: str, says: dict[str, str], source: str) -> Section:
+    """A section of families trained at growing depth (he2016, de2020): where each stops training."""
+    rows, summary, figure = _depth_table(runs, says)
     return Section(
-        "He et al. 2016",
-        "Deeper plain networks train worse, BatchNorm notwithstanding (the degradation problem); with "
-        "identity shortcuts the same networks keep training as depth grows.",
+        paper, finding,
         ["family", "depth", "paper", "measured: runs that trained", "final test accuracy", "diagnosis"],
         rows,
         [figure],
         note=f"Where each family stops training (the first depth at which a run ends at or below accuracy "
-             f"{CONVERGED_ACC}): {summary}. Paper: "
-             "their Figures 1 and 4 (CIFAR-10 and ImageNet, convolutional nets); here MLPs on MNIST at a fixed "
-             "step budget.",
+             f"{CONVERGED_ACC}): {summary}. Paper: {source}",
+    )
+
+
+def he2016(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
+    return _depth_section(
+        runs, "He et al. 2016",
+        "Deeper plain networks train worse, BatchNorm notwithstanding (the degradation problem); with "
+        "identity shortcuts the same networks keep training as depth grows.",
+        {"BatchNorm": "degrades with depth", "BatchNorm + residual 1": "keeps training"},
+        "their Figures 1 and 4 (CIFAR-10 and ImageNet, convolutional nets); here MLPs on MNIST at a fixed step budget.",
     )
 
 
 def de2020(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
-    rows, summary, figure = _depth_table(runs, {"residual 1": "explodes with depth", "BatchNorm + residual 1": "trains",
-                                                 "SkipInit": "trains, without normalization"})
-    return Section(
-        "De & Smith 2020",
+    return _depth_section(
+        runs, "De & Smith 2020",
         "Without normalization a deep residual network explodes (each block adds its variance to the "
         "stream); BatchNorm trains it by shrinking each residual branch relative to the skip, and SkipInit, a "
         "learnable scalar on each branch that starts at 0, trains it as well without any normalization.",
-        ["family", "depth", "paper", "measured: runs that trained", "final test accuracy", "diagnosis"],
-        rows,
-        [figure],
-        note=f"Where each family stops training (the first depth at which a run ends at or below accuracy "
-             f"{CONVERGED_ACC}): {summary}. Paper: "
-             "their Table 1 and Figure 2 (Wide-ResNets on CIFAR-10, ResNet-50 on ImageNet); here MLPs on MNIST.",
+        {"residual 1": "explodes with depth", "BatchNorm + residual 1": "trains", "SkipInit": "trains, without normalization"},
+        "their Table 1 and Figure 2 (Wide-ResNets on CIFAR-10, ResNet-50 on ImageNet); here MLPs on MNIST.",
     )
 
 
