@@ -152,7 +152,11 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
 
     interrupt_on_sigterm()
     mnist = data.load(data_dir, get_device(config.device), param_dtype(config.precision))
-    (summary,) = run_group([config], mnist, experiment)
+    from . import tracking
+
+    client = tracking.get_client()
+    tracking.fail_stale_runs(client, tracking.experiment_id(client, experiment))  # what a killed train left RUNNING
+    (summary,) = run_group([config], mnist, experiment, client=client)
     click.echo(summary.line())
 
 

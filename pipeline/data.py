@@ -190,7 +190,7 @@ class Mnist:
     digest: str  # of the verified checksums: the MLflow dataset digest
     location: str  # the folder the tensors were read from
     input_sq_mean: float  # E[x^2] over the training images, the theory's input statistic
-    input_var_mean: float  # each pixel's variance over the training images, averaged: BatchNorm's
+    input_var_mean: float  # each pixel's variance over the training images, averaged: BatchNorm's input statistic
 
 
 def load(

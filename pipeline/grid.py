@@ -64,8 +64,9 @@ _DATA: dict[tuple[str, str, str], object] = {}  # per process: (data_dir, device
 
 
 # On a 2-core CPU, training the members of a group together was measured faster than one by one up
-# to this width: 1.50x at width 128 and 1.15x at 512 (gradbench bench, 4 members), and the quick grid
-# (width 128) in 235 s against 327 s, the same outcomes. Wider nets were not measured: one by one.
+# to this width: 1.50x to 1.77x at width 128, and 0.98x to 1.18x at 512 (gradbench bench --quick, 4
+# members, four runs), and the quick grid (width 128) in 235 s against 327 s, the same outcomes. At
+# 512 it is a wash on this VM; wider nets were not measured: one by one.
 CPU_ENSEMBLE_MAX_WIDTH = 512
 
 

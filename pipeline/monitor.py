@@ -95,7 +95,8 @@ class Monitor:
         self.weights = [layer.weight for layer in model.layers]
         # W0, b0, W1, b1, ... then the normalization and residual parameters (in the global norm only)
         linear = [p for layer in model.layers for p in (layer.weight, layer.bias)]
-        self.params = linear + [p for p in model.parameters() if all(p is not q for q in linear)]
+        seen = {id(p) for p in linear}
+        self.params = linear + [p for p in model.parameters() if id(p) not in seen]
         device, E, L = self.weights[0].device, self.members, self.n_layers
         # fp32 buffers, fp64 for fp64 runs: a finite fp64 norm of 1e40 must not be stored as inf
         dtype = torch.promote_types(self.weights[0].dtype, torch.float32)
@@ -109,6 +110,7 @@ class Monitor:
         self._prev_weights = [w.detach().clone() for w in self.weights] if full else []
         self._weight_norms: torch.Tensor | None = None
         self.hist_steps = sorted({0, total_steps // 2, total_steps - 1})
+        self._slots = {step: slot for slot, step in enumerate(self.hist_steps)}  # step -> histogram slot
         self._hist = torch.zeros((E, len(self.hist_steps), L, HIST_BINS), device=device)
         # forward signal at the histogram steps: q and c of each hidden layer's z, and of the input
         self._signal = torch.full((len(self.hist_steps), len(SIGNAL_STATS), L - 1, E), float("nan"), device=device,
@@ -128,8 +130,8 @@ class Monitor:
             if not z.requires_grad:  # evaluation (no_grad): nothing to monitor there
                 return
             z.register_hook(self._backprop_hook(i))
-            if self.step in self.hist_steps:
-                slot = self.hist_steps.index(self.step)
+            slot = self._slots.get(self.step)
+            if slot is not None:
                 with torch.no_grad():
                     if i == 0:
                         self._input[slot] = torch.stack(square_and_cross(inputs[0].detach(), self.members))
@@ -167,8 +169,8 @@ class Monitor:
             stats = activation_statistic(torch.stack(self._hidden), self.activation)
             self._per_layer[LAYER_STATS.index("act"), row, : len(stats)] = stats
             self._hidden = []
-            if self.step in self.hist_steps:
-                slot = self.hist_steps.index(self.step)
+            slot = self._slots.get(self.step)
+            if slot is not None:
                 for i, w in enumerate(self.weights):
                     for e in range(self.members):
                         self._hist[e, slot, i] = grad_histogram(w.grad[e])
@@ -222,7 +224,7 @@ class Monitor:
     def signal(self, member: int, last_step: int) -> dict[str, np.ndarray]:
         """The forward signal of a member at the histogram steps reached: q and c per hidden layer
         (steps, hidden layers), the input's mean square and mean cross product (steps,)."""
-        taken = [i for i, s in enumerate(self.hist_steps) if s <= last_step]
+        taken = self._taken(last_step)
         if not self.full or not taken:
             return {}
         signal = self._signal[taken, ..., member].cpu().numpy()
@@ -230,9 +232,13 @@ class Monitor:
         return {"steps": np.array([self.hist_steps[i] for i in taken]), "q": signal[:, 0], "c": signal[:, 1],
                 "input_sq": inputs[:, 0], "input_cross": inputs[:, 1]}
 
+    def _taken(self, last_step: int) -> list[int]:
+        """The slots of the histogram steps a member reached (a diverged one stops early)."""
+        return [slot for slot, step in enumerate(self.hist_steps) if step <= last_step]
+
     def histograms(self, member: int, last_step: int) -> dict[str, np.ndarray]:
         """histograms.npz of a member: gradient histograms at the first, middle and last step reached."""
-        taken = [i for i, s in enumerate(self.hist_steps) if s <= last_step]
+        taken = self._taken(last_step)
         return {
             "steps": np.array([self.hist_steps[i] for i in taken]),
             "counts": self._hist[member, taken].cpu().numpy(),

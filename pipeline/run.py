@@ -115,8 +115,6 @@ def run_group(
     diverged run is FINISHED (it is a result); an exception marks the runs not yet finished FAILED
     and an interrupt KILLED, so that a resumed grid redoes them."""
     client = client or tracking.get_client()
-    if parent_run_id is None:  # a lone `gradbench train`: clear what a killed one left RUNNING (the grid does it itself)
-        tracking.fail_stale_runs(client, tracking.experiment_id(client, experiment))
     group = (uuid.uuid4().hex[:12], len(configs))
     loggers: list[tracking.RunLogger] = []
     summaries: list[RunSummary] = []

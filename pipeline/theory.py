@@ -78,17 +78,25 @@ def fixed_point(activation: str, sigma_w2: float, sigma_b2: float, q0: float = 1
     return q
 
 
-def correlation_map(activation: str, c: float, q: float, sigma_w2: float, sigma_b2: float) -> tuple[float, float]:
-    """(next correlation, chi_c): how the correlation c between two inputs' pre-activations (both of
-    variance q) propagates, with u1 = x1 and u2 = c x1 + sqrt(1 - c^2) x2, x1, x2 ~ N(0, q)."""
-    phi, dphi = ACTIVATIONS[activation].phi, ACTIVATIONS[activation].dphi
-    x, w = _panels(q, n=24, order=4)  # 2-D: a coarser rule keeps it to ~1 ms
+def _pair_mean(f, q: float, c: float) -> float:
+    """E[f(u1) f(u2)] for u1, u2 ~ N(0, q) with correlation c: u1 = x1, u2 = c x1 + sqrt(1 - c^2) x2,
+    x1, x2 ~ N(0, q), on a 2-D quadrature (a coarser rule than gaussian_mean's keeps it to ~1 ms)."""
+    if q <= 0:
+        return float(f(np.zeros(1))[0] ** 2)
+    x, w = _panels(q, n=24, order=4)
     density = w * np.exp(-x * x / (2 * q)) / math.sqrt(2 * math.pi * q)
     x1, x2 = np.meshgrid(x, x, indexing="ij")
-    weight = np.outer(density, density)
+    c = min(max(c, -1.0), 1.0)
     u2 = c * x1 + math.sqrt(max(1 - c * c, 0.0)) * x2
-    c_next = (sigma_w2 * np.sum(weight * phi(x1) * phi(u2)) + sigma_b2) / q
-    return float(c_next), float(sigma_w2 * np.sum(weight * dphi(x1) * dphi(u2)))
+    return float(np.sum(np.outer(density, density) * f(x1) * f(u2)))
+
+
+def correlation_map(activation: str, c: float, q: float, sigma_w2: float, sigma_b2: float) -> tuple[float, float]:
+    """(next correlation, chi_c): how the correlation c between two inputs' pre-activations (both of
+    variance q, at the fixed point) propagates, and the slope of that map."""
+    act = ACTIVATIONS[activation]
+    c_next = (sigma_w2 * _pair_mean(act.phi, q, c) + sigma_b2) / q
+    return float(c_next), sigma_w2 * _pair_mean(act.dphi, q, c)
 
 
 def sigma_w2_of(config: RunConfig, fan_in: int, fan_out: int) -> float:
@@ -245,19 +253,6 @@ def _fit_slope(log_norms: np.ndarray) -> float:
     return float(-np.polyfit(np.arange(len(log_norms)), log_norms, 1)[0])
 
 
-def _cross_moment(activation: str, q: float, c: float) -> float:
-    """E[phi(u1) phi(u2)] for u1, u2 ~ N(0, q) with correlation c (a 2-D quadrature)."""
-    phi = ACTIVATIONS[activation].phi
-    if q <= 0:
-        return float(phi(np.zeros(1))[0] ** 2)
-    x, w = _panels(q, n=24, order=4)
-    density = w * np.exp(-x * x / (2 * q)) / math.sqrt(2 * math.pi * q)
-    x1, x2 = np.meshgrid(x, x, indexing="ij")
-    c = min(max(c, -1.0), 1.0)
-    u2 = c * x1 + math.sqrt(max(1 - c * c, 0.0)) * x2
-    return float(np.sum(np.outer(density, density) * phi(x1) * phi(u2)))
-
-
 @dataclass(frozen=True)
 class ForwardMaps:
     """The q-map and c-map from the measured input (Poole et al. 2016, Schoenholz et al. 2017)."""
@@ -287,18 +282,11 @@ def forward_maps(config: RunConfig, input_sq: float, input_cross: float, in_feat
         qs.append(q)
         cs.append(c)
         q_next = min(length_map(act, q, sw2, sb2), Q_MAX)
-        c = min((sw2 * _cross_moment(act, q, c) + sb2) / q_next, 1.0) if q_next > 0 else 1.0
+        c = min((sw2 * _pair_mean(ACTIVATIONS[act].phi, q, c) + sb2) / q_next, 1.0) if q_next > 0 else 1.0
         q = q_next
     q_star = fixed_point(act, sw2, sb2, q0=qs[-1])
-    c_star = 1.0
-    if q_star >= 1e-12:
-        c_star = 0.5
-        for _ in range(200):
-            nxt = min((sw2 * _cross_moment(act, q_star, c_star) + sb2) / q_star, 1.0)
-            if abs(nxt - c_star) < 1e-10:
-                break
-            c_star = nxt
-    return ForwardMaps(np.array(qs), np.array(cs), c_star, correlation_depth(act, q_star, sw2, sb2))
+    return ForwardMaps(np.array(qs), np.array(cs), correlation_fixed_point(act, q_star, sw2, sb2),
+                       correlation_depth(act, q_star, sw2, sb2))
 
 
 def measured_correlation_depth(c: np.ndarray, c_star: float) -> float:
@@ -312,20 +300,26 @@ def measured_correlation_depth(c: np.ndarray, c_star: float) -> float:
     return float(-1 / slope) if slope < 0 else math.nan
 
 
-def correlation_depth(activation: str, q_star: float, sigma_w2: float, sigma_b2: float) -> float:
-    """xi_c: iterate the correlation map from c = 0.5 to its fixed point c*, then -1/ln(chi_c(c*)).
-    Where q* -> 0 the network is in the ordered phase (c* = 1) and chi_c = chi_1."""
+def correlation_fixed_point(activation: str, q_star: float, sigma_w2: float, sigma_b2: float) -> float:
+    """c*: the correlation map iterated from c = 0.5 at q*. Where q* -> 0 the network is in the
+    ordered phase: c* = 1."""
     if q_star < 1e-12:
-        return _depth_scale(chi(activation, q_star, sigma_w2))
+        return 1.0
     c = 0.5
     for _ in range(200):
-        nxt, _ = correlation_map(activation, c, q_star, sigma_w2, sigma_b2)
-        nxt = min(nxt, 1.0)
+        nxt = min(correlation_map(activation, c, q_star, sigma_w2, sigma_b2)[0], 1.0)
         if abs(nxt - c) < 1e-10:
             break
         c = nxt
-    _, chi_c = correlation_map(activation, c, q_star, sigma_w2, sigma_b2)
-    return _depth_scale(chi_c)
+    return c
+
+
+def correlation_depth(activation: str, q_star: float, sigma_w2: float, sigma_b2: float) -> float:
+    """xi_c = -1/ln(chi_c(c*)). Where q* -> 0 (ordered, c* = 1) chi_c = chi_1."""
+    if q_star < 1e-12:
+        return _depth_scale(chi(activation, q_star, sigma_w2))
+    c = correlation_fixed_point(activation, q_star, sigma_w2, sigma_b2)
+    return _depth_scale(correlation_map(activation, c, q_star, sigma_w2, sigma_b2)[1])
 
 
 def _depth_scale(factor: float) -> float:

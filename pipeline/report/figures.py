@@ -140,7 +140,7 @@ def _thin(per_step: pd.DataFrame) -> pd.DataFrame:
 
 def _deepest(layers: pd.DataFrame) -> tuple[int, pd.DataFrame]:
     """The deepest nets of the grid, at one clip setting (none where there is one): the rows the
-    gradient-flow and training-curve figures compare across activations and inits."""
+    gradient-flow, signal and training-curve figures compare across activations and inits."""
     clip = "none" if (layers["clip"] == "none").any() else layers["clip"].iloc[0]
     depth = layers.depth.max()
     return depth, layers[(layers.depth == depth) & (layers["clip"] == clip)]
@@ -197,9 +197,7 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
             line = theory_line(rows)
             if line is None:
                 continue
-            # the prediction in black, dotted, over the measured colour: seen even where they coincide
-            ax.plot(*line, linestyle=(0, (1.5, 1.5)), color="black", linewidth=1.6, zorder=5)
-            ax.plot(*line, linestyle="none", marker="x", color=palette[init], markersize=5, zorder=6)
+            draw_prediction(ax, *line, palette[init])
             error = rows.groupby("run_id").slope_error.first().mean()  # the logged theory/slope_error
             if np.isfinite(error):
                 errors.setdefault(activation, []).append(f"{init} {error:+.2f}")
@@ -223,6 +221,13 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
                   "what a good init achieves. Black dotted with crosses: the mean-field prediction "
                   "(pipeline/theory.py) for the hidden layers, anchored at the last hidden layer's measured value."
                   + worst, *_encode(grid.figure))
+
+
+def draw_prediction(ax, x, y, colour) -> None:
+    """A prediction in black, dotted, with crosses in its measured line's colour: seen even where it
+    lies on the measurement."""
+    ax.plot(x, y, linestyle=(0, (1.5, 1.5)), color="black", linewidth=1.6, zorder=5)
+    ax.plot(x, y, linestyle="none", marker="x", color=colour, markersize=5, zorder=6)
 
 
 def theory_line(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
@@ -459,12 +464,9 @@ def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
     """Forward q and c per hidden layer at step 0 on the deepest nets, measured against the q/c maps."""
     if signal is None or signal.empty:
         return None
-    start = signal[signal.step == 0]
-    clip = "none" if (start["clip"] == "none").any() else start["clip"].iloc[0]
-    start = start[(start.depth == start.depth.max()) & (start["clip"] == clip)]
+    depth, start = _deepest(signal[signal.step == 0])
     if start.empty:
         return None
-    depth = int(start.depth.iloc[0])
     setups = sorted(start.setup.unique())
     palette = dict(zip(setups, sns.color_palette(n_colors=len(setups))))
     activations = sorted(start.activation.unique())
@@ -479,9 +481,8 @@ def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
                          markersize=4, errorbar=None, ax=ax, legend=False)
             predicted = rows.dropna(subset=["predicted"]).groupby(["setup", "layer"]).predicted.mean().reset_index()
             for setup, line in predicted.groupby("setup"):
-                y = _log10(line.predicted) if statistic == "q" else line.predicted
-                ax.plot(line.layer, y, color="black", linestyle=(0, (1.5, 1.5)), linewidth=1.4, zorder=5)
-                ax.plot(line.layer, y, linestyle="none", marker="x", color=palette[setup], markersize=5, zorder=6)
+                draw_prediction(ax, line.layer, _log10(line.predicted) if statistic == "q" else line.predicted,
+                                palette[setup])
             ax.set(title=f"{'log10 q' if statistic == 'q' else 'c'} - {activation}", xlabel="layer" if row else "",
                    ylabel="log10 q (mean z^2)" if statistic == "q" else "c (mean correlation)")
             if statistic == "c":
