@@ -63,6 +63,7 @@ def chi(activation: str, q: float, sigma_w2: float) -> float:
 
 
 Q_MAX = 1e12  # beyond this the length map has no fixed point: q grows without bound
+Q_OVERFLOW = 1e250  # the forward maps follow q this far (a float's squares stay finite)
 
 
 def fixed_point(activation: str, sigma_w2: float, sigma_b2: float, q0: float = 1.0, iters: int = 2000) -> float:
@@ -281,10 +282,15 @@ def forward_maps(config: RunConfig, input_sq: float, input_cross: float, in_feat
     for _ in range(config.depth - 1):
         qs.append(q)
         cs.append(c)
-        q_next = min(length_map(act, q, sw2, sb2), Q_MAX)
+        if not q < Q_OVERFLOW:  # beyond what the quadrature (and a float) can follow: no prediction
+            q, c = math.nan, math.nan
+            continue
+        # not capped at Q_MAX: an exploding net's q really grows by its factor at every layer
+        q_next = length_map(act, q, sw2, sb2)
         c = min((sw2 * _pair_mean(ACTIVATIONS[act].phi, q, c) + sb2) / q_next, 1.0) if q_next > 0 else 1.0
         q = q_next
-    q_star = fixed_point(act, sw2, sb2, q0=qs[-1])
+    last = next(v for v in reversed(qs) if math.isfinite(v))
+    q_star = fixed_point(act, sw2, sb2, q0=min(last, Q_MAX))
     return ForwardMaps(np.array(qs), np.array(cs), correlation_fixed_point(act, q_star, sw2, sb2),
                        correlation_depth(act, q_star, sw2, sb2))
 

@@ -192,3 +192,13 @@ def test_forward_q_and_c_maps_match_monte_carlo(case):
     np.testing.assert_allclose(q, maps.q, rtol=0.1)
     np.testing.assert_allclose(c, maps.c, atol=0.03)
     assert theory.forward_maps(config.replace(norm="batch"), 1.0, 0.1) is None  # not modelled: no prediction
+
+
+def test_an_exploding_nets_q_map_is_not_capped():
+    """ReLU with N(0, 1) weights at width 128: q grows by sigma_w^2 / 2 = 64 per layer, past 1e12
+    (where the fixed-point search stops) as the measured q does; beyond a float's reach, no prediction."""
+    maps = theory.forward_maps(RunConfig(activation="relu", init="normal", width=128, depth=20), 1.0, 0.3)
+    np.testing.assert_allclose(np.diff(np.log10(maps.q))[1:], np.log10(64), rtol=1e-6)
+    assert maps.q[-1] > 1e30
+    deep = theory.forward_maps(RunConfig(activation="relu", init="normal", width=1024, depth=200), 1.0, 0.3)
+    assert np.isnan(deep.q[-1]) and np.isfinite(deep.q[:10]).all()
