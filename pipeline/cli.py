@@ -256,9 +256,9 @@ def bench(quick: bool, out: str, device: str, data_dir: str, source: str | None)
     _check_device(device)
     suite = perf_suite()
     _prepare(data_dir, source)
-    results = suite.run_bench(data_dir, source, quick, device, echo=lambda s: click.echo(s, err=True))
+    results = suite.run_bench(data_dir, source, quick, device, echo=lambda s: click.echo(s, err=True), out=out)
     click.echo(suite.markdown(results))
-    click.echo(f"\nwritten to {suite.write_json(results, out)}", err=True)
+    click.echo(f"\nwritten to {out}", err=True)
 
 
 PERF_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "suite.py"

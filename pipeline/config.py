@@ -108,8 +108,9 @@ class RunConfig:
     seed: int = field(default=0, metadata=_spec("Seed for init, shuffling and everything else.", member=True, min=0))
     device: str = field(default="auto", metadata=_spec("auto (cuda if available), cpu, cuda or cuda:N.", hashed=False))
     precision: str = field(default="fp32", metadata=_spec("Parameter and compute precision.", choices=PRECISIONS))
-    log_every: int = field(default=10, metadata=_spec(
-        "MLflow metric stride in steps (artifacts keep every step).", member=True, hashed=False, min=1))
+    log_every: int = field(default=0, metadata=_spec(
+        "MLflow metric stride in steps (0: chosen from depth and steps, about 1,000 values a run; "
+        "the artifacts keep every step).", member=True, hashed=False, min=0))
 
     def __post_init__(self) -> None:
         validate(self)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -21,3 +23,11 @@ def gradient_flow(table: pd.DataFrame, title: str) -> plt.Figure:
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     return fig
+
+
+def png(fig: plt.Figure, dpi: int = 72) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()

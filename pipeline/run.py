@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -103,6 +103,28 @@ def summary_metrics(config: RunConfig, result: RunResult, maps: theory.ForwardMa
     }
 
 
+@dataclass
+class Analysis:
+    """What a finished run adds to its training record: the diagnosis, the summary metrics (theory
+    beside measurement), tags, figures and tables. Computed without MLflow (the bench times it)."""
+
+    diagnosis: str
+    summaries: dict[str, float]
+    tags: dict[str, str]
+    figures: dict[str, bytes]  # artifact path -> PNG
+    tables: dict[str, pd.DataFrame]
+
+
+def analyse(config: RunConfig, result: RunResult) -> Analysis:
+    diagnosis = diagnose(result.outcome, result.table)
+    figures = {} if result.table.empty else {
+        "plots/gradient_flow.png": plots.png(plots.gradient_flow(result.table, run_name(config)))}
+    maps = forward_maps(config, result)
+    tables = {"signal/propagation.parquet": signal_table(result, maps)} if result.signal else {}
+    tags = {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}
+    return Analysis(diagnosis, summary_metrics(config, result, maps), tags, figures, tables)
+
+
 def run_group(
     configs: Sequence[RunConfig],
     data: Mnist,
@@ -110,10 +132,11 @@ def run_group(
     parent_run_id: str | None = None,
     grid: str | None = None,
     client: tracking.MlflowClient | None = None,
+    clock: Callable[[int], None] | None = None,
 ) -> list[RunSummary]:
     """Train `configs` together (a group of one for a single run), each into its own MLflow run. A
     diverged run is FINISHED (it is a result); an exception marks the runs not yet finished FAILED
-    and an interrupt KILLED, so that a resumed grid redoes them."""
+    and an interrupt KILLED, so that a resumed grid redoes them. `clock`: see train.train."""
     client = client or tracking.get_client()
     group = (uuid.uuid4().hex[:12], len(configs))
     loggers: list[tracking.RunLogger] = []
@@ -127,17 +150,12 @@ def run_group(
         with shielded():
             for logger in loggers:
                 logger.log_dataset(data.location, data.digest)
-        results = train(configs, data, loggers)
+        results = train(configs, data, loggers, clock=clock)
         for config, logger, result in zip(configs, loggers, results):
-            diagnosis = diagnose(result.outcome, result.table)
-            figures = {} if result.table.empty else {
-                "plots/gradient_flow.png": plots.gradient_flow(result.table, run_name(config))}
-            maps = forward_maps(config, result)
-            tables = {"signal/propagation.parquet": signal_table(result, maps)} if result.signal else {}
+            found = analyse(config, result)
             with shielded():
-                logger.finish(result, summary_metrics(config, result, maps),
-                              {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}, figures, tables)
-                summaries.append(RunSummary(logger.run_id, run_name(config), result.outcome, diagnosis,
+                logger.finish(result, found.summaries, found.tags, found.figures, found.tables)
+                summaries.append(RunSummary(logger.run_id, run_name(config), result.outcome, found.diagnosis,
                                             result.final_test_acc, result.seconds))
     except BaseException as exc:
         with shielded():

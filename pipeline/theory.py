@@ -291,8 +291,8 @@ def forward_maps(config: RunConfig, input_sq: float, input_cross: float, in_feat
         q = q_next
     last = next(v for v in reversed(qs) if math.isfinite(v))
     q_star = fixed_point(act, sw2, sb2, q0=min(last, Q_MAX))
-    return ForwardMaps(np.array(qs), np.array(cs), correlation_fixed_point(act, q_star, sw2, sb2),
-                       correlation_depth(act, q_star, sw2, sb2))
+    c_star = correlation_fixed_point(act, q_star, sw2, sb2)
+    return ForwardMaps(np.array(qs), np.array(cs), c_star, correlation_depth(act, q_star, sw2, sb2, c_star))
 
 
 def measured_correlation_depth(c: np.ndarray, c_star: float) -> float:
@@ -311,20 +311,21 @@ def correlation_fixed_point(activation: str, q_star: float, sigma_w2: float, sig
     ordered phase: c* = 1."""
     if q_star < 1e-12:
         return 1.0
-    c = 0.5
-    for _ in range(200):
-        nxt = min(correlation_map(activation, c, q_star, sigma_w2, sigma_b2)[0], 1.0)
+    c, phi = 0.5, ACTIVATIONS[activation].phi
+    for _ in range(200):  # the map alone (not its slope, which correlation_map also integrates)
+        nxt = min((sigma_w2 * _pair_mean(phi, q_star, c) + sigma_b2) / q_star, 1.0)
         if abs(nxt - c) < 1e-10:
             break
         c = nxt
     return c
 
 
-def correlation_depth(activation: str, q_star: float, sigma_w2: float, sigma_b2: float) -> float:
-    """xi_c = -1/ln(chi_c(c*)). Where q* -> 0 (ordered, c* = 1) chi_c = chi_1."""
+def correlation_depth(activation: str, q_star: float, sigma_w2: float, sigma_b2: float,
+                      c_star: float | None = None) -> float:
+    """xi_c = -1/ln(chi_c(c*)) (c* computed unless given). Where q* -> 0 (ordered, c* = 1) chi_c = chi_1."""
     if q_star < 1e-12:
         return _depth_scale(chi(activation, q_star, sigma_w2))
-    c = correlation_fixed_point(activation, q_star, sigma_w2, sigma_b2)
+    c = correlation_fixed_point(activation, q_star, sigma_w2, sigma_b2) if c_star is None else c_star
     return _depth_scale(correlation_map(activation, c, q_star, sigma_w2, sigma_b2)[1])
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +133,9 @@ def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) ->
 
 
 def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] | None = None,
-          full_monitor: bool = True) -> list[RunResult]:
-    """Train a group of configs on `data` (already on its device); one RunResult per config."""
+          full_monitor: bool = True, clock: Callable[[int], None] | None = None) -> list[RunResult]:
+    """Train a group of configs on `data` (already on its device); one RunResult per config.
+    `clock` (the perf bench's StepClock) is called with the number of steps done after each step."""
     if len({group_key(c) for c in configs}) != 1:
         raise ValueError(f"a group's members must agree on {', '.join(GROUP_KEYS)}")
     first, members = configs[0], len(configs)
@@ -172,6 +173,8 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
             optimizer.step()
             monitor.step_end(losses, (logits.argmax(dim=2) == yb).float().mean(dim=1), post_norm, active)
             step += 1
+            if clock is not None:
+                clock(step)
             # Flush at each epoch's end too, so that divergence is known before the evaluation.
             if monitor.chunk_full or step == total or i == steps_per_epoch - 1:
                 for e, chunk in enumerate(monitor.flush()):

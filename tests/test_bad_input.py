@@ -52,7 +52,7 @@ CASES = [
     ("train --precision fp8", "--precision"),
     ("train --optimizer rmsprop", "--optimizer"),
     ("train --activation swish", "--activation"),
-    ("train --log-every 0", "--log-every"),
+    ("train --log-every -1", "--log-every"),
     ("train --batch-size 0", "--batch-size"),
     ("train --epochs 0", "--epochs"),
     ("train --max-steps -1", "--max-steps"),

@@ -9,8 +9,9 @@ from pipeline.cli import cli, perf_suite
 
 bench = perf_suite()
 
-KEYS = ["speedup_vs_seed_loop", "engine_vs_plain_loop", "monitor_overhead", "mlflow_overhead", "peak_fraction_w256", "peak_fraction_w1024",
-        "peak_rss_mb", "device", "ensemble_speedup_w128", "ensemble_speedup_w512"]
+RATIOS = ["speedup_vs_seed_loop", "engine_vs_plain_loop", "monitor_overhead", "ensemble_speedup_w128",
+          "ensemble_speedup_w512"]
+KEYS = [*RATIOS, "quick_run_d5", "quick_run_d20", "peak_fraction_w256", "peak_fraction_w1024", "peak_rss_mb", "device"]
 
 
 @pytest.mark.slow
@@ -22,15 +23,22 @@ def test_bench_quick_from_a_fresh_directory_with_the_default_data_dir(tmp_path, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GRADBENCH_MNIST_SOURCE", raising=False)
     monkeypatch.delenv("GRADBENCH_DATA_DIR", raising=False)
-    monkeypatch.setattr(bench, "QUICK", bench.Budget(steps=6, tracked_steps=6, repeats=1, members=2, full=False))
+    monkeypatch.setattr(bench, "QUICK", bench.Budget(pairs=1, steps=3, deep_steps=1, members=2, ensemble_steps=3,
+                                                      full=False))
+    monkeypatch.setattr(bench, "QUICK_RUN", dict(width=16, max_steps=6, train_subset=640))
     prepared = CliRunner().invoke(cli, ["prepare", "--source", str(SHARED_MNIST)])
     assert prepared.exit_code == 0, prepared.output
     result = CliRunner().invoke(cli, ["bench", "--quick"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "| speedup vs seed loop |" in result.output
-    assert "| one-member engine vs plain nn.Linear loop |" in result.output
+    assert "| speedup vs seed loop, per step |" in result.output
+    assert "| one-member engine vs plain nn.Linear loop, per step |" in result.output
     results = json.loads((tmp_path / "reports" / "perf.json").read_text())
     for key in KEYS:
         assert key in results, key
     assert results["device"] == "cpu" and results["peak_rss_mb"] > 100
     assert 0 < results["peak_fraction_w1024"] < 1.5  # a fraction of the peak measured in the same run
+    for key in RATIOS:  # each ratio: its median within its spread, from the stated number of pairs
+        ratio = results[key]
+        assert ratio["low"] <= ratio["median"] <= ratio["high"] and ratio["pairs"] == 1, key
+    share = results["quick_run_d20"]["mlflow_share"]
+    assert 0 < share["a"] < share["b"]  # seconds in the run logger, within the tracked run's seconds

@@ -80,3 +80,24 @@ def test_an_interrupt_while_an_ensemble_starts_ends_every_opened_run(store, trac
     with pytest.raises(KeyboardInterrupt):
         run_group(configs, mnist, experiment=store, client=client)
     assert sorted(r.info.status for r in runs_of(store)) == ["KILLED", "KILLED"]
+
+
+def test_the_default_stride_keeps_a_run_near_its_metric_budget_and_the_curves_whole(store, mnist):
+    """--log-every 0: the per-step curves finer than the per-layer ones, about METRIC_BUDGET
+    values in all, step 0 and the last step in every curve; counted from the store itself."""
+    config = RunConfig(depth=6, width=16, batch_size=64, max_steps=250, device="cpu")  # log_every 0
+    (summary,) = run_group([config], mnist, experiment=store)
+    client = MlflowClient()
+    run = client.get_run(summary.run_id)
+    per_run = {"final", "theory", "signal", "run", "test"}  # one value per run or per evaluation
+    curves = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
+              for k in run.data.metrics if k.split("/")[0] not in per_run and "first_last" not in k}
+    step_curve, layer_curve = curves["train/loss"], curves["grad/backprop_norm/L00"]
+    assert step_curve[0] == layer_curve[0] == 0 and step_curve[-1] == layer_curve[-1] == 249
+    # half the budget each, the last step on top of the stride: 250 / 5 = 50 points -> stride
+    # ceil(250 / 49) = 6; 250 / (3 x 6 layers + 5 hidden act) = 10 points -> stride ceil(250 / 9) = 28
+    assert step_curve == [*range(0, 250, 6), 249]
+    assert layer_curve == [*range(0, 250, 28), 249]
+    assert len(step_curve) > 2 * len(layer_curve)
+    values = sum(len(steps) for steps in curves.values())
+    assert values == 5 * 43 + 23 * 10 <= tracking.METRIC_BUDGET, values

@@ -2,24 +2,40 @@
 
     gradbench bench [--quick] [--out reports/perf.json]      (the CLI loads this file)
 
-Every figure is a ratio of two things timed side by side in this process, on the same machine:
-1. gradbench's loop (full monitoring on) against the seed-style loop of the classic PyTorch MNIST
-   example: torchvision MNIST with ToTensor + Normalize through a DataLoader (batch 64,
-   num_workers 0), a host copy per batch, loss.item() every 10 steps, the 784-512-256-10 ReLU net;
-   and the engine with one member (monitoring off) against a plain nn.Linear loop over the same
-   on-device batches: what the member axis costs a single run;
-2. full per-layer monitoring against monitoring off, same loop and config;
-3. MLflow tracking on (a real SQLite store) against off: the fraction of the run time it adds,
-   for a run of 300 steps (--quick: a quick-grid run) or one epoch;
-4. achieved FLOP/s of the loop (6 x parameters x samples / time) at depth 20, widths 256 and 1024,
-   against the fp32 matmul peak measured here and now;
-5. 8 configurations (4 with --quick) as one ensemble against one at a time (runs per hour), widths
-   128 and 512;
-6. peak resident memory of one quick-grid run (a subprocess), and peak GPU memory where there is one.
+Two kinds of cost, never mixed:
+- per step, in the steady state: a StepClock synchronizes the device after a few warm-up steps
+  and after the last step, and times what lies between; construction, the first steps, the
+  test-set evaluation and the end of the run lie outside;
+- per run, fixed: the whole run's time minus its steps at the steady-state rate (construction,
+  evaluation, the layer table, histograms, theory and figures, MLflow's run creation, metrics,
+  artifacts and closing).
+
+Every figure is a paired ratio: the two sides are timed alternately (a b a b ...) after a warm-up
+of each, one ratio per alternation, and the median and the spread (min-max) of at least 5
+alternations are printed. A slow spell of the machine hits both sides of one alternation alike;
+this VM's speed drifts by tens of percent over minutes. --quick and the full mode time the same
+configurations (fewer steps in quick), so their ratios estimate the same thing.
+
+1. steps: gradbench's loop (full monitoring) against the seed-style loop of the classic PyTorch
+   MNIST example (torchvision MNIST, ToTensor + Normalize, DataLoader batch 64, a host copy per
+   batch, loss.item() every 10 steps), both training gradbench's 784-512-512-10 ReLU MLP; and the
+   one-member engine (monitoring off) against a plain nn.Linear loop with the same bookkeeping;
+2. steps: full per-layer monitoring on against off;
+3. runs: a quick-grid run (depth 5 and depth 20) tracked into a real SQLite store against the same
+   work untracked: MLflow's share; and the monitoring's fixed cost (layer table, histograms,
+   theory, figure) as a share of the tracked run;
+4. steps: achieved FLOP/s at depth 20, widths 256 and 1024 (6 x weights x samples per step,
+   monitoring on) against the fp32 matmul peak measured in this run;
+5. runs: configurations trained as one ensemble against one at a time (runs per hour), widths 128
+   and 512, whole runs (their fixed costs included: that is what a grid pays);
+6. peak resident memory of one quick-grid run (a subprocess), peak GPU memory where there is one;
+   full mode: the quick grid end to end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import resource
@@ -30,7 +46,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,19 +59,44 @@ from pipeline.runtime import get_device
 from pipeline.train import train
 
 REFERENCE_BATCH = 64
+# what a run does only because it is tracked: every RunLogger entry point (the MLflow calls and
+# the logger's own work: metric objects, artifact files)
+TRACKING_METHODS = ("start", "log_dataset", "on_chunk", "on_eval", "finish")
+QUICK_RUN = dict(width=128, max_steps=300, train_subset=38400)  # a quick-grid run (benchmarks/quick.yaml)
 
 
 @dataclass(frozen=True)
 class Budget:
-    steps: int  # training steps per timed loop
-    tracked_steps: int  # steps of the run whose MLflow share is measured
-    repeats: int  # best of this many (the least disturbed measurement)
+    pairs: int  # alternations per paired ratio (at least 5)
+    steps: int  # timed steady-state steps at depth 3 to 10 (after WARMUP steps)
+    deep_steps: int  # the same at depth 20 (FLOP/s)
     members: int  # configurations in the ensemble measurement
-    full: bool  # also the quick grid end to end, and MLflow at a second stride
+    ensemble_steps: int  # steps of each ensemble-measurement run
+    full: bool  # also the quick grid end to end
 
 
-QUICK = Budget(steps=100, tracked_steps=300, repeats=2, members=4, full=False)  # 300: a quick-grid run
-FULL = Budget(steps=600, tracked_steps=469, repeats=5, members=8, full=True)  # 469: one epoch of MNIST
+QUICK = Budget(pairs=5, steps=60, deep_steps=8, members=4, ensemble_steps=30, full=False)
+FULL = Budget(pairs=7, steps=250, deep_steps=30, members=8, ensemble_steps=100, full=True)
+WARMUP = 3  # untimed steps first: lazy initialization, allocator warm-up
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """a / b over paired alternations: the median, its spread, and each side's median."""
+
+    median: float
+    low: float
+    high: float
+    a: float
+    b: float
+    pairs: int
+
+    def to_dict(self) -> dict:
+        return {"median": self.median, "low": self.low, "high": self.high, "a": self.a, "b": self.b,
+                "pairs": self.pairs}
+
+    def text(self, fmt: str = "{:.2f}") -> str:
+        return f"{fmt.format(self.median)} ({fmt.format(self.low)}-{fmt.format(self.high)})"
 
 
 def _sync(device: torch.device) -> None:
@@ -63,53 +104,70 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
-def _paired(a: Callable[[], object], b: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
-    """Best times of a and b, warmed up once each, then run alternately (a b a b ...), so that a
-    slow spell of the machine hits both sides alike."""
+class StepClock:
+    """Times the steady state of a training loop: called with the number of steps done after each
+    step, it synchronizes the device and reads the clock after step `start` and after step `end`."""
+
+    def __init__(self, device: torch.device, start: int, end: int):
+        self.device, self.start, self.end = device, start, end
+        self.marks: dict[int, float] = {}
+
+    def __call__(self, step: int) -> None:
+        if step in (self.start, self.end):
+            _sync(self.device)
+            self.marks[step] = time.perf_counter()
+
+    @property
+    def per_step(self) -> float:
+        return (self.marks[self.end] - self.marks[self.start]) / (self.end - self.start)
+
+
+Loop = Callable[[int, StepClock], object]  # runs `steps` steps, calling the clock after each
+
+
+def timed_run(loop: Loop, steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per step in the steady state, fixed seconds) of one run of `loop`: WARMUP steps,
+    then `steps` timed ones; fixed = the whole run minus all its steps at the steady-state rate."""
+    clock = StepClock(device, WARMUP, WARMUP + steps)
+    total = _seconds(lambda: loop(WARMUP + steps, clock), device)
+    return clock.per_step, total - (WARMUP + steps) * clock.per_step
+
+
+def paired(a: Callable[[], float], b: Callable[[], float], pairs: int) -> Ratio:
+    """a() / b() for each of `pairs` alternations, after a warm-up of each. a and b return a cost
+    (seconds, seconds per step, ...)."""
     a(), b()
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        times_a.append(_best_seconds(a, device, 1))
-        times_b.append(_best_seconds(b, device, 1))
-    return min(times_a), min(times_b)
-
-
-def _paired_ratios(a: Callable[[], object], b: Callable[[], object], device: torch.device,
-                   pairs: int) -> tuple[float, float, float]:
-    """time(a) / time(b) for each of `pairs` alternations (a b a b ..., after a warm-up of each):
-    the median ratio and its spread (min, max). This VM's speed drifts by tens of percent."""
-    a(), b()
-    ratios = []
+    sa, sb = [], []
     for _ in range(pairs):
-        ratios.append(_best_seconds(a, device, 1) / _best_seconds(b, device, 1))
-    return statistics.median(ratios), min(ratios), max(ratios)
+        sa.append(a())
+        sb.append(b())
+    ratios = [x / y for x, y in zip(sa, sb)]
+    return Ratio(statistics.median(ratios), min(ratios), max(ratios), statistics.median(sa), statistics.median(sb), pairs)
 
 
-def reference_loop(data_dir: str, device: torch.device, steps: int) -> Callable[[], None]:
-    """The seed-style loop, as in pytorch/examples' mnist/main.py, cut to `steps` steps."""
+def reference_loop(data_dir: str, device: torch.device) -> Callable[[int], None]:
+    """The seed-style loop, as in pytorch/examples' mnist/main.py, cut to `steps` steps, training
+    gradbench's 784-512-512-10 MLP (depth 3, width 512) so that the ratio compares loops."""
     from torchvision import datasets, transforms
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
     dataset = datasets.MNIST(data_dir, train=True, download=False, transform=transform)
     test_set = datasets.MNIST(data_dir, train=False, download=False, transform=transform)
 
-    def run() -> None:
+    def run(steps: int, clock: StepClock) -> None:
         torch.manual_seed(0)
         loader = torch.utils.data.DataLoader(dataset, batch_size=REFERENCE_BATCH, shuffle=True, num_workers=0)
         model = torch.nn.Sequential(
-            torch.nn.Flatten(), torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256),
-            torch.nn.ReLU(), torch.nn.Linear(256, 10),
+            torch.nn.Flatten(), torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+            torch.nn.ReLU(), torch.nn.Linear(512, 10),
         ).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
@@ -123,22 +181,22 @@ def reference_loop(data_dir: str, device: torch.device, steps: int) -> Callable[
             optimizer.step()
             if batch_idx % 10 == 0:
                 loss.item()  # the example prints the loss every log_interval = 10 batches
+            clock(batch_idx + 1)
         test(model)  # the example tests after each epoch, as gradbench's loop does at its end
 
     def test(model: torch.nn.Module) -> None:
         model.eval()
-        correct = 0
         with torch.no_grad():
             for x, y in torch.utils.data.DataLoader(test_set, batch_size=1000):
                 x, y = x.to(device), y.to(device)
                 output = model(x)
                 F.cross_entropy(output, y, reduction="sum").item()
-                correct += output.argmax(dim=1).eq(y).sum().item()
+                output.argmax(dim=1).eq(y).sum().item()
 
     return run
 
 
-def plain_loop(config: RunConfig, data: Mnist) -> Callable[[], None]:
+def plain_loop(config: RunConfig, data: Mnist) -> Callable[[int], None]:
     """The same network and batches as the engine's single run, as a plain nn.Linear stack doing
     the bookkeeping the engine does with monitoring off: per step the loss, the accuracy and the
     global gradient norm (divergence detection) kept on the device; one evaluation at the end. The
@@ -146,7 +204,7 @@ def plain_loop(config: RunConfig, data: Mnist) -> Callable[[], None]:
     device = data.x_train.device
     n_train = config.train_subset or len(data.x_train)
 
-    def run() -> None:
+    def run(steps: int, clock: StepClock) -> None:
         torch.manual_seed(config.seed)
         layers: list[torch.nn.Module] = []
         for fan_in, fan_out in layer_sizes(config.depth, config.width):
@@ -155,8 +213,8 @@ def plain_loop(config: RunConfig, data: Mnist) -> Callable[[], None]:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
         shuffle = torch.Generator(device=device).manual_seed(config.seed)
         order = torch.randperm(n_train, device=device, generator=shuffle)
-        record = torch.zeros(3, config.total_steps, device=device)
-        for i in range(config.total_steps):
+        record = torch.zeros(3, steps, device=device)
+        for i in range(steps):
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
             logits = model(data.x_train[idx])
             loss = F.cross_entropy(logits, data.y_train[idx])
@@ -167,6 +225,7 @@ def plain_loop(config: RunConfig, data: Mnist) -> Callable[[], None]:
             optimizer.step()
             record[1, i] = loss.detach()
             record[2, i] = (logits.argmax(dim=1) == data.y_train[idx]).float().mean()
+            clock(i + 1)
         record.cpu()
         with torch.no_grad():
             for i in range(0, len(data.x_test), 2000):
@@ -177,17 +236,19 @@ def plain_loop(config: RunConfig, data: Mnist) -> Callable[[], None]:
     return run
 
 
+def engine_loop(config: RunConfig, data: Mnist, full_monitor: bool = True) -> Loop:
+    return lambda steps, clock: train([config.replace(max_steps=steps)], data, full_monitor=full_monitor, clock=clock)
+
+
 def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
     """fp32 matmul FLOP/s: the best of `repeats` n x n x n products."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)  # warm up
-    seconds = _best_seconds(lambda: torch.mm(a, b), device, repeats)
-    return 2 * n**3 / seconds
+    return 2 * n**3 / min(_seconds(lambda: torch.mm(a, b), device) for _ in range(repeats))
 
 
-def _params(config: RunConfig) -> int:
-    w = config.width
-    return 785 * w + (config.depth - 2) * (w + 1) * w + (w + 1) * 10
+def _weights(config: RunConfig) -> int:
+    return sum(fan_in * fan_out for fan_in, fan_out in layer_sizes(config.depth, config.width))
 
 
 def _quick_run_rss_mb(data_dir: str) -> float:
@@ -215,131 +276,208 @@ def _quick_grid_seconds(data_dir: str) -> float:
     return time.perf_counter() - start
 
 
-def run_bench(data_dir: str, source: str | None = None, quick: bool = False, device_name: str = "auto",
-              echo: Callable[[str], None] = print) -> dict:
-    budget = QUICK if quick else FULL
-    device = get_device(device_name)
-    data: Mnist = load(data_dir, device, source=source)
-    steps = budget.steps
-    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "torch_threads": torch.get_num_threads(), "steps": steps, "quick": quick}
+@contextlib.contextmanager
+def seconds_in(cls: type, names: tuple[str, ...]) -> Iterator[list[float]]:
+    """Adds up, into the yielded [seconds], the time spent in the methods `names` of `cls` while
+    the block runs (methods that do not call one another; classmethods too)."""
+    spent = [0.0]
+    saved = {name: cls.__dict__[name] for name in names}
 
-    def timed(config: RunConfig) -> float:
-        return _best_seconds(lambda: train([config], data), device, budget.repeats)
+    def timed(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return wrapper
 
-    echo("1/6 gradbench loop against the seed-style loop")
-    ours_cfg = RunConfig(activation="relu", depth=3, width=512, batch_size=REFERENCE_BATCH, max_steps=steps,
-                         device=str(device))
-    reference, ours = _paired(reference_loop(data_dir, device, steps), lambda: train([ours_cfg], data), device,
-                              budget.repeats)
-    results["seed_loop_samples_per_s"] = steps * REFERENCE_BATCH / reference
-    results["gradbench_samples_per_s"] = steps * REFERENCE_BATCH / ours
-    results["speedup_vs_seed_loop"] = reference / ours
-    engine_cfg = RunConfig(activation="relu", depth=10, width=256, init="he_normal", max_steps=steps,
-                           device=str(device))
-    # speed ratio (plain time / engine time): >= 0.95 means the member axis costs at most 5%
-    pairs = max(7, budget.repeats)
-    ratio, low, high = _paired_ratios(plain_loop(engine_cfg, data),
-                                      lambda: train([engine_cfg], data, full_monitor=False), device, pairs)
-    results["engine_vs_plain_loop"] = ratio
-    results["engine_vs_plain_loop_spread"] = [low, high]
-    results["engine_vs_plain_loop_pairs"] = pairs
-
-    echo("2/6 monitoring on against off")
-    monitored_cfg = RunConfig(activation="tanh", depth=10, width=256, max_steps=steps, device=str(device))
-    on, off = _paired(lambda: train([monitored_cfg], data), lambda: train([monitored_cfg], data, full_monitor=False),
-                      device, budget.repeats)
-    results["monitor_overhead"] = on / off
-
-    echo("3/6 MLflow tracking on against off")
-    tracked_cfg = monitored_cfg.replace(max_steps=budget.tracked_steps)
-    results["mlflow_overhead"] = _mlflow_overhead(tracked_cfg, data, device, budget.repeats)
-    results["mlflow_run_steps"] = budget.tracked_steps
-    if budget.full:  # MLflow's store costs per metric value: the stride is the lever (default: every 10 steps)
-        results["mlflow_overhead_log_every_50"] = _mlflow_overhead(tracked_cfg.replace(log_every=50), data, device,
-                                                                   budget.repeats)
-
-    echo("4/6 achieved FLOP/s against the matmul peak")
-    peak = matmul_peak(device)
-    results["matmul_peak_gflops"] = peak / 1e9
-    for width in (256, 1024):
-        cfg = RunConfig(activation="relu", depth=20, width=width, init="he_normal", max_steps=steps // 3,
-                        device=str(device))
-        seconds = timed(cfg)
-        flops = 6 * _params(cfg) * cfg.batch_size * cfg.max_steps / seconds
-        results[f"loop_gflops_w{width}"] = flops / 1e9
-        results[f"peak_fraction_w{width}"] = flops / peak
-
-    echo("5/6 ensembles against one run at a time")
-    for width in (128, 512):
-        configs = [RunConfig(activation="relu", depth=10, width=width, init=init, seed=seed, max_steps=steps // 3,
-                             device=str(device)) for init in ("he_normal", "xavier_normal")
-                   for seed in range(budget.members // 2)]
-        one_by_one, together = _paired(lambda configs=configs: [train([c], data) for c in configs],
-                                       lambda configs=configs: train(configs, data), device,
-                                       max(1, budget.repeats // 2))
-        results[f"ensemble_speedup_w{width}"] = one_by_one / together
-    results["ensemble_members"] = len(configs)
-
-    echo("6/6 peak memory of a quick-grid run")
-    data_dir = os.path.abspath(data_dir)  # the subprocesses below run in a temporary folder
-    results["peak_rss_mb"] = _quick_run_rss_mb(data_dir)
-    if device.type == "cuda":
-        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if budget.full:
-        echo("   and the quick grid end to end")
-        results["quick_grid_seconds"] = _quick_grid_seconds(data_dir)
-    return results
+    for name, attr in saved.items():
+        setattr(cls, name, classmethod(timed(attr.__func__)) if isinstance(attr, classmethod) else timed(attr))
+    try:
+        yield spent
+    finally:
+        for name, attr in saved.items():
+            setattr(cls, name, attr)
 
 
-def _mlflow_overhead(config: RunConfig, data: Mnist, device: torch.device, repeats: int) -> float:
-    """Fraction of a tracked run's time that MLflow adds: (tracked - untracked) / tracked."""
+def run_costs(config: RunConfig, data: Mnist, device: torch.device, pairs: int) -> dict:
+    """One quick-grid run three ways, alternately: tracked (run_group into a SQLite store), the same
+    work untracked (train, analyse, the figure rendered), and training alone with monitoring off.
+    MLflow's share: (tracked - untracked) / tracked. The monitoring's fixed cost: the analysis, plus
+    what monitoring adds to the run's fixed cost (fixed = run - steps x steady-state step), as a
+    share of the tracked run."""
     from pipeline import tracking
-    from pipeline.run import run_group
+    from pipeline.run import analyse, run_group
 
+    steps = config.total_steps - WARMUP
+
+    def tracked() -> tuple[float, float]:  # (the whole, the tracking) in seconds
+        with seconds_in(tracking.RunLogger, TRACKING_METHODS) as spent:
+            whole = _seconds(lambda: run_group([config], data, "bench", client=client), device)
+        return whole, spent[0]
+
+    def untracked(clock: StepClock) -> tuple[float, float]:  # (the whole, the analysis) in seconds
+        start = time.perf_counter()
+        result = train([config], data, clock=clock)[0]
+        trained = time.perf_counter()
+        analyse(config, result)
+        end = time.perf_counter()
+        return end - start, end - trained
+
+    rows = []  # per alternation: tracked, untracked, analysis, fixed (monitoring on), fixed (off)
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.environ.get("MLFLOW_TRACKING_URI")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         try:
             client = tracking.get_client()
             client.create_experiment("bench", artifact_location=Path(tmp, "artifacts").as_uri())
-            tracked, plain = _paired(lambda: run_group([config], data, "bench", client=client),
-                                     lambda: train([config], data), device, repeats)
+            for i in range(pairs + 1):  # the first alternation warms up
+                tracked_seconds, tracking_seconds = tracked()
+                clock = StepClock(device, WARMUP, config.total_steps)
+                total, analysis = untracked(clock)
+                on_fixed = total - analysis - config.total_steps * clock.per_step
+                off_fixed = timed_run(engine_loop(config, data, False), steps, device)[1]
+                if i:
+                    rows.append((tracked_seconds, total, analysis, on_fixed, off_fixed, tracking_seconds))
         finally:
             if saved is None:
                 os.environ.pop("MLFLOW_TRACKING_URI")
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved
-    return (tracked - plain) / tracked
+    med = statistics.median
+    tracked_s, untracked_s, analysis_s = ([r[k] for r in rows] for k in range(3))
+    mlflow = [logger / t for t, *_, logger in rows]  # measured inside the run
+    difference = [(t - u) / t for t, u, *_ in rows]  # the same, as a difference of two runs (noisier)
+    monitoring = [(a + on - off) / t for t, _, a, on, off, _ in rows]
+    return {
+        "tracked_seconds": med(tracked_s), "untracked_seconds": med(untracked_s), "analysis_seconds": med(analysis_s),
+        "mlflow_seconds": med(r[-1] for r in rows),
+        "mlflow_share": Ratio(med(mlflow), min(mlflow), max(mlflow), med(r[-1] for r in rows), med(tracked_s),
+                              pairs).to_dict(),
+        "mlflow_share_by_difference": Ratio(med(difference), min(difference), max(difference), med(tracked_s),
+                                            med(untracked_s), pairs).to_dict(),
+        "monitoring_fixed_share": Ratio(med(monitoring), min(monitoring), max(monitoring), med(analysis_s),
+                                        med(tracked_s), pairs).to_dict(),
+    }
+
+
+def run_bench(data_dir: str, source: str | None = None, quick: bool = False, device_name: str = "auto",
+              echo: Callable[[str], None] = print, out: str | os.PathLike | None = None) -> dict:
+    """Run every measurement; with `out`, the results so far are written there after each section
+    (a bench stopped midway keeps what it measured)."""
+    budget = QUICK if quick else FULL
+    device = get_device(device_name)
+    data: Mnist = load(data_dir, device, source=source)
+    n, pairs = budget.steps, budget.pairs
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "torch_threads": torch.get_num_threads(), "quick": quick, "pairs": pairs, "steps": n}
+
+    def section(line: str) -> None:
+        if out is not None:
+            write_json(results, out)
+        echo(line)
+
+    def steady(config: RunConfig, full_monitor: bool = True, steps: int = n) -> Callable[[], float]:
+        return lambda: timed_run(engine_loop(config, data, full_monitor), steps, device)[0]
+
+    section("1/6 steps: gradbench's loop against the seed-style loop, and against a plain nn.Linear loop")
+    ours = RunConfig(activation="relu", depth=3, width=512, batch_size=REFERENCE_BATCH, device=str(device))
+    reference = reference_loop(data_dir, device)
+    ratio = paired(lambda: timed_run(reference, n, device)[0], steady(ours), pairs)
+    results["speedup_vs_seed_loop"] = ratio.to_dict()
+    results["seed_loop_samples_per_s"] = REFERENCE_BATCH / ratio.a
+    results["gradbench_samples_per_s"] = REFERENCE_BATCH / ratio.b
+    engine = RunConfig(activation="relu", depth=10, width=256, init="he_normal", device=str(device))
+    plain = plain_loop(engine, data)
+    # plain time / engine time: >= 0.95 means the member axis costs at most 5%
+    results["engine_vs_plain_loop"] = paired(lambda: timed_run(plain, n, device)[0], steady(engine, False),
+                                             pairs).to_dict()
+
+    section("2/6 steps: monitoring on against off")
+    monitored = RunConfig(activation="tanh", depth=10, width=256, device=str(device))
+    results["monitor_overhead"] = paired(steady(monitored), steady(monitored, False), pairs).to_dict()
+
+    section("3/6 runs: MLflow's share and the monitoring's fixed cost, quick-grid runs at depth 5 and 20")
+    for depth in (5, 20):
+        config = RunConfig(activation="tanh", depth=depth, device=str(device), **QUICK_RUN)
+        results[f"quick_run_d{depth}"] = run_costs(config, data, device, pairs)
+
+    section("4/6 steps: achieved FLOP/s against the matmul peak")
+    peak = matmul_peak(device)
+    results["matmul_peak_gflops"] = peak / 1e9
+    for width in (256, 1024):
+        config = RunConfig(activation="relu", depth=20, width=width, init="he_normal", device=str(device))
+        seconds = statistics.median(steady(config, steps=budget.deep_steps)() for _ in range(pairs))
+        flops = 6 * _weights(config) * config.batch_size / seconds
+        results[f"loop_gflops_w{width}"] = flops / 1e9
+        results[f"peak_fraction_w{width}"] = flops / peak
+
+    section("5/6 runs: ensembles against one at a time")
+    for width in (128, 512):
+        configs = [RunConfig(activation="relu", depth=10, width=width, init=init, seed=seed,
+                             max_steps=budget.ensemble_steps, device=str(device))
+                   for init in ("he_normal", "xavier_normal") for seed in range(budget.members // 2)]
+        results[f"ensemble_speedup_w{width}"] = paired(
+            lambda configs=configs: _seconds(lambda: [train([c], data) for c in configs], device),
+            lambda configs=configs: _seconds(lambda: train(configs, data), device), pairs).to_dict()
+    results["ensemble_members"] = budget.members
+
+    section("6/6 peak memory of a quick-grid run")
+    data_dir = os.path.abspath(data_dir)  # the subprocesses below run in a temporary folder
+    results["peak_rss_mb"] = _quick_run_rss_mb(data_dir)
+    if device.type == "cuda":
+        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if budget.full:
+        section("   and the quick grid end to end")
+        results["quick_grid_seconds"] = _quick_grid_seconds(data_dir)
+    section("done")
+    return results
 
 
 def markdown(results: dict) -> str:
+    def r(key: str, fmt: str = "{:.2f}") -> str:
+        return Ratio(**results[key]).text(fmt)
+
+    def share(run: str, key: str) -> str:
+        return Ratio(**results[run][key]).text("{:.1%}")
+
     rows = [
-        ("device", results["device"], ""),
-        ("gradbench loop, samples/s", f"{results['gradbench_samples_per_s']:,.0f}", "full monitoring on"),
-        ("seed-style loop, samples/s", f"{results['seed_loop_samples_per_s']:,.0f}", "DataLoader + transforms"),
-        ("speedup vs seed loop", f"{results['speedup_vs_seed_loop']:.2f}x", "target >= 5x"),
-        ("one-member engine vs plain nn.Linear loop", f"{results['engine_vs_plain_loop']:.3f}",
-         "speed ratio, median of {} pairs (range {:.2f}-{:.2f}); same bookkeeping, monitoring off; "
-         "target >= 0.95".format(results["engine_vs_plain_loop_pairs"], *results["engine_vs_plain_loop_spread"])),
-        ("monitoring on / off", f"{results['monitor_overhead']:.3f}", "target <= 1.10"),
-        ("MLflow share of run time", f"{results['mlflow_overhead']:.1%}",
-         f"{results['mlflow_run_steps']}-step run; target <= 5%"),
-        ("fp32 matmul peak", f"{results['matmul_peak_gflops']:.0f} GFLOP/s", "measured here"),
-        ("depth 20, width 256", f"{results['peak_fraction_w256']:.1%} of peak", f"{results['loop_gflops_w256']:.0f} GFLOP/s"),
-        ("depth 20, width 1024", f"{results['peak_fraction_w1024']:.1%} of peak", f"{results['loop_gflops_w1024']:.0f} GFLOP/s; target >= 50%"),
-        (f"ensemble of {results['ensemble_members']} vs one at a time, width 128",
-         f"{results['ensemble_speedup_w128']:.2f}x", "runs per hour"),
-        (f"ensemble of {results['ensemble_members']} vs one at a time, width 512",
-         f"{results['ensemble_speedup_w512']:.2f}x", "runs per hour; target on an H100 >= 10x"),
+        ("device", results["device"], f"each ratio: median (min-max) of {results['pairs']} paired alternations"),
+        ("gradbench loop, samples/s", f"{results['gradbench_samples_per_s']:,.0f}",
+         "steady state, full monitoring, 784-512-512-10, batch 64"),
+        ("seed-style loop, samples/s", f"{results['seed_loop_samples_per_s']:,.0f}", "DataLoader + transforms, same net"),
+        ("speedup vs seed loop, per step", r("speedup_vs_seed_loop") + "x", "target >= 5x"),
+        ("one-member engine vs plain nn.Linear loop, per step", r("engine_vs_plain_loop", "{:.3f}"),
+         "speed ratio; same bookkeeping, monitoring off; target >= 0.95"),
+        ("monitoring on / off, per step", r("monitor_overhead", "{:.3f}"), "tanh, depth 10, width 256; target <= 1.05"),
+    ]
+    for depth in (5, 20):
+        run = f"quick_run_d{depth}"
+        rows += [
+            (f"MLflow share of a quick-grid run, depth {depth}", share(run, "mlflow_share"),
+             f"{results[run]['mlflow_seconds']:.2f} s in the run logger of a {results[run]['tracked_seconds']:.2f} s "
+             f"run (tracked minus untracked: {share(run, 'mlflow_share_by_difference')}); target <= 5%"),
+            (f"monitoring fixed cost, depth {depth}", share(run, "monitoring_fixed_share"),
+             f"analysis {results[run]['analysis_seconds']:.2f} s; share of the tracked run; target <= 5%"),
+        ]
+    rows += [
+        ("fp32 matmul peak", f"{results['matmul_peak_gflops']:.0f} GFLOP/s", "measured in this run"),
+        ("depth 20, width 256, per step", f"{results['peak_fraction_w256']:.1%} of peak",
+         f"{results['loop_gflops_w256']:.0f} GFLOP/s"),
+        ("depth 20, width 1024, per step", f"{results['peak_fraction_w1024']:.1%} of peak",
+         f"{results['loop_gflops_w1024']:.0f} GFLOP/s; target >= 50%"),
+        (f"ensemble of {results['ensemble_members']} vs one at a time, width 128", r("ensemble_speedup_w128") + "x",
+         "runs per hour, whole runs"),
+        (f"ensemble of {results['ensemble_members']} vs one at a time, width 512", r("ensemble_speedup_w512") + "x",
+         "runs per hour, whole runs; target on a GPU >= 10x"),
         ("peak RSS, one quick-grid run", f"{results['peak_rss_mb']:.0f} MB", ""),
     ]
-    if "mlflow_overhead_log_every_50" in results:
-        rows.insert(6, ("MLflow share, --log-every 50", f"{results['mlflow_overhead_log_every_50']:.1%}", "same run"))
     if "peak_gpu_mb" in results:
         rows.append(("peak GPU memory", f"{results['peak_gpu_mb']:.0f} MB", ""))
     if "quick_grid_seconds" in results:
-        rows.append(("quick grid end to end", f"{results['quick_grid_seconds']:.0f} s", "48 runs"))
+        rows.append(("quick grid end to end", f"{results['quick_grid_seconds']:.0f} s", "54 runs"))
     lines = ["| measure | value | note |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)

@@ -7,17 +7,19 @@ Under `mlflow run -e train`, MLflow has created the run before the entry point s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from ..activations import ACTIVATIONS
@@ -49,6 +51,27 @@ STEP_METRICS = {
     "clip_active": "clip/active",
 }
 LAYER_METRICS = {"weight_grad_norm": "grad/weight_norm", "backprop_norm": "grad/backprop_norm", "update_ratio": "update/ratio"}
+# With --log-every 0 (the default) a run logs at most about this many metric values: half to the
+# per-step curves (loss, accuracy, norms: the ones read in the UI), half to the per-layer ones.
+# MLflow's SQLite store costs about 0.2 ms per value; every step of every statistic is in the
+# run's gradients/layer_stats.parquet artifact anyway.
+METRIC_BUDGET = 500
+# Metrics are written in batches: when a batch is full, or this long after the last write (so
+# that a long run's curves still move in the UI), and at the end of the run.
+FLUSH_SECONDS = 10.0
+
+
+def metric_strides(config: RunConfig) -> tuple[int, int]:
+    """(stride of the per-step metrics, stride of the per-layer metrics), in steps: each kind gets
+    half the budget (step 0 and the last step at least, however deep the net)."""
+    if config.log_every:
+        return config.log_every, config.log_every
+    def stride(values_per_step: int) -> int:
+        points = max(2, METRIC_BUDGET // 2 // values_per_step)  # the last step comes on top of the stride's
+        return max(1, -(-config.total_steps // (points - 1)))
+
+    per_layer_values = len(LAYER_METRICS) * config.depth + config.depth - 1  # act: hidden layers only
+    return stride(len(STEP_METRICS)), stride(per_layer_values)
 
 
 def layer_key(prefix: str, layer: int) -> str:
@@ -79,8 +102,11 @@ class RunLogger:
         self.run_id = run_id
         self.config = config
         self.act_key = f"act/{ACTIVATIONS[config.activation].statistic}"
-        self._last_logged_step = -1
+        self._step_logged_at = self._layer_logged_at = -1  # the last step each kind was logged at
+        self._pending: list[Metric] = []  # metrics not yet written
+        self._written_at = time.monotonic()
         self._last_chunk: Chunk | None = None
+        self.step_stride, self.layer_stride = metric_strides(config)
 
     @classmethod
     def start(
@@ -131,7 +157,6 @@ class RunLogger:
         for i in range(0, max(len(params), 1), MAX_PARAMS_PER_CALL):
             batch_tags = [RunTag(k, v) for k, v in tags.items()] if i == 0 else []
             self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_CALL], tags=batch_tags)
-        self.client.log_text(self.run_id, self.config.to_json(), "config.json")
 
     def log_dataset(self, source: str, digest: str) -> None:
         log_dataset(self.client, self.run_id, source, digest)
@@ -140,65 +165,92 @@ class RunLogger:
 
     def on_chunk(self, chunk: Chunk) -> None:
         self._last_chunk = chunk
-        rows = [i for i, s in enumerate(chunk.step) if s % self.config.log_every == 0]
-        self._log_rows(chunk, rows)
+        rows = [i for i, s in enumerate(chunk.step) if s % self.step_stride == 0 or s % self.layer_stride == 0]
+        self._queue(self._row_metrics(chunk, rows))
 
     def on_eval(self, step: int, loss: float, acc: float) -> None:
-        self._log_metrics([Metric("test/loss", loss, now_ms(), step), Metric("test/acc", acc, now_ms(), step)])
+        self._queue([Metric("test/loss", loss, now_ms(), step), Metric("test/acc", acc, now_ms(), step)])
 
-    def _log_rows(self, chunk: Chunk, rows: list[int]) -> None:
+    def _queue(self, metrics: list[Metric]) -> None:
+        self._pending += metrics
+        if len(self._pending) >= MAX_METRICS_PER_CALL or time.monotonic() - self._written_at > FLUSH_SECONDS:
+            self._log_metrics(self._pending)
+            self._pending = []
+
+    @staticmethod
+    def _due(step: int, stride: int, logged_at: int, last: bool) -> bool:
+        if logged_at == step:  # the last step can be on the stride: logged once
+            return False
+        return last or step % stride == 0
+
+    def _row_metrics(self, chunk: Chunk, rows: list[int], last: bool = False) -> list[Metric]:
+        """The metrics of the chunk's rows: the per-step metrics on their stride, the per-layer ones on theirs;
+        last=True (the run's last step): each kind that is not logged at that step yet."""
         now = now_ms()
         metrics = []
         for i in rows:
             step = int(chunk.step[i])
-            for name, key in STEP_METRICS.items():
-                metrics.append(Metric(key, float(chunk.per_step[name][i]), now, step))
-            for name, prefix in LAYER_METRICS.items() if chunk.per_layer else ():
+            if self._due(step, self.step_stride, self._step_logged_at, last):
+                for name, key in STEP_METRICS.items():
+                    metrics.append(Metric(key, float(chunk.per_step[name][i]), now, step))
+                self._step_logged_at = step
+            if not chunk.per_layer or not self._due(step, self.layer_stride, self._layer_logged_at, last):
+                continue
+            for name, prefix in LAYER_METRICS.items():
                 for layer, value in enumerate(chunk.per_layer[name][i]):
                     metrics.append(Metric(layer_key(prefix, layer), float(value), now, step))
-            if chunk.per_layer:
-                act = chunk.per_layer["act"][i]
-                for layer in range(len(act) - 1):  # hidden layers only
-                    metrics.append(Metric(layer_key(self.act_key, layer), float(act[layer]), now, step))
-            self._last_logged_step = step
-        self._log_metrics(metrics)
+            act = chunk.per_layer["act"][i]
+            for layer in range(len(act) - 1):  # hidden layers only
+                metrics.append(Metric(layer_key(self.act_key, layer), float(act[layer]), now, step))
+            self._layer_logged_at = step
+        return metrics
 
-    def _log_metrics(self, metrics: list[Metric]) -> None:
+    def _log_metrics(self, metrics: list[Metric], tags: list[RunTag] | None = None) -> None:
         # Synchronous on purpose: MLflow's asynchronous mode (synchronous=False) costs a fixed ~0.7 s
         # per run when set_terminated shuts its queue down, far more than these batches take.
-        for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_CALL])
+        for i in range(0, max(len(metrics), 1 if tags else 0), MAX_METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_CALL],
+                                  tags=(tags or []) if i == 0 else [])
+        self._written_at = time.monotonic()
 
     # -- end of run -------------------------------------------------------------------------------
 
     def finish(self, result: RunResult, summaries: dict[str, float], tags: dict[str, str],
-               figures: dict[str, plt.Figure], tables: dict[str, pd.DataFrame] | None = None) -> None:
-        """Log the last step, the finite summaries (at the last step), the layer table, histograms,
-        other tables (artifact path -> DataFrame, written as parquet) and figures (closed here), the
-        tags; then mark the run FINISHED."""
+               figures: dict[str, bytes], tables: dict[str, pd.DataFrame] | None = None) -> None:
+        """Log the layer table, histograms, other tables (artifact path -> DataFrame, written as
+        parquet) and figures (artifact path -> PNG bytes); then the last step's metrics, the finite summaries (at
+        the last step) and the tags; then mark the run FINISHED."""
         chunk = self._last_chunk
-        if chunk is not None and len(chunk.step) and int(chunk.step[-1]) != self._last_logged_step:
-            self._log_rows(chunk, [len(chunk.step) - 1])
+        metrics = self._pending
+        if chunk is not None and len(chunk.step):
+            metrics += self._row_metrics(chunk, [len(chunk.step) - 1], last=True)
         last = max(result.steps - 1, 0)
-        self._log_metrics([Metric(k, float(v), now_ms(), last) for k, v in summaries.items() if math.isfinite(v)])
+        metrics += [Metric(k, float(v), now_ms(), last) for k, v in summaries.items() if math.isfinite(v)]
+        # every artifact into one folder, then one log_artifacts call (each call costs a store round trip)
         with tempfile.TemporaryDirectory() as tmp:
-            table_path = Path(tmp) / "layer_stats.parquet"
-            result.table.to_parquet(table_path, index=False)
-            self.client.log_artifact(self.run_id, str(table_path), "gradients")
-            hist_path = Path(tmp) / "histograms.npz"
-            np.savez_compressed(hist_path, **result.histograms)
-            self.client.log_artifact(self.run_id, str(hist_path), "gradients")
-            for artifact, frame in (tables or {}).items():
-                folder, name = artifact.rsplit("/", 1) if "/" in artifact else ("", artifact)
-                path = Path(tmp) / name
-                frame.to_parquet(path, index=False)
-                self.client.log_artifact(self.run_id, str(path), folder or None)
-        for path, fig in figures.items():
-            self.client.log_figure(self.run_id, fig, path, save_kwargs={"dpi": 72})
-            plt.close(fig)
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            files = {"config.json": self.config.to_json(), "gradients/layer_stats.parquet": result.table,
+                     "gradients/histograms.npz": result.histograms, **(tables or {}), **figures}
+            for artifact, content in files.items():
+                path = Path(tmp, artifact)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, str):
+                    path.write_text(content)
+                elif isinstance(content, pd.DataFrame):
+                    content.to_parquet(path, index=False)
+                elif isinstance(content, dict):
+                    np.savez_compressed(path, **content)
+                else:  # a figure's PNG
+                    path.write_bytes(content)
+            self.client.log_artifacts(self.run_id, tmp)
+        self._log_metrics(metrics, [RunTag(k, v) for k, v in tags.items()])
+        self._pending = []
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def fail(self, status: str = "FAILED") -> None:
-        """Mark the run FAILED or KILLED (an exception or an interrupt, not a diverged run)."""
+        """Mark the run FAILED or KILLED (an exception or an interrupt, not a diverged run), with
+        the metrics it had queued, if the store takes them."""
+        if self._pending:
+            with contextlib.suppress(MlflowException):
+                self._log_metrics(self._pending)
+            self._pending = []
         self.client.set_terminated(self.run_id, status)
