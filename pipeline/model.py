@@ -163,6 +163,31 @@ class MLP(nn.Module):
         return x.view(self.members, -1, x.shape[-1])
 
 
+    def hidden_map(self, member: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """z_0 -> z_{H-1} of one member for one example, (width,) -> (width,): the first hidden
+        layer's pre-activation to the last one's, computed as forward computes it (weights detached:
+        for Jacobians). Not for BatchNorm, which couples the examples of a batch."""
+        if self.norms is not None and self.norms[0].kind == "batch":
+            raise ValueError("the hidden map of a BatchNorm net depends on the whole batch")
+        last = len(self.layers) - 2  # the last hidden layer
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            x = z
+            for i in range(last + 1):
+                if i > 0:
+                    z = F.linear(x, self.layers[i].weight[member].detach(), self.layers[i].bias[member].detach())
+                if i == last:
+                    break
+                if self.norms is not None:  # LayerNorm, per example
+                    norm = self.norms[i]
+                    z = F.layer_norm(z, z.shape[-1:], norm.weight[member].detach(), norm.bias[member].detach(), norm.eps)
+                h = self.act.forward(z)  # not self.act(z): the monitor's hook on it is for training passes
+                x = x + getattr(self, f"alpha{i}")[member].detach() * h if self.residual != "none" and i > 0 else h
+            return z
+
+        return f
+
+
 def build_model(
     configs: Sequence[RunConfig], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> MLP:

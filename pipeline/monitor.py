@@ -20,6 +20,9 @@ Per layer l and member (z_l = W_l x_{l-1} + b_l is the layer's output, before no
                                                            receives (hidden layers; see activations.py)
 The global norm covers every parameter: Linear layers, normalization gamma and beta, skipinit alphas.
 Per step: loss, acc, global norm before and after clipping, whether clipping was active.
+At the histogram steps (first, middle, last): gradient histograms, the forward signal (q and c of
+each hidden layer) and the singular values of the input-output Jacobian dz_{H-1}/dz_0 at the
+batch's first JACOBIAN_INPUTS examples.
 With full=False only the per-step scalars are kept (what divergence detection needs).
 """
 
@@ -56,6 +59,25 @@ def activation_statistic(hidden: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 SIGNAL_STATS = ("q", "c")
+JACOBIAN_INPUTS = 8  # examples of the batch whose input-output Jacobian is taken at the histogram steps
+
+
+def jacobian_singular_values(model: MLP, x: torch.Tensor) -> torch.Tensor:
+    """Singular values of J = dz_{H-1}/dz_0 (the last hidden layer's pre-activation with respect to
+    the first's, width x width) of each member at each input: x (members, inputs, 784) ->
+    (members, inputs, width), descending. One reverse-mode Jacobian per input (torch.func)."""
+    first = model.layers[0]
+    values = []
+    for e in range(model.members):
+        z0 = torch.nn.functional.linear(x[e], first.weight[e].detach(), first.bias[e].detach())
+        jacobians = torch.func.vmap(torch.func.jacrev(model.hidden_map(e)))(z0)
+        # a diverging member's weights can be inf or NaN by then: its spectrum is NaN, not an error
+        finite = torch.isfinite(jacobians).all(dim=-1).all(dim=-1)
+        found = torch.full(jacobians.shape[:-1], float("nan"), dtype=jacobians.dtype, device=jacobians.device)
+        if finite.any():
+            found[finite] = torch.linalg.svdvals(jacobians[finite])
+        values.append(found)
+    return torch.stack(values)
 
 
 def square_and_cross(x: torch.Tensor, members: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +138,12 @@ class Monitor:
         self._signal = torch.full((len(self.hist_steps), len(SIGNAL_STATS), L - 1, E), float("nan"), device=device,
                                   dtype=dtype)
         self._input = torch.full((len(self.hist_steps), 2, E), float("nan"), device=device, dtype=dtype)
+        # the input-output Jacobian's singular values at the histogram steps (not with BatchNorm,
+        # whose hidden map couples the examples; not below 3 layers, where J is the identity)
+        self.model = model
+        self._jacobian_on = full and self.n_layers >= 3 and not (model.norms is not None and model.norms[0].kind == "batch")
+        self._jacobian_x: torch.Tensor | None = None  # the histogram step's first inputs
+        self._jacobian: dict[int, torch.Tensor] = {}  # slot -> (members, inputs, width)
         if full:
             for i, layer in enumerate(model.layers):
                 layer.register_forward_hook(self._forward_hook(i))
@@ -135,6 +163,9 @@ class Monitor:
                 with torch.no_grad():
                     if i == 0:
                         self._input[slot] = torch.stack(square_and_cross(inputs[0].detach(), self.members))
+                        if self._jacobian_on:
+                            x = inputs[0].detach()
+                            self._jacobian_x = x.reshape(self.members, -1, x.shape[-1])[:, :JACOBIAN_INPUTS]
                     if i < self.n_layers - 1:
                         self._signal[slot, :, i] = torch.stack(length_and_correlation(z.detach(), self.members))
 
@@ -174,6 +205,9 @@ class Monitor:
                 for i, w in enumerate(self.weights):
                     for e in range(self.members):
                         self._hist[e, slot, i] = grad_histogram(w.grad[e])
+                if self._jacobian_x is not None:  # the weights of this step's forward pass
+                    self._jacobian[slot] = jacobian_singular_values(self.model, self._jacobian_x)
+                    self._jacobian_x = None
             # the weights as the optimizer finds them, for the update ratio
             self._weight_norms = member_norms(self.weights)
             torch._foreach_copy_(self._prev_weights, self.weights)
@@ -231,6 +265,15 @@ class Monitor:
         inputs = self._input[taken, :, member].cpu().numpy()
         return {"steps": np.array([self.hist_steps[i] for i in taken]), "q": signal[:, 0], "c": signal[:, 1],
                 "input_sq": inputs[:, 0], "input_cross": inputs[:, 1]}
+
+    def jacobian(self, member: int, last_step: int) -> dict[str, np.ndarray]:
+        """The Jacobian's singular values of a member at the histogram steps reached: steps, and
+        singular_values (steps, inputs, width)."""
+        taken = [slot for slot in self._taken(last_step) if slot in self._jacobian]
+        if not taken:
+            return {}
+        return {"steps": np.array([self.hist_steps[i] for i in taken]),
+                "singular_values": torch.stack([self._jacobian[i][member] for i in taken]).cpu().numpy()}
 
     def _taken(self, last_step: int) -> list[int]:
         """The slots of the histogram steps a member reached (a diverged one stops early)."""

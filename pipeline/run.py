@@ -67,6 +67,34 @@ def signal_table(result: RunResult, maps: theory.ForwardMaps | None) -> pd.DataF
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
 
 
+def jacobian_table(result: RunResult, maps: theory.ForwardMaps | None, config: RunConfig) -> pd.DataFrame:
+    """signal/jacobian.parquet: step x input x index, the singular values of J = dz_{H-1}/dz_0
+    (descending), with the theory's mean squared singular value beside them at step 0."""
+    found = result.jacobian
+    predicted = theory.jacobian_mean_sq(config, maps.q) if maps is not None else math.nan
+    rows = []
+    for step, values in zip(found["steps"], found["singular_values"]):
+        inputs, width = values.shape
+        rows.append(pd.DataFrame({"step": int(step), "input": np.repeat(np.arange(inputs), width),
+                                  "index": np.tile(np.arange(width), inputs), "singular_value": values.reshape(-1),
+                                  "predicted_mean_sq": predicted if step == 0 else math.nan}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def jacobian_metrics(result: RunResult, config: RunConfig, maps: theory.ForwardMaps | None) -> dict[str, float]:
+    """The step-0 spectrum in five numbers, and the theory's mean squared singular value."""
+    found = result.jacobian
+    if not found or found["steps"][0] != 0:
+        return {}
+    values = found["singular_values"][0].reshape(-1).astype(float)
+    with np.errstate(all="ignore"):  # a spectrum that overflowed is NaN: not logged
+        return {"jacobian/sv_max": float(values.max()), "jacobian/sv_min": float(values.min()),
+                "jacobian/sv_median": float(np.median(values)), "jacobian/sv_mean_sq": float(np.mean(values**2)),
+                # the spread, robust to the extremes: sd of log10 of the positive singular values
+                "jacobian/sv_log10_sd": float(np.std(np.log10(values[values > 0]))) if (values > 0).any() else math.nan,
+                "theory/jacobian_mean_sq": theory.jacobian_mean_sq(config, maps.q) if maps is not None else math.nan}
+
+
 def summary_metrics(config: RunConfig, result: RunResult, maps: theory.ForwardMaps | None = None) -> dict[str, float]:
     """One number each: the final test metrics, the gradient ratio at init, the mean-field
     prediction against the slope measured at step 0, and the forward q/c maps against the measured
@@ -100,6 +128,7 @@ def summary_metrics(config: RunConfig, result: RunResult, maps: theory.ForwardMa
         "theory/slope_measured": measured,
         "theory/slope_error": measured - prediction.finite_slope,
         **forward,
+        **jacobian_metrics(result, config, maps),
     }
 
 
@@ -121,6 +150,8 @@ def analyse(config: RunConfig, result: RunResult) -> Analysis:
         "plots/gradient_flow.png": plots.png(plots.gradient_flow(result.table, run_name(config)))}
     maps = forward_maps(config, result)
     tables = {"signal/propagation.parquet": signal_table(result, maps)} if result.signal else {}
+    if result.jacobian:
+        tables["signal/jacobian.parquet"] = jacobian_table(result, maps, config)
     tags = {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}
     return Analysis(diagnosis, summary_metrics(config, result, maps), tags, figures, tables)
 

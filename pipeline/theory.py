@@ -295,6 +295,15 @@ def forward_maps(config: RunConfig, input_sq: float, input_cross: float, in_feat
     return ForwardMaps(np.array(qs), np.array(cs), c_star, correlation_depth(act, q_star, sw2, sb2, c_star))
 
 
+def jacobian_mean_sq(config: RunConfig, q: np.ndarray) -> float:
+    """The mean squared singular value of J = dz_{H-1}/dz_0 at init (Pennington et al. 2017):
+    tr(J J^T) / width = the product over hidden layers l = 0 .. H-2 of chi_l = sigma_w^2 E[phi'(z_l)^2]
+    with z_l ~ N(0, q_l), the forward q-map's lengths (plain nets: where forward_maps exists). The
+    mean is all the theory gives here: orthogonal and Gaussian weights share it, not the spread."""
+    sw2 = sigma_w2_of(config, config.width, config.width)
+    return float(np.prod([chi(config.activation, float(q_l), sw2) for q_l in q[:-1]]))
+
+
 def measured_correlation_depth(c: np.ndarray, c_star: float) -> float:
     """xi_c from the decay of |c_l - c*| over the hidden layers: -1 / slope of ln|c_l - c*| (NaN
     where it does not decay, or with fewer than 3 layers still away from c*)."""

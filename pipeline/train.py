@@ -215,6 +215,7 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
             table=layer_table(chunks[e], statistic),
             histograms=monitor.histograms(e, last_step[e]),
             signal=monitor.signal(e, last_step[e]),
+            jacobian=monitor.jacobian(e, last_step[e]),
             input_sq_mean=data.input_sq_mean,
             input_var_mean=data.input_var_mean,
         ))

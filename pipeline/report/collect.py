@@ -42,6 +42,12 @@ def setup_label(init: str, norm: str, residual: str, residual_scale: float) -> s
     return f"{init} + {remedy}" if remedy else init
 
 
+# the input-output Jacobian's spectrum at step 0 (absent: NaN, e.g. BatchNorm or an older run)
+JACOBIAN_COLUMNS = {"jac_sv_max": "jacobian/sv_max", "jac_sv_min": "jacobian/sv_min", "jac_sv_median": "jacobian/sv_median",
+                    "jac_mean_sq": "jacobian/sv_mean_sq", "jac_log10_sd": "jacobian/sv_log10_sd",
+                    "jac_mean_sq_pred": "theory/jacobian_mean_sq"}
+
+
 def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
     client = tracking.get_client()
     parent = tracking.find_grid_run(client, experiment, grid_run_id)
@@ -70,6 +76,7 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
                 "slope_error": metrics.get("theory/slope_error", float("nan")),  # absent where no prediction
                 "slope_measured": metrics.get("theory/slope_measured", float("nan")),
                 "slope_pred": metrics.get("theory/slope_pred", float("nan")),
+                **{column: metrics.get(key, float("nan")) for column, key in JACOBIAN_COLUMNS.items()},
                 "url": tracking.run_url(run),
             }
             rows.append(row)
@@ -103,7 +110,8 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
         missing.append(f"{without_signal} run(s) without signal/propagation.parquet (recorded by an older gradbench): "
                        "left out of the signal-propagation figure")
     runs = pd.DataFrame(rows, columns=["run_id", "run_name", *FIELDS, "outcome", "diagnosis", "test_acc",
-                                       "first_last_ratio", "slope_error", "slope_measured", "slope_pred", "url"])
+                                       "first_last_ratio", "slope_error", "slope_measured", "slope_pred",
+                                       *JACOBIAN_COLUMNS, "url"])
     runs["remedy"] = [remedy_label(*v) for v in zip(runs["norm"], runs.residual, runs.residual_scale)]
     runs["setup"] = [setup_label(*v) for v in zip(runs["init"], runs["norm"], runs.residual, runs.residual_scale)]
     layers = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
