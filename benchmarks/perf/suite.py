@@ -4,8 +4,9 @@
 
 Two kinds of cost, never mixed:
 - per step, in the steady state: a StepClock synchronizes the device after a few warm-up steps
-  and after the last step, and times what lies between; construction, the first steps, the
-  test-set evaluation and the end of the run lie outside;
+  and after the last step, and times what lies between but the middle histogram step; construction,
+  the first steps, the histogram steps' snapshots (histograms, forward signal, Jacobian spectrum:
+  three per run, however long), the test-set evaluation and the end of the run lie outside;
 - per run, fixed: the whole run's time minus its steps at the steady-state rate (construction,
   evaluation, the layer table, histograms, theory and figures, MLflow's run creation, metrics,
   artifacts and closing).
@@ -37,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import resource
 import statistics
@@ -76,7 +78,7 @@ class Budget:
 
 
 QUICK = Budget(pairs=5, steps=60, deep_steps=8, members=4, ensemble_steps=30, full=False)
-FULL = Budget(pairs=7, steps=250, deep_steps=30, members=8, ensemble_steps=100, full=True)
+FULL = Budget(pairs=7, steps=250, deep_steps=30, members=8, ensemble_steps=50, full=True)
 WARMUP = 3  # untimed steps first: lazy initialization, allocator warm-up
 
 
@@ -114,20 +116,33 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
 
 class StepClock:
     """Times the steady state of a training loop: called with the number of steps done after each
-    step, it synchronizes the device and reads the clock after step `start` and after step `end`."""
+    step, it synchronizes the device and reads the clock after step `start` and after step `end`,
+    and around the step `skip` (the middle histogram step, whose snapshots are a per-run cost:
+    three per run whatever its length), which is left out."""
 
-    def __init__(self, device: torch.device, start: int, end: int):
-        self.device, self.start, self.end = device, start, end
-        self.marks: dict[int, float] = {}
+    def __init__(self, device: torch.device, start: int, end: int, skip: int | None = None):
+        self.device, self.start, self.end, self.skip = device, start, end, skip
+        marks = {start, end} | ({skip, skip + 1} if skip is not None and start < skip < end else set())
+        self.marks: dict[int, float] = dict.fromkeys(marks, math.nan)
+
+    @classmethod
+    def for_run(cls, device: torch.device, start: int, total: int) -> StepClock:
+        """For a run of `total` steps: those after `start` but the middle and the last histogram
+        steps (step indices total // 2 and total - 1, monitor.py)."""
+        return cls(device, start, total - 1, skip=total // 2)
 
     def __call__(self, step: int) -> None:
-        if step in (self.start, self.end):
+        if step in self.marks:
             _sync(self.device)
             self.marks[step] = time.perf_counter()
 
     @property
     def per_step(self) -> float:
-        return (self.marks[self.end] - self.marks[self.start]) / (self.end - self.start)
+        seconds, steps = self.marks[self.end] - self.marks[self.start], self.end - self.start
+        if self.skip is not None and self.skip + 1 in self.marks:
+            seconds -= self.marks[self.skip + 1] - self.marks[self.skip]
+            steps -= 1
+        return seconds / steps
 
 
 Loop = Callable[[int, StepClock], object]  # runs `steps` steps, calling the clock after each
@@ -136,7 +151,7 @@ Loop = Callable[[int, StepClock], object]  # runs `steps` steps, calling the clo
 def timed_run(loop: Loop, steps: int, device: torch.device) -> tuple[float, float]:
     """(seconds per step in the steady state, fixed seconds) of one run of `loop`: WARMUP steps,
     then `steps` timed ones; fixed = the whole run minus all its steps at the steady-state rate."""
-    clock = StepClock(device, WARMUP, WARMUP + steps)
+    clock = StepClock.for_run(device, WARMUP, WARMUP + steps)
     total = _seconds(lambda: loop(WARMUP + steps, clock), device)
     return clock.per_step, total - (WARMUP + steps) * clock.per_step
 
@@ -335,7 +350,7 @@ def run_costs(config: RunConfig, data: Mnist, device: torch.device, pairs: int) 
             client.create_experiment("bench", artifact_location=Path(tmp, "artifacts").as_uri())
             for i in range(pairs + 1):  # the first alternation warms up
                 tracked_seconds, tracking_seconds = tracked()
-                clock = StepClock(device, WARMUP, config.total_steps)
+                clock = StepClock.for_run(device, WARMUP, config.total_steps)
                 total, analysis = untracked(clock)
                 on_fixed = total - analysis - config.total_steps * clock.per_step
                 off_fixed = timed_run(engine_loop(config, data, False), steps, device)[1]

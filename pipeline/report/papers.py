@@ -292,7 +292,9 @@ def pennington2017(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
                     "initialization (the standard deviation of their log10, over 8 inputs' spectra), against depth "
                     "(log scale); right: test error after training. Colour: the weights (tanh, sigma_w^2 = 1.05, "
                     "sigma_b^2 = 2e-5 for both); bands: the range over seeds. The theory's mean squared singular "
-                    "value is the same for both and is in the table.", *_encode(fig))
+                    "value is in the table: it differs between the two only through the first layer (784 inputs: "
+                    "the Gaussian's fixed std gives it sigma_w^2 = 3.2, the orthogonal's gain 1.05), which sets "
+                    "the lengths q_l where each chi_l is taken.", *_encode(fig))
     return Section(
         "Pennington, Schoenholz & Ganguli 2017",
         "At the edge of chaos orthogonal and Gaussian weights give the input-output Jacobian the same mean "
