@@ -242,7 +242,7 @@ def report(grid_run_id: str | None, out_dir: str, experiment: str) -> None:
 
 
 @cli.command()
-@click.option("--quick", is_flag=True, help="Smaller budgets: the whole suite in under two minutes on 2 CPU cores.")
+@click.option("--quick", is_flag=True, help="Fewer steps and alternations: about 10 minutes on 2 CPU cores (the full run about 25).")
 @click.option("--out", default="reports/perf.json", show_default=True, type=click.Path(dir_okay=False),
               help="Where the JSON results are written.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda or cuda:N.")

@@ -121,15 +121,17 @@ class StepClock:
     three per run whatever its length), which is left out."""
 
     def __init__(self, device: torch.device, start: int, end: int, skip: int | None = None):
+        if skip is not None and not (start <= skip and skip + 1 <= end and end - start > 1):
+            skip = None  # not inside the window (a very short run): nothing to leave out
         self.device, self.start, self.end, self.skip = device, start, end, skip
-        marks = {start, end} | ({skip, skip + 1} if skip is not None and start < skip < end else set())
+        marks = {start, end} | ({skip, skip + 1} if skip is not None else set())
         self.marks: dict[int, float] = dict.fromkeys(marks, math.nan)
 
     @classmethod
     def for_run(cls, device: torch.device, start: int, total: int) -> StepClock:
         """For a run of `total` steps: those after `start` but the middle and the last histogram
         steps (step indices total // 2 and total - 1, monitor.py)."""
-        return cls(device, start, total - 1, skip=total // 2)
+        return cls(device, start, total - 1 if total - 1 > start else total, skip=total // 2)
 
     def __call__(self, step: int) -> None:
         if step in self.marks:
@@ -139,7 +141,7 @@ class StepClock:
     @property
     def per_step(self) -> float:
         seconds, steps = self.marks[self.end] - self.marks[self.start], self.end - self.start
-        if self.skip is not None and self.skip + 1 in self.marks:
+        if self.skip is not None:
             seconds -= self.marks[self.skip + 1] - self.marks[self.skip]
             steps -= 1
         return seconds / steps
