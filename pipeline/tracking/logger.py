@@ -66,6 +66,7 @@ def metric_strides(config: RunConfig) -> tuple[int, int]:
     half the budget (step 0 and the last step at least, however deep the net)."""
     if config.log_every:
         return config.log_every, config.log_every
+
     def stride(values_per_step: int) -> int:
         points = max(2, METRIC_BUDGET // 2 // values_per_step)  # the last step comes on top of the stride's
         return max(1, -(-config.total_steps // (points - 1)))
