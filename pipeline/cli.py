@@ -74,17 +74,22 @@ def _config_from(kwargs: dict[str, Any]) -> RunConfig:
         config = from_dict({name: kwargs.pop(name) for name in FIELDS})
     except ConfigError as exc:
         raise click.BadParameter(exc.message, param_hint=f"--{exc.key.replace('_', '-')}") from None
-    _check_device(config.device)
+    _check_device(config.device, config.precision)
     return config
 
 
-def _check_device(name: str) -> None:
-    from .runtime import get_device
+def _check_device(name: str, precision: str = "fp32", hint: str | None = None) -> None:
+    """The device is there and this torch can autocast to the precision on it (usage errors)."""
+    from .runtime import check_precision, get_device
 
     try:
-        get_device(name)
+        device = get_device(name)
     except (ValueError, RuntimeError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from None
+        raise click.BadParameter(str(exc), param_hint=hint or "--device") from None
+    try:
+        check_precision(device, precision)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint or "--precision") from None
 
 
 def _prepare(data_dir: str, source: str | None):
@@ -192,6 +197,8 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
         spec = GridSpec.from_yaml(spec_path, reduced=reduced)
     except SpecError as exc:
         raise click.BadParameter(str(exc), param_hint="SPEC") from None
+    for device, precision in sorted({(c.device, c.precision) for c in spec.configs}):
+        _check_device(device, precision, hint="SPEC")
     if executor == "ray":
         import importlib.util
 

@@ -34,7 +34,7 @@ INITS = (
 )
 CLIPS = ("none", "norm", "value", "agc")
 OPTIMIZERS = ("sgd", "adam")
-PRECISIONS = ("fp32", "fp64", "bf16")
+PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
 NORMS = ("none", "batch", "layer")
 RESIDUALS = ("none", "plain", "skipinit")
 MNIST_TRAIN_SIZE = 60_000
@@ -46,7 +46,7 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # or records for the same configuration (the loop, the monitor, the theory, the metrics): a grid
 # reuses only FINISHED runs of this version (tag gradbench.numbers_version) and reruns the others.
 # 2: normalization/residual fields, canonical configurations, the forward q/c signal, theory profiles.
-NUMBERS_VERSION = 2
+NUMBERS_VERSION = 3
 
 
 class ConfigError(ValueError):
@@ -107,7 +107,9 @@ class RunConfig:
     )
     seed: int = field(default=0, metadata=_spec("Seed for init, shuffling and everything else.", member=True, min=0))
     device: str = field(default="auto", metadata=_spec("auto (cuda if available), cpu, cuda or cuda:N.", hashed=False))
-    precision: str = field(default="fp32", metadata=_spec("Parameter and compute precision.", choices=PRECISIONS))
+    precision: str = field(default="fp32", metadata=_spec(
+        "Compute precision: fp32, fp64, or mixed (fp32 weights, autocast): bf16, or fp16 with a dynamic "
+        "loss scale (GradScaler; fp16 runs are never trained together in an ensemble).", choices=PRECISIONS))
     log_every: int = field(default=0, metadata=_spec(
         "MLflow metric stride in steps (0: chosen from depth and steps, about 1,000 values a run; "
         "the artifacts keep every step).", member=True, hashed=False, min=0))
@@ -166,12 +168,15 @@ def pair_keys(*varied: str) -> list[str]:
 
 
 def group_key(config: RunConfig) -> tuple:
-    """Configs with equal keys can train together as members of one group (see train.py)."""
-    return tuple(getattr(config, k) for k in GROUP_KEYS)
+    """Configs with equal keys can train together as members of one group (see train.py). fp16
+    runs train alone: the loss scaler skips a step for every member when one overflows."""
+    key = tuple(getattr(config, k) for k in GROUP_KEYS)
+    return (*key, config.config_hash()) if config.precision == "fp16" else key
 
 
 def run_name(config: RunConfig) -> str:
-    """A short human name for a run: activation, depth, width, init, clipping, [norm, residual,] seed."""
+    """A short human name for a run: activation, depth, width, init, clipping, [norm, residual,
+    precision other than fp32,] seed."""
     clip = "noclip" if config.clip == "none" else f"{config.clip}{config.clip_threshold:g}"
     init = f"normal{config.init_std:g}" if config.init == "normal" else config.init
     remedies = {"batch": "-bn", "layer": "-ln"}.get(config.norm, "")
@@ -179,7 +184,8 @@ def run_name(config: RunConfig) -> str:
         remedies += f"-res{config.residual_scale:g}"
     elif config.residual == "skipinit":
         remedies += "-skipinit"
-    return f"{config.activation}-d{config.depth}-w{config.width}-{init}-{clip}{remedies}-s{config.seed}"
+    precision = "" if config.precision == "fp32" else f"-{config.precision}"
+    return f"{config.activation}-d{config.depth}-w{config.width}-{init}-{clip}{remedies}{precision}-s{config.seed}"
 
 
 def validate(config: RunConfig) -> None:

@@ -20,9 +20,14 @@ Per layer l and member (z_l = W_l x_{l-1} + b_l is the layer's output, before no
                                                            receives (hidden layers; see activations.py)
 The global norm covers every parameter: Linear layers, normalization gamma and beta, skipinit alphas.
 Per step: loss, acc, global norm before and after clipping, whether clipping was active.
-At the histogram steps (first, middle, last): gradient histograms, the forward signal (q and c of
-each hidden layer) and the singular values of the input-output Jacobian dz_{H-1}/dz_0 at the
-batch's first JACOBIAN_INPUTS examples.
+At the histogram steps (first, middle, last): gradient histograms and the INSTRUMENTS, each of which
+can be left out (the perf bench times each against a run without it):
+    signal         q and c of each hidden layer's z (forward length and correlation)
+    jacobian       singular values of the input-output Jacobian dz_{H-1}/dz_0 at the batch's first
+                   JACOBIAN_INPUTS examples
+    zero_fraction  per layer, the fraction of dL/dW's entries that are exactly 0 (in fp16: underflow)
+    gsnr           per layer, the gradient signal-to-noise ratio of dL/dW from per-example gradients
+None of them runs between two histogram steps: the per-step hot path is the same with or without them.
 With full=False only the per-step scalars are kept (what divergence detection needs).
 """
 
@@ -59,6 +64,9 @@ def activation_statistic(hidden: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 SIGNAL_STATS = ("q", "c")
+GRAD_SIGNAL_STATS = ("zero_fraction", "gsnr")  # per layer (every Linear), at the histogram steps
+INSTRUMENTS = frozenset({"signal", "jacobian", "zero_fraction", "gsnr"})
+GSNR_MAX = 2.0**20  # an entry whose per-example gradients all agree has infinite GSNR: capped here
 JACOBIAN_INPUTS = 8  # examples of the batch whose input-output Jacobian is taken at the histogram steps
 
 
@@ -101,6 +109,30 @@ def length_and_correlation(z: torch.Tensor, members: int) -> tuple[torch.Tensor,
     return q, (total - batch) / (batch * max(batch - 1, 1))
 
 
+def gradient_snr(a: torch.Tensor, d: torch.Tensor, grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Mean gradient signal-to-noise ratio of a Linear layer's weight, from one batch, per member
+    (as Cockpit's MeanGSNR, after Liu et al. 2020): over the weight's entries j, the mean of
+    m_j^2 / v_j, with m_j the mean and v_j the (population) variance of the per-example gradients
+    dl_i/dW_j. Entries whose per-example gradients are all 0 (input pixels that are 0 throughout the
+    batch, dead units) are left out; each ratio is capped at GSNR_MAX.
+
+    a (members, batch, in): the layer's input; d (members, batch, out): dL/dz from the backward pass of
+    L = scale * sum over members of the batch-mean loss; grad (members, out, in): dL/dW of the
+    unscaled mean loss, which is m. No per-example gradient is formed: for a Linear layer
+    dl_i/dW = (batch / scale) d_i a_i^T, so the mean of their squares is one matmul, (d^2)^T (a^2)."""
+    batch = a.shape[1]
+    if batch < 2:
+        return torch.full(grad.shape[:1], float("nan"), device=grad.device)
+    dtype = torch.promote_types(grad.dtype, torch.float32)
+    a, d, grad = a.to(dtype), d.to(dtype), grad.to(dtype)
+    second = d.square().transpose(1, 2).bmm(a.square()) * (batch / scale**2)  # E_i[(dl_i/dW_j)^2]
+    used = second > 0
+    # m^2 <= E[g^2]: with rho = m^2 / E[g^2] in [0, 1], m^2 / v = rho / (1 - rho), free of cancellation
+    rho = (grad.square() / torch.where(used, second, 1.0)).clamp(max=GSNR_MAX / (1 + GSNR_MAX))
+    ratio = torch.where(used, rho / (1 - rho), 0.0)
+    return ratio.sum(dim=(1, 2)) / used.sum(dim=(1, 2))
+
+
 def grad_histogram(grad: torch.Tensor) -> torch.Tensor:
     """Counts of log10|grad| in the fixed HIST_BINS bins over HIST_RANGE."""
     lo, hi = HIST_RANGE
@@ -110,8 +142,10 @@ def grad_histogram(grad: torch.Tensor) -> torch.Tensor:
 class Monitor:
     """Collects statistics of `model`'s members for `total_steps` steps in chunks of `chunk_steps`."""
 
-    def __init__(self, model: MLP, activation: str, total_steps: int, chunk_steps: int = 64, full: bool = True):
+    def __init__(self, model: MLP, activation: str, total_steps: int, chunk_steps: int = 64, full: bool = True,
+                 instruments: frozenset[str] = INSTRUMENTS):
         self.full = full
+        self.instruments = instruments if full else frozenset()
         self.activation = activation
         self.members, self.n_layers = model.members, len(model.layers)
         self.weights = [layer.weight for layer in model.layers]
@@ -138,10 +172,19 @@ class Monitor:
         self._signal = torch.full((len(self.hist_steps), len(SIGNAL_STATS), L - 1, E), float("nan"), device=device,
                                   dtype=dtype)
         self._input = torch.full((len(self.hist_steps), 2, E), float("nan"), device=device, dtype=dtype)
+        # zero fraction and GSNR of each layer's dL/dW at the histogram steps; GSNR from each layer's
+        # input and dL/dz (not with BatchNorm: its batch statistics couple the examples, so a
+        # per-example gradient is not defined)
+        self._grad_signal = torch.full((len(self.hist_steps), len(GRAD_SIGNAL_STATS), L, E), float("nan"),
+                                       device=device, dtype=dtype)
+        batch_norm = model.norms is not None and model.norms[0].kind == "batch"
+        self._gsnr_on = "gsnr" in self.instruments and not batch_norm
+        self._layer_inputs: dict[int, torch.Tensor] = {}  # this histogram step's a and dL/dz, per layer
+        self._layer_grads: dict[int, torch.Tensor] = {}
         # the input-output Jacobian's singular values at the histogram steps (not with BatchNorm,
         # whose hidden map couples the examples; not below 3 layers, where J is the identity)
         self.model = model
-        self._jacobian_on = full and self.n_layers >= 3 and not (model.norms is not None and model.norms[0].kind == "batch")
+        self._jacobian_on = "jacobian" in self.instruments and self.n_layers >= 3 and not batch_norm
         self._jacobian_x: torch.Tensor | None = None  # the histogram step's first inputs
         self._jacobian: dict[int, torch.Tensor] = {}  # slot -> (members, inputs, width)
         if full:
@@ -157,16 +200,18 @@ class Monitor:
         def hook(module, inputs, z: torch.Tensor) -> None:
             if not z.requires_grad:  # evaluation (no_grad): nothing to monitor there
                 return
-            z.register_hook(self._backprop_hook(i))
             slot = self._slots.get(self.step)
+            z.register_hook(self._backprop_hook(i, keep=slot is not None and self._gsnr_on))
             if slot is not None:
+                if self._gsnr_on:
+                    self._layer_inputs[i] = inputs[0].detach()
                 with torch.no_grad():
-                    if i == 0:
+                    if i == 0 and "signal" in self.instruments:
                         self._input[slot] = torch.stack(square_and_cross(inputs[0].detach(), self.members))
-                        if self._jacobian_on:
-                            x = inputs[0].detach()
-                            self._jacobian_x = x.reshape(self.members, -1, x.shape[-1])[:, :JACOBIAN_INPUTS]
-                    if i < self.n_layers - 1:
+                    if i == 0 and self._jacobian_on:
+                        x = inputs[0].detach()
+                        self._jacobian_x = x.reshape(self.members, -1, x.shape[-1])[:, :JACOBIAN_INPUTS]
+                    if i < self.n_layers - 1 and "signal" in self.instruments:
                         self._signal[slot, :, i] = torch.stack(length_and_correlation(z.detach(), self.members))
 
         return hook
@@ -177,25 +222,30 @@ class Monitor:
         if u.requires_grad:
             self._hidden.append(u.detach().view(self.members, -1, u.shape[-1]))  # one member may be 2-D
 
-    def _backprop_hook(self, i: int):
+    def _backprop_hook(self, i: int, keep: bool):
         def hook(grad: torch.Tensor) -> None:
-            self._backprop[i] = torch.linalg.vector_norm(grad.detach().reshape(self.members, -1), dim=1)
+            # at least fp32: an fp16 norm overflows at 65504 where the entries themselves do not
+            self._backprop[i] = torch.linalg.vector_norm(grad.detach().reshape(self.members, -1), dim=1,
+                                                         dtype=torch.promote_types(grad.dtype, torch.float32))
+            if keep:
+                self._layer_grads[i] = grad.detach()
 
         return hook
 
     # -- called by the training loop, twice a step ---------------------------------------------------
 
     @torch.no_grad()
-    def gradients(self) -> torch.Tensor:
-        """After backward, before clipping: record per-layer statistics and return the global
-        gradient norm of each member (members,)."""
+    def gradients(self, loss_scale: float = 1.0) -> torch.Tensor:
+        """After backward (and the gradient scaler's unscale), before clipping: record per-layer
+        statistics and return the global gradient norm of each member (members,). `loss_scale`: what
+        the loss was multiplied by before backward (fp16), which dL/dz still carries."""
         norms = member_norms([p.grad for p in self.params])  # (parameters, members): W0, b0, W1, b1, ...
         global_norm = torch.linalg.vector_norm(norms, dim=0)
         row = self._row
         self._per_step[STEP_STATS.index("global_norm_pre_clip"), row] = global_norm
         if self.full:
             self._per_layer[LAYER_STATS.index("weight_grad_norm"), row] = norms[0 : 2 * self.n_layers : 2]
-            self._per_layer[LAYER_STATS.index("backprop_norm"), row] = torch.stack(self._backprop)
+            self._per_layer[LAYER_STATS.index("backprop_norm"), row] = torch.stack(self._backprop) / loss_scale
             # one stacked copy of the hidden pre-activations: a handful of kernels whatever the depth
             stats = activation_statistic(torch.stack(self._hidden), self.activation)
             self._per_layer[LAYER_STATS.index("act"), row, : len(stats)] = stats
@@ -205,6 +255,16 @@ class Monitor:
                 for i, w in enumerate(self.weights):
                     for e in range(self.members):
                         self._hist[e, slot, i] = grad_histogram(w.grad[e])
+                if "zero_fraction" in self.instruments:
+                    self._grad_signal[slot, 0] = torch.stack(
+                        [(w.grad.reshape(self.members, -1) == 0).float().mean(dim=1) for w in self.weights])
+                if self._gsnr_on:
+                    E = self.members
+                    for i, w in enumerate(self.weights):
+                        a, d = self._layer_inputs[i], self._layer_grads[i]
+                        self._grad_signal[slot, 1, i] = gradient_snr(a.reshape(E, -1, a.shape[-1]),
+                                                                     d.reshape(E, -1, d.shape[-1]), w.grad, loss_scale)
+                    self._layer_inputs, self._layer_grads = {}, {}
                 if self._jacobian_x is not None:  # the weights of this step's forward pass
                     self._jacobian[slot] = jacobian_singular_values(self.model, self._jacobian_x)
                     self._jacobian_x = None
@@ -215,7 +275,7 @@ class Monitor:
 
     @torch.no_grad()
     def step_end(self, losses: torch.Tensor, accs: torch.Tensor, post_norm: torch.Tensor,
-                 active: torch.Tensor | None) -> None:
+                 active: torch.Tensor | None, loss_scale: float = 1.0) -> None:
         """After the optimizer step: update ratios, losses, accuracies, clipping; the step is done."""
         row = self._row
         if self.full:
@@ -225,6 +285,7 @@ class Monitor:
         self._per_step[STEP_STATS.index("acc"), row] = accs.detach()
         self._per_step[STEP_STATS.index("global_norm_post_clip"), row] = post_norm
         self._per_step[STEP_STATS.index("clip_active"), row] = 0.0 if active is None else active.float()
+        self._per_step[STEP_STATS.index("loss_scale"), row] = loss_scale
         self._row += 1
 
     # -- host side ---------------------------------------------------------------------------------
@@ -256,15 +317,18 @@ class Monitor:
         return chunks
 
     def signal(self, member: int, last_step: int) -> dict[str, np.ndarray]:
-        """The forward signal of a member at the histogram steps reached: q and c per hidden layer
-        (steps, hidden layers), the input's mean square and mean cross product (steps,)."""
+        """What the instruments measured of a member at the histogram steps reached: q and c per
+        hidden layer (steps, hidden layers), the input's mean square and mean cross product (steps,),
+        zero_fraction and gsnr per layer (steps, layers); NaN where an instrument was off."""
         taken = self._taken(last_step)
         if not self.full or not taken:
             return {}
         signal = self._signal[taken, ..., member].cpu().numpy()
         inputs = self._input[taken, :, member].cpu().numpy()
+        grad = self._grad_signal[taken, ..., member].cpu().numpy()
         return {"steps": np.array([self.hist_steps[i] for i in taken]), "q": signal[:, 0], "c": signal[:, 1],
-                "input_sq": inputs[:, 0], "input_cross": inputs[:, 1]}
+                "input_sq": inputs[:, 0], "input_cross": inputs[:, 1],
+                "zero_fraction": grad[:, 0], "gsnr": grad[:, 1]}
 
     def jacobian(self, member: int, last_step: int) -> dict[str, np.ndarray]:
         """The Jacobian's singular values of a member at the histogram steps reached: steps, and

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 LAYER_STATS = ("weight_grad_norm", "backprop_norm", "update_ratio", "act")
-STEP_STATS = ("loss", "acc", "global_norm_pre_clip", "global_norm_post_clip", "clip_active")
+# loss_scale: what the loss was multiplied by before backward (fp16's dynamic loss scale; 1 otherwise)
+STEP_STATS = ("loss", "acc", "global_norm_pre_clip", "global_norm_post_clip", "clip_active", "loss_scale")
 
 
 @dataclass
@@ -32,8 +33,11 @@ class Chunk:
         )
 
     def first_nonfinite(self) -> int | None:
-        """Index of the first step whose loss or pre-clip gradient norm is NaN or Inf."""
-        bad = ~(np.isfinite(self.per_step["loss"]) & np.isfinite(self.per_step["global_norm_pre_clip"]))
+        """Index of the first step whose loss or pre-clip gradient norm is NaN or Inf. A loss-scaled
+        (fp16) step whose gradients overflowed is skipped by the scaler, which lowers the scale: that
+        is divergence only once the scale is down to 1 (the unscaled gradient is out of range)."""
+        overflow = ~np.isfinite(self.per_step["global_norm_pre_clip"]) & (self.per_step["loss_scale"] <= 1)
+        bad = ~np.isfinite(self.per_step["loss"]) | overflow
         return int(np.argmax(bad)) if bad.any() else None
 
 

@@ -47,20 +47,25 @@ class RunSummary:
 def forward_maps(config: RunConfig, result: RunResult) -> theory.ForwardMaps | None:
     """The q/c-map prediction from the input of the run's first step (None where there is none)."""
     signal = result.signal
-    if not signal or signal["steps"][0] != 0:
+    if not signal or signal["steps"][0] != 0 or not np.isfinite(signal["input_sq"][0]):  # the instrument was off
         return None
     return theory.forward_maps(config, float(signal["input_sq"][0]), float(signal["input_cross"][0]))
 
 
+GRADIENT_SIGNAL = ("zero_fraction", "gsnr")  # per layer, measured only
+
+
 def signal_table(result: RunResult, maps: theory.ForwardMaps | None) -> pd.DataFrame:
-    """signal/propagation.parquet: step x hidden layer x statistic (q, c), measured and predicted
-    (the prediction at step 0 only: later the weights are no longer random)."""
+    """signal/propagation.parquet: step x layer x statistic, measured and predicted: q and c of the
+    hidden layers (the prediction at step 0 only: later the weights are no longer random); the
+    zero fraction and GSNR of every layer's dL/dW (no prediction)."""
     rows = []
     signal = result.signal
     for i, step in enumerate(signal.get("steps", [])):
-        for statistic in ("q", "c"):
+        for statistic in ("q", "c", *GRADIENT_SIGNAL):
             measured = signal[statistic][i]
-            predicted = getattr(maps, statistic) if maps is not None and step == 0 else np.full(len(measured), np.nan)
+            known = maps is not None and step == 0 and statistic in ("q", "c")
+            predicted = getattr(maps, statistic) if known else np.full(len(measured), np.nan)
             rows.append(pd.DataFrame({"step": int(step), "layer": np.arange(len(measured)), "statistic": statistic,
                                       "measured": measured, "predicted": predicted}))
     columns = ["step", "layer", "statistic", "measured", "predicted"]
@@ -93,6 +98,15 @@ def jacobian_metrics(result: RunResult, config: RunConfig, maps: theory.ForwardM
                 # the spread, robust to the extremes: sd of log10 of the positive singular values
                 "jacobian/sv_log10_sd": float(np.std(np.log10(values[values > 0]))) if (values > 0).any() else math.nan,
                 "theory/jacobian_mean_sq": theory.jacobian_mean_sq(config, maps.q) if maps is not None else math.nan}
+
+
+def stepped_metrics(result: RunResult) -> list[tuple[str, float, int]]:
+    """grad/zero_fraction/Lxx and grad/gsnr/Lxx at each histogram step, as (key, value, step)."""
+    signal = result.signal
+    return [(tracking.layer_key(f"grad/{statistic}", layer), float(value), int(step))
+            for statistic in GRADIENT_SIGNAL
+            for step, values in zip(signal.get("steps", []), signal.get(statistic, []))
+            for layer, value in enumerate(values)]
 
 
 def summary_metrics(config: RunConfig, result: RunResult, maps: theory.ForwardMaps | None = None) -> dict[str, float]:
@@ -142,6 +156,7 @@ class Analysis:
     tags: dict[str, str]
     figures: dict[str, bytes]  # artifact path -> PNG
     tables: dict[str, pd.DataFrame]
+    stepped: list[tuple[str, float, int]]  # metrics at the histogram steps: (key, value, step)
 
 
 def analyse(config: RunConfig, result: RunResult) -> Analysis:
@@ -153,7 +168,7 @@ def analyse(config: RunConfig, result: RunResult) -> Analysis:
     if result.jacobian:
         tables["signal/jacobian.parquet"] = jacobian_table(result, maps, config)
     tags = {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}
-    return Analysis(diagnosis, summary_metrics(config, result, maps), tags, figures, tables)
+    return Analysis(diagnosis, summary_metrics(config, result, maps), tags, figures, tables, stepped_metrics(result))
 
 
 def run_group(
@@ -185,7 +200,7 @@ def run_group(
         for config, logger, result in zip(configs, loggers, results):
             found = analyse(config, result)
             with shielded():
-                logger.finish(result, found.summaries, found.tags, found.figures, found.tables)
+                logger.finish(result, found.summaries, found.tags, found.figures, found.tables, found.stepped)
                 summaries.append(RunSummary(logger.run_id, run_name(config), result.outcome, found.diagnosis,
                                             result.final_test_acc, result.seconds))
     except BaseException as exc:

@@ -18,10 +18,33 @@ if TYPE_CHECKING:  # torch is imported where it is used: `gradbench --help` and 
 
 
 def param_dtype(precision: str) -> torch.dtype:
-    """The dtype of a precision's parameters: bf16 keeps fp32 parameters and computes under autocast."""
+    """The dtype of a precision's parameters: bf16 and fp16 keep fp32 parameters (the optimizer's
+    master weights) and compute under autocast."""
     import torch
 
-    return {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32}[precision]
+    return {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32, "fp16": torch.float32}[precision]
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """Raise ValueError when this torch cannot autocast to `precision` on `device` (older CPU
+    builds fall back to fp32 with a warning: a run that says fp16 must compute in fp16)."""
+    import warnings
+
+    import torch
+
+    if precision not in ("bf16", "fp16"):
+        return
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device.type, dtype=dtype):
+                found = (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype
+        except RuntimeError:
+            found = None
+    if found != dtype:
+        raise ValueError(f"{precision} autocast is not supported on {device.type} by torch {torch.__version__}: "
+                         "use fp32 or bf16 there")
 
 
 def configure() -> None:
@@ -58,13 +81,13 @@ def set_seed(seed: int) -> None:
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context of a precision (bf16 computes in bfloat16, the others as stored: no
-    context at all, since entering a disabled autocast still costs time in every step)."""
+    """The autocast context of a precision (bf16 and fp16 compute in their type, the others as
+    stored: no context at all, since entering a disabled autocast still costs time in every step)."""
     import torch
 
-    if precision != "bf16":
+    if precision not in ("bf16", "fp16"):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 _shield = {"depth": 0, "pending": None}  # signals that arrived inside a shielded() block

@@ -29,9 +29,9 @@ from .activations import ACTIVATIONS
 from .config import GROUP_KEYS, RunConfig, group_key
 from .data import Mnist
 from .model import MLP, build_model
-from .monitor import Monitor, member_norms
+from .monitor import INSTRUMENTS, Monitor, member_norms
 from .results import Chunk, RunResult, layer_table
-from .runtime import autocast, param_dtype
+from .runtime import autocast, check_precision, param_dtype
 
 AGC_EPS = 1e-3  # Brock et al. 2021: floor on ||W_i|| so that zero-initialized units can move
 
@@ -133,9 +133,13 @@ def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) ->
 
 
 def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] | None = None,
-          full_monitor: bool = True, clock: Callable[[int], None] | None = None) -> list[RunResult]:
+          full_monitor: bool = True, clock: Callable[[int], None] | None = None,
+          instruments: frozenset[str] = INSTRUMENTS) -> list[RunResult]:
     """Train a group of configs on `data` (already on its device); one RunResult per config.
-    `clock` (the perf bench's StepClock) is called with the number of steps done after each step."""
+    `clock` (the perf bench's StepClock) is called with the number of steps done after each step;
+    `instruments`: those of monitor.INSTRUMENTS to take at the histogram steps."""
+    if len(configs) > 1 and configs[0].precision == "fp16":
+        raise ValueError("fp16 runs train one at a time: one loss scaler would couple the members")
     if len({group_key(c) for c in configs}) != 1:
         raise ValueError(f"a group's members must agree on {', '.join(GROUP_KEYS)}")
     first, members = configs[0], len(configs)
@@ -146,7 +150,12 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
     optimizer = make_optimizer(model, first)
     thresholds = torch.tensor([c.clip_threshold for c in configs], device=device, dtype=dtype)
     total = first.total_steps
-    monitor = Monitor(model, first.activation, total, chunk_steps=min(total, 64), full=full_monitor)
+    monitor = Monitor(model, first.activation, total, chunk_steps=min(total, 64), full=full_monitor,
+                      instruments=instruments)
+    check_precision(device, first.precision)
+    # fp16: the standard recipe's dynamic loss scale (a step whose scaled gradients overflow is skipped
+    # and the scale halved); one scale for the whole group, so fp16 runs train alone (config.group_key)
+    scaler = torch.amp.GradScaler(device.type) if first.precision == "fp16" else None
     n_train = first.train_subset or len(data.x_train)
     x_train, y_train = data.x_train[:n_train], data.y_train[:n_train]
     shufflers = [torch.Generator(device=device).manual_seed(c.seed) for c in configs]
@@ -167,11 +176,22 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
                 logits = model(xb)
             losses = member_losses(logits, yb)
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()  # each member's gradient is its own loss's
-            pre_norm = monitor.gradients()
-            post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
-            optimizer.step()
-            monitor.step_end(losses, (logits.argmax(dim=2) == yb).float().mean(dim=1), post_norm, active)
+            accs = (logits.argmax(dim=2) == yb).float().mean(dim=1)
+            if scaler is None:
+                losses.sum().backward()  # each member's gradient is its own loss's
+                pre_norm = monitor.gradients()
+                post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
+                optimizer.step()
+                monitor.step_end(losses, accs, post_norm, active)
+            else:
+                loss_scale = scaler.get_scale()
+                scaler.scale(losses.sum()).backward()
+                scaler.unscale_(optimizer)  # monitoring and clipping see the true gradients
+                pre_norm = monitor.gradients(loss_scale)
+                post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
+                scaler.step(optimizer)  # skipped if the gradients overflowed
+                scaler.update()
+                monitor.step_end(losses, accs, post_norm, active, loss_scale)
             step += 1
             if clock is not None:
                 clock(step)

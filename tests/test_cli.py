@@ -60,9 +60,18 @@ def test_train_records_one_run_with_the_full_contract(store, mnist_dir, tmp_path
     row = table[(table.step == 3) & (table.layer == 0)].backprop_norm.item()
     assert history[1].value == pytest.approx(row, rel=1e-6)
     signal = pd.read_parquet(os.path.join(local, "signal", "propagation.parquet"))
-    assert set(signal.statistic) == {"q", "c"} and sorted(signal.step.unique()) == [0, 5, 9]  # the histogram steps
-    assert signal[signal.step == 0].predicted.notna().all() and signal[signal.step > 0].predicted.isna().all()
-    assert len(signal) == 3 * 2 * 3  # steps x statistics x hidden layers
+    assert set(signal.statistic) == {"q", "c", "zero_fraction", "gsnr"}
+    assert sorted(signal.step.unique()) == [0, 5, 9]  # the histogram steps
+    forward = signal[signal.statistic.isin(["q", "c"])]
+    assert forward[forward.step == 0].predicted.notna().all() and forward[forward.step > 0].predicted.isna().all()
+    assert len(forward) == 3 * 2 * 3  # steps x statistics x hidden layers
+    gradient = signal[~signal.statistic.isin(["q", "c"])]
+    assert len(gradient) == 3 * 2 * 4 and gradient.predicted.isna().all()  # steps x statistics x layers
+    assert gradient.measured.notna().all() and (gradient[gradient.statistic == "gsnr"].measured > 0).all()
+    for step in (0, 5, 9):  # the same numbers as metrics at the histogram steps
+        value = signal.query("step == @step and layer == 2 and statistic == 'gsnr'").measured.item()
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "grad/gsnr/L02")}
+        assert logged[step] == pytest.approx(value, rel=1e-6)
     hist = np.load(os.path.join(local, "gradients", "histograms.npz"))
     assert hist["counts"].shape[:2] == (3, 4)
     assert os.path.getsize(os.path.join(local, "plots", "gradient_flow.png")) > 10_000

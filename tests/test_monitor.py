@@ -148,3 +148,62 @@ def test_members_are_monitored_separately():
         norms = [l.weight.grad[e].norm().item() for l in model.layers]
         np.testing.assert_allclose(chunk.per_layer["weight_grad_norm"][0], norms, rtol=1e-12)
         assert chunk.per_step["loss"][0] == losses[e].item()
+
+
+@pytest.mark.parametrize("members,norm,residual,loss_scale",
+                         [(1, "none", "none", 1.0), (3, "none", "none", 1.0), (2, "layer", "plain", 1.0),
+                          (1, "none", "none", 1024.0)])
+def test_gsnr_and_zero_fraction_match_a_loop_over_single_examples(members, norm, residual, loss_scale):
+    """Per layer at step 0: the GSNR (mean over dL/dW's entries of mean^2 / variance of the
+    per-example gradients) from the monitor's one-matmul formula, against per-example gradients
+    taken one example at a time by autograd, in float64; and the fraction of exactly-zero entries.
+    loss_scale: the loss multiplied before backward and the gradients divided after, as fp16's
+    gradient scaler does (dL/dz then carries the scale)."""
+    import copy
+
+    from pipeline.monitor import GSNR_MAX
+
+    configs = [RunConfig(activation="relu", depth=4, width=9, init="he_normal", norm=norm, residual=residual,
+                         seed=s) for s in range(members)]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 784, generator=g, dtype=torch.float64)
+    x[:, :50] = 0  # pixels that are 0 throughout the batch: their first-layer gradients are exactly 0
+    y = torch.randint(0, 10, (7,), generator=g)
+    model = build_model(configs, dtype=torch.float64)
+    reference = copy.deepcopy(model)  # before the monitor's hooks
+    monitor = Monitor(model, "relu", total_steps=1, chunk_steps=1)
+    logits = model(x)
+    (loss_scale * F.cross_entropy(logits.reshape(-1, 10), y.repeat(members), reduction="none")
+     .view(members, -1).mean(dim=1).sum()).backward()
+    for p in model.parameters():
+        p.grad /= loss_scale
+    monitor.step_end(torch.zeros(members), torch.zeros(members), monitor.gradients(loss_scale), None)
+
+    per_example = []  # [example][layer]: (members, out, in)
+    for i in range(len(x)):
+        reference.zero_grad()
+        out = reference(x[i : i + 1])
+        F.cross_entropy(out.reshape(-1, 10), y[i : i + 1].repeat(members), reduction="sum").backward()
+        per_example.append([layer.weight.grad.clone() for layer in reference.layers])
+    for e in range(members):
+        signal = monitor.signal(e, 0)
+        for layer in range(len(model.layers)):
+            g_i = torch.stack([grads[layer][e] for grads in per_example])  # (examples, out, in)
+            mean, var = g_i.mean(dim=0), g_i.var(dim=0, unbiased=False)
+            used = (g_i != 0).any(dim=0)
+            expected = (mean[used] ** 2 / var[used]).clamp(max=GSNR_MAX).mean().item()
+            assert signal["gsnr"][0][layer] == pytest.approx(expected, rel=1e-9), (e, layer)
+            assert signal["zero_fraction"][0][layer] == pytest.approx((mean == 0).double().mean().item())
+        assert signal["zero_fraction"][0][0] >= 50 / 784 - 1e-6  # the blank pixels' columns (a float32 buffer)
+
+
+def test_gsnr_is_not_measured_with_batch_norm():
+    """BatchNorm couples the examples through the batch statistics: no per-example gradient, NaN."""
+    cfg = RunConfig(activation="relu", depth=3, width=6, init="he_normal", norm="batch")
+    model = build_model([cfg], dtype=torch.float64)
+    monitor = Monitor(model, "relu", total_steps=1, chunk_steps=1)
+    x = torch.randn(5, 784, dtype=torch.float64)
+    F.cross_entropy(model(x)[0], torch.arange(5)).backward()
+    monitor.step_end(torch.zeros(1), torch.zeros(1), monitor.gradients(), None)
+    signal = monitor.signal(0, 0)
+    assert np.isnan(signal["gsnr"]).all() and (signal["zero_fraction"] >= 0).all()

@@ -99,5 +99,7 @@ def test_the_default_stride_keeps_a_run_near_its_metric_budget_and_the_curves_wh
     assert step_curve == [*range(0, 250, 6), 249]
     assert layer_curve == [*range(0, 250, 28), 249]
     assert len(step_curve) > 2 * len(layer_curve)
+    # zero fraction and GSNR of each layer at the three histogram steps (0, 125, 249) come on top
+    assert curves["grad/gsnr/L00"] == curves["grad/zero_fraction/L05"] == [0, 125, 249]
     values = sum(len(steps) for steps in curves.values())
-    assert values == 5 * 43 + 23 * 10 <= tracking.METRIC_BUDGET, values
+    assert values == 5 * 43 + 23 * 10 + 2 * 6 * 3 <= tracking.METRIC_BUDGET, values

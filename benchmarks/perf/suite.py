@@ -57,6 +57,7 @@ from pipeline.activations import ACTIVATIONS
 from pipeline.config import RunConfig
 from pipeline.data import MEAN, STD, Mnist, load
 from pipeline.model import layer_sizes
+from pipeline.monitor import INSTRUMENTS
 from pipeline.runtime import get_device
 from pipeline.train import train
 
@@ -65,6 +66,13 @@ REFERENCE_BATCH = 64
 # the logger's own work: metric objects, artifact files)
 TRACKING_METHODS = ("start", "log_dataset", "on_chunk", "on_eval", "finish")
 QUICK_RUN = dict(width=128, max_steps=300, train_subset=38400)  # a quick-grid run (benchmarks/quick.yaml)
+INSTRUMENT_NOTES = {
+    "set": "all four against none: tanh, depth 20, width 128, 300 steps, untracked; target <= 1.05",
+    "gsnr": "per-layer gradient signal-to-noise ratio",
+    "jacobian": "input-output Jacobian singular values (grows with width^3)",
+    "signal": "forward q and c per layer",
+    "zero_fraction": "exactly-zero gradient entries per layer",
+}
 
 
 @dataclass(frozen=True)
@@ -380,6 +388,34 @@ def run_costs(config: RunConfig, data: Mnist, device: torch.device, pairs: int) 
     }
 
 
+def instrument_costs(config: RunConfig, data: Mnist, device: torch.device, pairs: int) -> dict:
+    """Each instrument of monitor.INSTRUMENTS as Cockpit prints them: a whole untracked run (train,
+    then analyse) with every instrument against the same run without that one, and the whole set
+    against none; each a ratio over paired rounds (every round runs each variant once)."""
+    from pipeline.run import analyse
+
+    variants = {"all": INSTRUMENTS, "none": frozenset(),
+                **{name: INSTRUMENTS - {name} for name in sorted(INSTRUMENTS)}}
+
+    def run(instruments: frozenset[str]) -> float:
+        def work():
+            analyse(config, train([config], data, instruments=instruments)[0])
+        return _seconds(work, device)
+
+    rounds = []
+    for i in range(pairs + 1):  # the first round warms up
+        seconds = {name: run(instruments) for name, instruments in variants.items()}
+        if i:
+            rounds.append(seconds)
+
+    def ratio(without: str) -> dict:
+        found = [r["all"] / r[without] for r in rounds]
+        return Ratio(statistics.median(found), min(found), max(found), statistics.median(r["all"] for r in rounds),
+                     statistics.median(r[without] for r in rounds), pairs).to_dict()
+
+    return {"set": ratio("none"), **{name: ratio(name) for name in sorted(INSTRUMENTS)}}
+
+
 def run_bench(data_dir: str, source: str | None = None, quick: bool = False, device_name: str = "auto",
               echo: Callable[[str], None] = print, out: str | os.PathLike | None = None) -> dict:
     """Run every measurement; with `out`, the results so far are written there after each section
@@ -420,6 +456,10 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
     for depth in (5, 20):
         config = RunConfig(activation="tanh", depth=depth, device=str(device), **QUICK_RUN)
         results[f"quick_run_d{depth}"] = run_costs(config, data, device, pairs)
+
+    section("   and each signal-propagation instrument's cost, a depth-20 quick-grid run with it against without")
+    config = RunConfig(activation="tanh", depth=20, device=str(device), **QUICK_RUN)
+    results["instruments"] = instrument_costs(config, data, device, pairs)
 
     section("4/6 steps: achieved FLOP/s against the matmul peak")
     peak = matmul_peak(device)
@@ -489,6 +529,8 @@ def markdown(results: dict) -> str:
          "runs per hour, whole runs"),
         (f"ensemble of {results['ensemble_members']} vs one at a time, width 512", r("ensemble_speedup_w512") + "x",
          "runs per hour, whole runs; target on a GPU >= 10x"),
+        *[(f"instrument: {name}, whole run with / without", Ratio(**results["instruments"][name]).text("{:.3f}"),
+           INSTRUMENT_NOTES[name]) for name in ("set", *sorted(INSTRUMENTS)) if "instruments" in results],
         ("peak RSS, one quick-grid run", f"{results['peak_rss_mb']:.0f} MB", ""),
     ]
     if "peak_gpu_mb" in results:

@@ -36,10 +36,12 @@ def remedy_label(norm: str, residual: str, residual_scale: float) -> str:
     return " + ".join(p for p in parts if p)
 
 
-def setup_label(init: str, norm: str, residual: str, residual_scale: float) -> str:
-    """What the figures colour by: the init, and the architectural remedies when there are any."""
+def setup_label(init: str, norm: str, residual: str, residual_scale: float, precision: str = "fp32") -> str:
+    """What the figures colour by: the init, the architectural remedies when there are any, and
+    the precision when it is not fp32."""
     remedy = remedy_label(norm, residual, residual_scale)
-    return f"{init} + {remedy}" if remedy else init
+    label = f"{init} + {remedy}" if remedy else init
+    return label if precision == "fp32" else f"{label} ({precision})"
 
 
 # the input-output Jacobian's spectrum at step 0 (absent: NaN, e.g. BatchNorm or an older run)
@@ -113,7 +115,8 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
                                        "first_last_ratio", "slope_error", "slope_measured", "slope_pred",
                                        *JACOBIAN_COLUMNS, "url"])
     runs["remedy"] = [remedy_label(*v) for v in zip(runs["norm"], runs.residual, runs.residual_scale)]
-    runs["setup"] = [setup_label(*v) for v in zip(runs["init"], runs["norm"], runs.residual, runs.residual_scale)]
+    runs["setup"] = [setup_label(*v) for v in zip(runs["init"], runs["norm"], runs.residual, runs.residual_scale,
+                                                   runs.precision)]
     layers = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
     layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis", "slope_error", "setup"]], on="run_id") if tables else layers
     signal = pd.concat(signals, ignore_index=True) if signals else pd.DataFrame(

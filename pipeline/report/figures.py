@@ -502,12 +502,64 @@ def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
                   "indistinguishable; c falling towards 0 the chaotic one.", *_encode(fig))
 
 
+def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
+    """GSNR per layer at the first and last histogram step on the deepest nets; the zero fraction
+    where some layer has exact zeros."""
+    if signal is None or signal.empty or "gsnr" not in set(signal.statistic):
+        return None
+    depth, nets = _deepest(signal[signal.statistic.isin(["gsnr", "zero_fraction"])])
+    nets = nets[np.isfinite(nets.measured)]
+    if nets.empty or not (nets.statistic == "gsnr").any():
+        return None
+    setups = sorted(nets.setup.unique())
+    palette = dict(zip(setups, sns.color_palette(n_colors=len(setups))))
+    activations = sorted(nets.activation.unique())
+    # each run's first and last recorded histogram step (a diverged run's last is earlier)
+    last = nets.groupby("run_id").step.transform("max")
+    dashes = {s: (4, 2) if s.endswith(")") else "" for s in setups}  # "(fp16)": not fp32
+    panels = [("gsnr", nets.step == 0, "log10 GSNR, step 0"), ("gsnr", (nets.step == last) & (last > 0),
+                                                                 "log10 GSNR, last step")]
+    zeros = nets[nets.statistic == "zero_fraction"]
+    if (zeros.measured > 0.01).any():
+        panels.append(("zero_fraction", nets.step == 0, "zero fraction, step 0"))
+    fig, axes = plt.subplots(len(panels), len(activations), figsize=(3.6 * len(activations) + 2.6, 2.7 * len(panels)),
+                             squeeze=False, sharex=True, layout="constrained")
+    for col, activation in enumerate(activations):
+        for row, (statistic, when, label) in enumerate(panels):
+            ax = axes[row][col]
+            rows = nets[when & (nets.activation == activation) & (nets.statistic == statistic)]
+            value = _log10(rows.measured) if statistic == "gsnr" else rows.measured
+            if len(rows):  # a lower precision dashed: it often lies on its fp32 twin
+                sns.lineplot(x=rows.layer, y=value, hue=rows.setup, hue_order=setups, palette=palette, marker="o",
+                             markersize=4, errorbar=None, ax=ax, legend=False, style=rows.setup, style_order=setups,
+                             dashes=dashes)
+            ax.set(title=f"{activation}", xlabel="layer" if row == len(panels) - 1 else "", ylabel=label)
+            if statistic == "zero_fraction":
+                ax.set_ylim(-0.05, 1.05)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    handles = [matplotlib.lines.Line2D([], [], color=palette[s], marker="o", label=s,
+                                       linestyle="--" if dashes[s] else "-") for s in setups]
+    fig.legend(handles=handles, title="init [+ norm, residual]", loc="outside right center", frameon=False)
+    return Figure("gradient-signal", f"Gradient signal-to-noise per layer (depth {depth})",
+                  "Per layer (0 next to the input) of the deepest nets, the GSNR of dL/dW over one batch "
+                  "(log10; Cockpit's MeanGSNR: the mean over W's entries of the squared mean per-example "
+                  "gradient over its variance): at step 0 and at the run's last histogram step. A high GSNR is "
+                  "a small or large gradient that the examples agree on; a low one is a gradient that is mostly "
+                  "noise, whatever its norm. Colour = init [+ normalization, residual], dashed: a precision other "
+                  "than fp32 (often on its fp32 twin); seeds averaged; not "
+                  "measured with BatchNorm (no per-example gradient)."
+                  + (" Last row: the fraction of dL/dW's entries that are exactly 0 at step 0 (dead units, "
+                     "inputs that are 0 across the batch, fp16 underflow)." if len(panels) == 3 else ""),
+                  *_encode(fig))
+
+
 def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, histograms: dict | None = None,
                 signal: pd.DataFrame | None = None) -> list[Figure]:
     figures = [
         accuracy_heatmaps(runs),
         gradient_flow(layers),
         signal_propagation(signal),
+        gradient_signal(signal),
         remedies(runs),
         layer_step_heatmaps(layers, runs),
         histograms_over_time(runs, layers, histograms or {}),

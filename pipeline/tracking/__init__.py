@@ -5,7 +5,7 @@ queries that grid resume and the report need."""
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from .logger import METRIC_BUDGET, RunLogger, ended_by, metric_strides
+from .logger import METRIC_BUDGET, RunLogger, ended_by, layer_key, metric_strides
 from .store import (
     EXPERIMENT,
     TAG_CONFIG_HASH,
@@ -37,7 +37,7 @@ from .store import (
 
 __all__ = [
     "EXPERIMENT", "METRIC_BUDGET", "TAG_CONFIG_HASH", "TAG_DIAGNOSIS", "TAG_GRID", "TAG_GROUP", "TAG_GROUP_SIZE", "TAG_NUMBERS_VERSION", "TAG_OUTCOME",
-    "TAG_ROLE", "MlflowClient", "MlflowException", "NotFound", "RunLogger", "close_grid_run", "download_artifact", "ended_by",
+    "TAG_ROLE", "MlflowClient", "MlflowException", "NotFound", "RunLogger", "close_grid_run", "download_artifact", "ended_by", "layer_key",
     "experiment_id", "fail_earlier_attempts", "fail_stale_runs", "find_grid_run", "finished_config_hashes",
     "get_client", "grid_spec_of", "latest_finished_runs", "log_dataset", "log_report", "metric_strides", "open_grid_run", "run_url",
     "search_all", "tracking_uri",

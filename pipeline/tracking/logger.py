@@ -50,6 +50,7 @@ STEP_METRICS = {
     "global_norm_post_clip": "grad/global_norm_post_clip",
     "clip_active": "clip/active",
 }
+LOSS_SCALE_METRIC = "train/loss_scale"  # fp16 runs only (1 in every other run)
 LAYER_METRICS = {"weight_grad_norm": "grad/weight_norm", "backprop_norm": "grad/backprop_norm", "update_ratio": "update/ratio"}
 # With --log-every 0 (the default) a run logs at most about this many metric values: half to the
 # per-step curves (loss, accuracy, norms: the ones read in the UI), half to the per-layer ones.
@@ -108,6 +109,7 @@ class RunLogger:
         self._written_at = time.monotonic()
         self._last_chunk: Chunk | None = None
         self.step_stride, self.layer_stride = metric_strides(config)
+        self.step_metrics = dict(STEP_METRICS, **({"loss_scale": LOSS_SCALE_METRIC} if config.precision == "fp16" else {}))
 
     @classmethod
     def start(
@@ -192,7 +194,7 @@ class RunLogger:
         for i in rows:
             step = int(chunk.step[i])
             if self._due(step, self.step_stride, self._step_logged_at, last):
-                for name, key in STEP_METRICS.items():
+                for name, key in self.step_metrics.items():
                     metrics.append(Metric(key, float(chunk.per_step[name][i]), now, step))
                 self._step_logged_at = step
             if not chunk.per_layer or not self._due(step, self.layer_stride, self._layer_logged_at, last):
@@ -217,16 +219,19 @@ class RunLogger:
     # -- end of run -------------------------------------------------------------------------------
 
     def finish(self, result: RunResult, summaries: dict[str, float], tags: dict[str, str],
-               figures: dict[str, bytes], tables: dict[str, pd.DataFrame] | None = None) -> None:
+               figures: dict[str, bytes], tables: dict[str, pd.DataFrame] | None = None,
+               stepped: list[tuple[str, float, int]] = ()) -> None:
         """Log the layer table, histograms, other tables (artifact path -> DataFrame, written as
-        parquet) and figures (artifact path -> PNG bytes); then the last step's metrics, the finite summaries (at
-        the last step) and the tags; then mark the run FINISHED."""
+        parquet) and figures (artifact path -> PNG bytes); then the last step's metrics, the finite
+        summaries (at the last step), the finite `stepped` metrics (key, value, step) and the tags;
+        then mark the run FINISHED."""
         chunk = self._last_chunk
         metrics = self._pending
         if chunk is not None and len(chunk.step):
             metrics += self._row_metrics(chunk, [len(chunk.step) - 1], last=True)
         last = max(result.steps - 1, 0)
         metrics += [Metric(k, float(v), now_ms(), last) for k, v in summaries.items() if math.isfinite(v)]
+        metrics += [Metric(k, float(v), now_ms(), step) for k, v, step in stepped if math.isfinite(v)]
         # every artifact into one folder, then one log_artifacts call (each call costs a store round trip)
         with tempfile.TemporaryDirectory() as tmp:
             files = {"config.json": self.config.to_json(), "gradients/layer_stats.parquet": result.table,
