@@ -75,7 +75,25 @@ def _config_from(kwargs: dict[str, Any]) -> RunConfig:
     except ConfigError as exc:
         raise click.BadParameter(exc.message, param_hint=f"--{exc.key.replace('_', '-')}") from None
     _check_device(config.device, config.precision)
+    _check_memory([config], hint="--depth/--width")
     return config
+
+
+def _check_memory(configs: list[RunConfig], hint: str) -> None:
+    """Each architecture fits in what its device has free (a usage error, with the figures)."""
+    from .config import group_key
+    from .runtime import check_memory, get_device
+
+    seen = set()
+    for config in configs:
+        key = group_key(config)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_memory(config, get_device(config.device))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
 def _check_device(name: str, precision: str = "fp32", hint: str | None = None) -> None:
@@ -116,7 +134,46 @@ def _check_folder(path: str, option: str) -> None:
             return
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+STORE_PACKAGES = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3")
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """An error of the tracking store, not of gradbench: an MLflow, SQLAlchemy, sqlite3 or HTTP
+    exception, or an OSError raised while their code ran (a store path whose folder is a file)."""
+    if any(c.__module__.split(".")[0] in STORE_PACKAGES for c in type(exc).__mro__):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:  # raised inside the store's code (by pathlib, os, ... that it calls)
+        if any(package in Path(tb.tb_frame.f_code.co_filename).parts for package in STORE_PACKAGES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _Cli(click.Group):
+    """The command group: a failing tracking store (a corrupt or read-only mlflow.db, an unreachable
+    server, a URI MLflow cannot use) is a failing environment: exit 1 with the store's own words."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if not _store_failure(exc):
+                raise
+            import mlflow
+
+            detail = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+            if len(detail) > 300:  # the first sentences, not half a URL
+                detail = detail[: detail.rfind(". ", 0, 300) + 1 or 300]
+            raise click.ClickException(
+                f"the tracking store {mlflow.get_tracking_uri()} failed: {detail.rstrip('.')}. Check MLFLOW_TRACKING_URI (a "
+                "database URI such as sqlite:///mlflow.db, or http://host:5000) and that the store is readable and "
+                "writable; finished runs are kept, so the same command resumes") from None
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="gradbench")
 def cli() -> None:
     """gradbench: see, measure and fix vanishing and exploding gradients in deep MLPs on MNIST.
@@ -153,9 +210,9 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
     _prepare(data_dir, source)
     from . import data
     from .run import run_group
-    from .runtime import get_device, interrupt_on_sigterm, param_dtype
+    from .runtime import get_device, param_dtype, stop_on_signals
 
-    interrupt_on_sigterm()
+    stop_on_signals()
     mnist = data.load(data_dir, get_device(config.device), param_dtype(config.precision))
     from . import tracking
 
@@ -199,6 +256,7 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
         raise click.BadParameter(str(exc), param_hint="SPEC") from None
     for device, precision in sorted({(c.device, c.precision) for c in spec.configs}):
         _check_device(device, precision, hint="SPEC")
+    _check_memory(list(spec.configs), hint="SPEC")
     if executor == "ray":
         import importlib.util
 
@@ -206,15 +264,15 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
             raise click.BadParameter("Ray is not installed: pip install 'gradbench[ray]'", param_hint="--executor")
     _prepare(data_dir, source)
     from .grid import ExecutorError, run_grid
-    from .runtime import interrupt_on_sigterm
-    from .tracking import MlflowException
+    from .runtime import stop_on_signals
+    from .tracking import GridBusy, MlflowException
 
-    interrupt_on_sigterm()
+    stop_on_signals()
 
     try:
         result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress,
                           executor=executor, address=address, ensemble={"auto": None, "on": True, "off": False}[ensemble])
-    except ExecutorError as exc:
+    except (ExecutorError, GridBusy) as exc:
         raise click.ClickException(str(exc)) from None
     except MlflowException as exc:
         raise click.ClickException(
@@ -239,6 +297,10 @@ def report(grid_run_id: str | None, out_dir: str, experiment: str) -> None:
     from .report import build_report
 
     _check_folder(out_dir, "--out-dir")
+    client = tracking.get_client()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:  # what a killed train or grid of this host left RUNNING is not shown as running
+        tracking.fail_stale_runs(client, found.experiment_id)
     try:
         path = build_report(experiment, grid_run_id or None, out_dir)  # '' from MLproject means none
     except tracking.NotFound as exc:
@@ -260,6 +322,7 @@ def bench(quick: bool, out: str, device: str, data_dir: str, source: str | None)
     things timed side by side in this process: the loop against the classic PyTorch MNIST
     example's, monitoring on/off, MLflow on/off, FLOP/s against the measured matmul peak, and
     peak memory. Prints a markdown table and writes JSON to --out."""
+    _check_folder(str(Path(out).parent), "--out")
     _check_device(device)
     suite = perf_suite()
     _prepare(data_dir, source)

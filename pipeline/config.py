@@ -38,6 +38,14 @@ PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
 NORMS = ("none", "batch", "layer")
 RESIDUALS = ("none", "plain", "skipinit")
 MNIST_TRAIN_SIZE = 60_000
+# Bounds that keep a typo from exhausting the machine: the papers go to depth 300 and width 2,048,
+# the standard grid has 7,680 configurations. What a run needs in memory is checked on top
+# (runtime.check_memory), against what the device has.
+MAX_DEPTH = 1_000
+MAX_WIDTH = 16_384
+MAX_GRID_CONFIGS = 100_000
+MAX_SPEC_BYTES = 1_000_000
+MAX_SPEC_VALUES = 100_000  # values in a spec, counted after YAML aliases are followed (alias bombs)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -71,8 +79,9 @@ class RunConfig:
     """One training run. Constraints in each field's metadata drive validation and the CLI."""
 
     activation: str = field(default="relu", metadata=_spec("Hidden-layer nonlinearity.", choices=ACTIVATIONS))
-    depth: int = field(default=10, metadata=_spec("Number of Linear layers, output layer included.", min=2))
-    width: int = field(default=256, metadata=_spec("Units in each hidden layer.", min=1))
+    depth: int = field(default=10, metadata=_spec("Number of Linear layers, output layer included.", min=2,
+                                                  max=MAX_DEPTH))
+    width: int = field(default=256, metadata=_spec("Units in each hidden layer.", min=1, max=MAX_WIDTH))
     init: str = field(default="default", metadata=_spec("Weight initialization scheme.", member=True, choices=INITS))
     init_std: float = field(default=1.0, metadata=_spec("Std of the weights for --init normal (ignored otherwise).", member=True, gt=0.0))
     init_gain: float = field(
@@ -99,7 +108,7 @@ class RunConfig:
     optimizer: str = field(default="sgd", metadata=_spec("Optimizer.", choices=OPTIMIZERS))
     lr: float = field(default=0.01, metadata=_spec("Learning rate.", gt=0.0))
     momentum: float = field(default=0.9, metadata=_spec("SGD momentum (beta1 for adam).", min=0.0, lt=1.0))
-    batch_size: int = field(default=128, metadata=_spec("Mini-batch size.", min=1))
+    batch_size: int = field(default=128, metadata=_spec("Mini-batch size.", min=1, max=MNIST_TRAIN_SIZE))
     epochs: int = field(default=1, metadata=_spec("Passes over the training data.", min=1))
     max_steps: int = field(default=0, metadata=_spec("Stop after this many optimizer steps (0: no limit).", min=0))
     train_subset: int = field(
@@ -273,10 +282,15 @@ class GridSpec:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if len(text) > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: {len(text):,} characters, over the limit of {MAX_SPEC_BYTES:,} for a spec")
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise SpecError(f"{path}: not valid YAML ({exc})") from None
+        if _values_over(raw, MAX_SPEC_VALUES):
+            raise SpecError(f"{path}: more than {MAX_SPEC_VALUES:,} values once YAML aliases are followed "
+                            "(an alias bomb?): write the grid with axes and seeds instead")
         try:
             if reduced:
                 raw = reduce_spec(raw, default_name=path.stem)
@@ -303,9 +317,15 @@ class GridSpec:
                 raise ConfigError(f"axes.{key}", "must be a non-empty list of values")
         seeds = raw.get("seeds", [base.get("seed", 0)])
         if isinstance(seeds, int) and not isinstance(seeds, bool):
+            if seeds > MAX_GRID_CONFIGS:
+                raise ConfigError("seeds", f"{seeds:,} seeds is over the limit of {MAX_GRID_CONFIGS:,} configurations")
             seeds = list(range(seeds))
         if not isinstance(seeds, list) or not seeds:
             raise ConfigError("seeds", "must be a non-empty list of seeds or a count")
+        planned = (math.prod(len(v) for v in axes.values()) + len(raw.get("include") or [])) * len(seeds)
+        if planned > MAX_GRID_CONFIGS:
+            raise ConfigError("axes", f"(axes crossed + include) x seeds = {planned:,} configurations, over the limit "
+                                      f"of {MAX_GRID_CONFIGS:,}: split the study into several specs")
         reproduces = raw.get("reproduces")
         if reproduces is not None and reproduces not in PAPERS:
             raise ConfigError("reproduces", f"{reproduces!r} is not one of {', '.join(PAPERS)}")
@@ -330,6 +350,23 @@ class GridSpec:
             raise ConfigError("axes", "the grid is empty (every configuration was excluded)")
         source = source or yaml.safe_dump(raw, sort_keys=False)  # what is logged must rebuild this spec
         return cls(str(raw.get("name", default_name)), tuple(configs.values()), source, reproduces)
+
+
+def _values_over(raw: Any, limit: int) -> bool:
+    """Whether `raw` holds more than `limit` values, each alias counted again where it is used
+    (stops counting at the limit: a billion laughs is not walked to the end)."""
+    count, stack = 0, [raw]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def reduce_spec(raw: Any, default_name: str = "grid") -> dict[str, Any]:

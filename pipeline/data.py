@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class DataError(Exception):
 
 
 class DownloadError(Exception):
-    """The torchvision download failed (network or server trouble, not the user's input)."""
+    """A download failed (network or server trouble, not the user's input): exit 1."""
 
 
 def raw_dir(data_dir: str | os.PathLike) -> Path:
@@ -145,8 +146,18 @@ def _open_source_file(source: str, name: str, out) -> str:
             tried.append(location)
             try:
                 stream = urllib.request.urlopen(location, timeout=60)
-            except (OSError, ValueError):
-                continue
+            except urllib.error.HTTPError as exc:
+                if exc.code in (404, 410):  # not there: try the other name
+                    continue
+                raise DownloadError(f"{location}: the server answered HTTP {exc.code} {exc.reason}") from None
+            except urllib.error.URLError as exc:
+                if isinstance(exc.reason, FileNotFoundError):  # a file:// URL that is not there
+                    continue
+                raise DownloadError(f"{location}: cannot download ({exc.reason})") from None
+            except (TimeoutError, ConnectionError) as exc:
+                raise DownloadError(f"{location}: cannot download ({exc})") from None
+            except ValueError as exc:
+                raise DataError(f"{source!r} is not a usable URL ({exc})") from None
         else:
             location = str(Path(source) / candidate)
             tried.append(location)

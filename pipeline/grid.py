@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from typing import Callable, Iterator
 
 from .config import GridSpec, RunConfig, group_key, run_name
 from .run import RunSummary
-from .runtime import configure, interrupt_on_sigterm, shielded
+from .runtime import check_stop, configure, shielded, stop_on_signals
 
 Outcome = tuple[RunConfig, "RunSummary | None", "str | None"]  # a config, its summary or its error
 MAX_GROUP = 32  # members trained together at most
@@ -132,12 +134,19 @@ def _worker_init(runner: _Runner, tracking_uri: str, gpus: "multiprocessing.Queu
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
         torch.cuda.set_device(gpus.get())
-    interrupt_on_sigterm()  # pool.terminate() sends SIGTERM: mark the open run KILLED
+    # pool.terminate() sends SIGTERM: the open run is marked KILLED. Ctrl-C reaches every process of
+    # the terminal's group: the workers leave it to the driver, which terminates them. A driver
+    # killed outright takes its workers with it (stop_on_signals' parent_pid).
+    stop_on_signals(sigint=False, parent_pid=os.getppid())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_runner = runner
 
 
 def _worker_run(group: list[RunConfig]) -> list[Outcome]:
-    return _worker_runner(group)
+    try:
+        return _worker_runner(group)
+    except KeyboardInterrupt:  # stopped (its runs are marked KILLED): leave quietly, no traceback
+        raise SystemExit(1) from None
 
 
 def _run_parallel(runner: _Runner, groups: list[list[RunConfig]], workers: int, tracking_uri: str) -> Iterator:
@@ -244,17 +253,25 @@ def run_grid(
 
     folder = data.prepare(data_dir, source)  # once, in the driver, before any worker reads it
     client = tracking.get_client()
-    with shielded():  # SIGTERM waits until the parent run is open and its try/finally guards it
-        exp_id, parent_id = tracking.open_grid_run(client, spec, experiment)
-        # the dataset row exists before the workers link their runs to it (they would race to create it)
-        tracking.log_dataset(client, parent_id, str(folder.resolve()), data.dataset_digest())
-        stale = tracking.fail_stale_runs(client, exp_id)
-    if stale:
-        echo(f"marked {stale} run(s) FAILED that a killed grid left RUNNING")
+    lock = _driver_lock(spec, experiment)  # released when the grid ends, or with this process
+    try:
+        with shielded():  # SIGTERM waits until the parent run is open and its try/finally guards it
+            exp_id, parent_id = tracking.open_grid_run(client, spec, experiment)
+            # the dataset row exists before the workers link their runs to it (they would race to create it)
+            tracking.log_dataset(client, parent_id, str(folder.resolve()), data.dataset_digest())
+    except BaseException:
+        lock.close()
+        raise
     result = GridResult(parent_id, total=len(spec.configs), skipped=0)
     start = time.perf_counter()
     status = "KILLED"
+    beating = threading.Event()
+    threading.Thread(target=_heartbeat, args=(parent_id, beating), daemon=True).start()
     try:
+        _wait_for_orphans(client, exp_id, parent_id, echo)
+        stale = tracking.fail_stale_runs(client, exp_id)
+        if stale:
+            echo(f"marked {stale} run(s) FAILED that a killed grid left RUNNING")
         done, older = (set(), set()) if rerun else tracking.finished_config_hashes(client, exp_id)
         todo = [c for c in spec.configs if c.config_hash() not in done]
         result.skipped = len(spec.configs) - len(todo)
@@ -271,6 +288,7 @@ def run_grid(
             groups = auto_groups(todo, cuda=torch.cuda.is_available())
         else:
             groups = plan_groups(todo, ensemble)
+        groups = [part for group in groups for part in _split_to_fit(group)]
         if executor == "ray":
             stream = _run_ray(runner, groups, tracking.tracking_uri(), address)
         elif workers > 1 and len(groups) > 1:
@@ -280,6 +298,7 @@ def run_grid(
         with tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True) as bar:
             write = bar.write if progress else echo  # lines above the bar, not through it
             for config, summary, error in stream:
+                check_stop()  # a signal whose first raise was swallowed stops the grid here
                 if summary is not None:
                     result.summaries.append(summary)
                     write(summary.line())
@@ -289,8 +308,85 @@ def run_grid(
                 bar.update()
         status = "FAILED" if result.failures else "FINISHED"
     finally:
+        beating.set()
         result.seconds = time.perf_counter() - start
         with shielded():
             tracking.close_grid_run(client, parent_id, result.counts(), result.seconds, status)
+        lock.close()
     echo(result.line())
     return result
+
+
+def _split_to_fit(group: list[RunConfig]) -> list[list[RunConfig]]:
+    """A group split so that each part fits in what its device has free (runtime.members_that_fit)."""
+    from .runtime import get_device, members_that_fit
+
+    if len(group) == 1:
+        return [group]
+    size = members_that_fit(group[0], get_device(group[0].device)) or len(group)
+    return [group[i : i + size] for i in range(0, len(group), size)]
+
+
+ORPHAN_WAIT = 60.0  # seconds a resume waits for a killed driver's workers to stop
+
+
+def _driver_lock(spec: GridSpec, experiment: str):
+    """An exclusive lock, for this process's life, on (tracking store, experiment, spec): a second
+    driver of the same grid on this host is refused here, however close together the two start
+    (the kernel releases the lock when its holder dies, kill -9 included). Drivers on other hosts
+    are told apart by the parent run's heartbeat (tracking.open_grid_run)."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    from . import tracking
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///"):  # a relative path names a different store in each folder
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    key = hashlib.sha256(f"{uri}\n{experiment}\n{spec.spec_hash}".encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"gradbench-grid-{key}.lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise tracking.GridBusy(f"grid {spec.name!r} is being run right now by {holder} on this host, into the same "
+                                "store and experiment: a second driver would train every configuration twice. Wait "
+                                "for it to end, or stop it and run this command again to resume") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def _wait_for_orphans(client, exp_id: str, parent_id: str, echo: Callable[[str], None]) -> None:
+    """The workers of a driver killed outright stop after their current step (they watch their
+    parent) or finish the run they are writing: wait for them, so that what they finish is not run
+    again and nothing is left RUNNING."""
+    from . import tracking
+
+    deadline = time.monotonic() + ORPHAN_WAIT
+    orphans = tracking.live_children(client, exp_id, parent_id)
+    if orphans:
+        echo(f"waiting for {len(orphans)} run(s) of a killed driver's workers to stop")
+    while orphans and time.monotonic() < deadline:
+        time.sleep(0.5)
+        orphans = tracking.live_children(client, exp_id, parent_id)
+    if orphans:
+        echo(f"{len(orphans)} run(s) still RUNNING by live processes after {ORPHAN_WAIT:.0f} s: left alone")
+
+
+def _heartbeat(parent_id: str, stop: threading.Event) -> None:
+    """Tell drivers on other hosts that this grid's driver is alive (a failed write is retried next time)."""
+    from . import tracking
+
+    client = tracking.get_client()
+    while not stop.wait(tracking.HEARTBEAT_SECONDS):
+        try:
+            tracking.heartbeat(client, parent_id)
+        except Exception:  # the store is down: the grid itself will say so
+            pass

@@ -133,6 +133,11 @@ def gradient_snr(a: torch.Tensor, d: torch.Tensor, grad: torch.Tensor, scale: fl
     return ratio.sum(dim=(1, 2)) / used.sum(dim=(1, 2))
 
 
+def zero_fractions(grads: list[torch.Tensor]) -> torch.Tensor:
+    """(layers, members): the fraction of each member's entries of each gradient that are exactly 0."""
+    return torch.stack([(g.reshape(g.shape[0], -1) == 0).float().mean(dim=1) for g in grads])
+
+
 def grad_histogram(grad: torch.Tensor) -> torch.Tensor:
     """Counts of log10|grad| in the fixed HIST_BINS bins over HIST_RANGE."""
     lo, hi = HIST_RANGE
@@ -256,8 +261,7 @@ class Monitor:
                     for e in range(self.members):
                         self._hist[e, slot, i] = grad_histogram(w.grad[e])
                 if "zero_fraction" in self.instruments:
-                    self._grad_signal[slot, 0] = torch.stack(
-                        [(w.grad.reshape(self.members, -1) == 0).float().mean(dim=1) for w in self.weights])
+                    self._grad_signal[slot, 0] = zero_fractions([w.grad for w in self.weights])
                 if self._gsnr_on:
                     E = self.members
                     for i, w in enumerate(self.weights):

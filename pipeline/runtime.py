@@ -47,6 +47,59 @@ def check_precision(device: torch.device, precision: str) -> None:
                          "use fp32 or bf16 there")
 
 
+def memory_estimate(depth: int, width: int, batch_size: int, optimizer: str, precision: str,
+                    members: int = 1) -> int:
+    """Bytes a group of `members` runs of this architecture needs on its device, roughly: the
+    parameters four times over (weights, gradients, the monitor's copy for the update ratio, the
+    optimizer's momentum; Adam twice), the activations kept for backward (about four per unit and
+    example: z, phi(z), dL/dz, the norm's output), an evaluation batch of 2,000 images, the Jacobian
+    snapshot (8 inputs x width^2, three buffers), and MNIST itself (70,000 x 784)."""
+    nbytes = 8 if precision == "fp64" else 4
+    params = 784 * width + width + (depth - 2) * (width * width + width) + 10 * width + 10
+    copies = 4 + (optimizer == "adam")
+    per_member = (copies * params + 4 * batch_size * width * depth + 2 * 2000 * width + 3 * 8 * width * width) * nbytes
+    return members * per_member + 70_000 * 785 * nbytes
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on the device: CUDA's free memory, or the host's MemAvailable (Linux); None if unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def members_that_fit(config, device: torch.device) -> int | None:
+    """How many runs of this architecture can train together in what the device has free (at
+    least 1; None if unknown)."""
+    free = available_memory(device)
+    if free is None:
+        return None
+    one = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision)
+    data = memory_estimate(2, 1, 1, "sgd", config.precision, members=0)  # MNIST alone, shared by the members
+    return max(1, int((0.8 * free - data) // (one - data)))
+
+
+def check_memory(config, device: torch.device, members: int = 1) -> None:
+    """Raise ValueError, with the figures, when a run (a group of `members`) cannot fit in what the
+    device has free: refused before any run exists, not after minutes of swapping."""
+    need = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision, members)
+    free = available_memory(device)
+    if free is not None and need > 0.9 * free:
+        params = 784 * config.width + (config.depth - 2) * config.width**2 + 10 * config.width
+        raise ValueError(f"depth {config.depth} x width {config.width} ({params:,} weights"
+                         f"{f', {members} runs together' if members > 1 else ''}) needs about {need / 2**30:,.1f} GiB "
+                         f"on {device.type}, which has {free / 2**30:,.1f} GiB free")
+
+
 def configure() -> None:
     """Process-wide defaults: a display-free matplotlib backend (clusters, CI) and no MLflow
     progress bar per artifact download (it drowns the report's output; users can turn it on)."""
@@ -90,33 +143,81 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-_shield = {"depth": 0, "pending": None}  # signals that arrived inside a shielded() block
+# How a process stops on a signal. Raising KeyboardInterrupt wherever a signal lands is not
+# reliable: it can land in a garbage-collection callback, where Python prints "Exception ignored"
+# and goes on. So a stop signal is first remembered; the training loop checks it after every step
+# and the run and grid code between tracking writes (check_stop), and inside a tracking write
+# (shielded) it waits for the write's end. Outside training and tracking writes (waiting on
+# workers, loading data) it also raises at once, and the flag stays set in case that raise was
+# swallowed. A second signal stops the process at once, wherever it is but inside a write.
+_state: dict = {"shield": 0, "defer": 0, "signum": None, "parent": None}
 
 
-def interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler stopping the job, pool.terminate()) unwinds like Ctrl-C, so that the
-    open runs are marked KILLED; inside a shielded() block it waits for the block's end. Python
-    allows signal handlers in the main thread only."""
+def stop_on_signals(sigint: bool = True, parent_pid: int | None = None) -> None:
+    """Install the stop handler for SIGTERM (a scheduler stopping the job, pool.terminate()) and,
+    with `sigint`, Ctrl-C: the open runs are then marked KILLED. `parent_pid` (a pool worker): stop
+    too when that process is gone, and have Linux send SIGTERM when it dies (a driver killed with
+    -9 must not leave its workers training). Python allows signal handlers in the main thread only."""
+    _state.update(signum=None, parent=parent_pid)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _handler)
+    if sigint:
+        signal.signal(signal.SIGINT, _handler)
+    if parent_pid is not None:
+        _die_with_parent()
 
-    def handler(signum, frame):
-        if _shield["depth"]:
-            _shield["pending"] = signum
-            return
+
+def _handler(signum, frame):
+    again = _state["signum"] is not None
+    _state["signum"] = signum
+    if _state["shield"]:
+        return  # raised when the write ends
+    if again or not _state["defer"]:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM) on Linux; elsewhere check_stop's parent check does it."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop signal arrived, or this worker's driver is gone."""
+    if _state["signum"] is not None:
+        signum, _state["signum"] = _state["signum"], None
+        raise KeyboardInterrupt(f"signal {signum}")
+    if _state["parent"] is not None and os.getppid() != _state["parent"]:
+        raise KeyboardInterrupt("the grid's driver process is gone")
+
+
+@contextlib.contextmanager
+def deferred():
+    """A block that checks for stop signals itself (check_stop, e.g. after each training step): a
+    first signal inside it only sets the flag."""
+    _state["defer"] += 1
+    try:
+        yield
+    finally:
+        _state["defer"] -= 1
 
 
 @contextlib.contextmanager
 def shielded():
-    """A block that SIGTERM does not cut in two (writing a run's start or end to the tracking
-    store): a SIGTERM that arrives inside it is raised as KeyboardInterrupt when it ends."""
-    _shield["depth"] += 1
+    """A block that a stop signal does not cut in two (writing a run's start or end to the
+    tracking store): a signal that arrives inside it is raised as KeyboardInterrupt when it ends."""
+    _state["shield"] += 1
     try:
         yield
     finally:
-        _shield["depth"] -= 1
-        if _shield["depth"] == 0 and _shield["pending"] is not None:
-            signum, _shield["pending"] = _shield["pending"], None
-            raise KeyboardInterrupt(f"signal {signum}")
+        _state["shield"] -= 1
+        if _state["shield"] == 0 and _state["signum"] is not None:
+            check_stop()

@@ -31,7 +31,7 @@ from .data import Mnist
 from .model import MLP, build_model
 from .monitor import INSTRUMENTS, Monitor, member_norms
 from .results import Chunk, RunResult, layer_table
-from .runtime import autocast, check_precision, param_dtype
+from .runtime import autocast, check_precision, check_stop, deferred, param_dtype
 
 AGC_EPS = 1e-3  # Brock et al. 2021: floor on ||W_i|| so that zero-initialized units can move
 
@@ -167,58 +167,61 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
     final: list[tuple[float, float] | None] = [None] * members  # a diverged member's (test loss, accuracy)
     diverged = [False] * members
     step, start = 0, time.perf_counter()
-    while step < total and not all(diverged):
-        order = torch.stack([torch.randperm(n_train, device=device, generator=g) for g in shufflers])
-        for i in range(steps_per_epoch):
-            idx = order[:, i * first.batch_size : (i + 1) * first.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            with autocast(device, first.precision):
-                logits = model(xb)
-            losses = member_losses(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            accs = (logits.argmax(dim=2) == yb).float().mean(dim=1)
-            if scaler is None:
-                losses.sum().backward()  # each member's gradient is its own loss's
-                pre_norm = monitor.gradients()
-                post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
-                optimizer.step()
-                monitor.step_end(losses, accs, post_norm, active)
-            else:
-                loss_scale = scaler.get_scale()
-                scaler.scale(losses.sum()).backward()
-                scaler.unscale_(optimizer)  # monitoring and clipping see the true gradients
-                pre_norm = monitor.gradients(loss_scale)
-                post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
-                scaler.step(optimizer)  # skipped if the gradients overflowed
-                scaler.update()
-                monitor.step_end(losses, accs, post_norm, active, loss_scale)
-            step += 1
-            if clock is not None:
-                clock(step)
-            # Flush at each epoch's end too, so that divergence is known before the evaluation.
-            if monitor.chunk_full or step == total or i == steps_per_epoch - 1:
-                for e, chunk in enumerate(monitor.flush()):
-                    if diverged[e]:
-                        continue
-                    bad = chunk.first_nonfinite()
-                    if bad is not None:
-                        chunk = chunk.truncate(bad + 1)  # keep the first bad step: it shows the blow-up
-                        diverged[e], last_step[e] = True, int(chunk.step[-1])
-                    chunks[e].append(chunk)
-                    sinks[e].on_chunk(chunk)
-            if step == total or all(diverged):
-                break
-        # A completed epoch is evaluated; a member that diverged gets one evaluation, at its last
-        # recorded step (its weights are NaN by then: the loss is NaN and the accuracy a guess).
-        test_losses, test_accs = (v.cpu().tolist() for v in evaluate(model, data.x_test, data.y_test))
-        for e in range(members):
-            result = (test_losses[e], test_accs[e])
-            if not diverged[e]:
-                evals[e].append((step - 1, *result))
-                sinks[e].on_eval(step - 1, *result)
-            elif final[e] is None:
-                final[e] = result
-                sinks[e].on_eval(last_step[e], *result)
+    with deferred():  # a stop signal ends the run after the step it arrives in (runtime.py)
+        while step < total and not all(diverged):
+            order = torch.stack([torch.randperm(n_train, device=device, generator=g) for g in shufflers])
+            for i in range(steps_per_epoch):
+                idx = order[:, i * first.batch_size : (i + 1) * first.batch_size]
+                xb, yb = x_train[idx], y_train[idx]
+                with autocast(device, first.precision):
+                    logits = model(xb)
+                losses = member_losses(logits, yb)
+                optimizer.zero_grad(set_to_none=True)
+                accs = (logits.argmax(dim=2) == yb).float().mean(dim=1)
+                if scaler is None:
+                    losses.sum().backward()  # each member's gradient is its own loss's
+                    pre_norm = monitor.gradients()
+                    post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
+                    optimizer.step()
+                    monitor.step_end(losses, accs, post_norm, active)
+                else:
+                    loss_scale = scaler.get_scale()
+                    scaler.scale(losses.sum()).backward()
+                    scaler.unscale_(optimizer)  # monitoring and clipping see the true gradients
+                    pre_norm = monitor.gradients(loss_scale)
+                    post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
+                    scaler.step(optimizer)  # skipped if the gradients overflowed
+                    scaler.update()
+                    monitor.step_end(losses, accs, post_norm, active, loss_scale)
+                step += 1
+                if clock is not None:
+                    clock(step)
+                check_stop()
+                # Flush at each epoch's end too, so that divergence is known before the evaluation.
+                if monitor.chunk_full or step == total or i == steps_per_epoch - 1:
+                    for e, chunk in enumerate(monitor.flush()):
+                        if diverged[e]:
+                            continue
+                        bad = chunk.first_nonfinite()
+                        if bad is not None:
+                            chunk = chunk.truncate(bad + 1)  # keep the first bad step: it shows the blow-up
+                            diverged[e], last_step[e] = True, int(chunk.step[-1])
+                        chunks[e].append(chunk)
+                        sinks[e].on_chunk(chunk)
+                if step == total or all(diverged):
+                    break
+            # A completed epoch is evaluated; a member that diverged gets one evaluation, at its last
+            # recorded step (its weights are NaN by then: the loss is NaN and the accuracy a guess).
+            test_losses, test_accs = (v.cpu().tolist() for v in evaluate(model, data.x_test, data.y_test))
+            for e in range(members):
+                result = (test_losses[e], test_accs[e])
+                if not diverged[e]:
+                    evals[e].append((step - 1, *result))
+                    sinks[e].on_eval(step - 1, *result)
+                elif final[e] is None:
+                    final[e] = result
+                    sinks[e].on_eval(last_step[e], *result)
+            check_stop()
 
     seconds = time.perf_counter() - start
     statistic = ACTIVATIONS[first.activation].statistic

@@ -27,6 +27,18 @@ SPECS = {
     "unknown-paper.yaml": SPEC_OK.encode() + b"reproduces: smith1999\n",
     "bad-norm.yaml": SPEC_OK.encode() + b"axes: {norm: [none, group]}\n",
     "bad-reduced.yaml": SPEC_OK.encode() + b"reduced: {max_step: 1}\n",
+    "alias-bomb.yaml": b"a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]\naxes: {depth: *g}\n",  # a billion laughs: 10^7 values from 70 written
+    "huge.yaml": SPEC_OK.encode() + b"# " + b"x" * 1_000_001 + b"\n",
+    "many-seeds.yaml": SPEC_OK.encode() + b"seeds: 100000000\n",
+    "many-configs.yaml": SPEC_OK.encode() + b"axes: {depth: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12], width: [8, 9, 10, 11, 12, "
+                         b"13, 14, 15, 16, 17]}\nseeds: 1001\n",
+    "deep.yaml": SPEC_OK.encode() + b"axes: {depth: [3, 100000]}\n",
+    "wide.yaml": SPEC_OK.encode() + b"axes: {width: [8, 10000000]}\n",
+    "no-fit.yaml": b"base: {depth: 1000, width: 16384, device: cpu}\n",
+    "seeds-neg.yaml": SPEC_OK.encode() + b"seeds: [0, -1]\n",
+    "axes-key-typo.yaml": SPEC_OK.encode() + b"axes: {activaton: [relu]}\n",
+    "unknown-top.yaml": SPEC_OK.encode() + b"basis: {depth: 3}\n",
+    "name-list.yaml": SPEC_OK.encode() + b"axes: {depth: []}\n",
 }
 
 # (command line, culprit named in the message); {tmp} is the test's folder, {afile} a plain file
@@ -80,6 +92,27 @@ CASES = [
     ("grid {tmp}/bad-reduced.yaml", "reduced.max_step"),
     ("grid {tmp}/bad-norm.yaml --workers 0", "--workers"),
     ("grid {tmp}/empty.yaml --reduced", "empty"),
+    # bounded resources: refused before any run exists, with the figures
+    ("train --depth 100000", "--depth"),
+    ("train --width 10000000", "--width"),
+    ("train --batch-size 100000", "--batch-size"),
+    ("train --depth 1000 --width 16384 --device cpu", "GiB"),
+    ("grid {tmp}/alias-bomb.yaml", "alias"),
+    ("grid {tmp}/huge.yaml", "over the limit"),
+    ("grid {tmp}/many-seeds.yaml", "seeds"),
+    ("grid {tmp}/many-configs.yaml", "100,100 configurations"),
+    ("grid {tmp}/deep.yaml", "axes.depth"),
+    ("grid {tmp}/wide.yaml", "axes.width"),
+    ("grid {tmp}/no-fit.yaml", "GiB"),
+    ("grid {tmp}/seeds-neg.yaml", "seeds"),
+    ("grid {tmp}/axes-key-typo.yaml", "activaton"),
+    ("grid {tmp}/unknown-top.yaml", "basis"),
+    ("grid {tmp}/name-list.yaml", "axes.depth"),
+    ("train --precision fp16 --device cuda", "--device"),
+    ("train --clip agc --clip-threshold 0", "--clip-threshold"),
+    ("train --init-gain nan --init orthogonal", "--init-gain"),
+    ("bench --device mps", "--device"),
+    ("bench --out {afile}/perf.json", "--out"),
 ]
 
 
@@ -95,10 +128,35 @@ def test_bad_input_is_a_usage_error_that_names_the_culprit(line, culprit, store,
     args = ["a\nb" if a == "PLACEHOLDER" else a for a in args]
     if args[0] in ("train", "grid") and "--data-dir" not in args:
         args += ["--data-dir", str(mnist_dir)]
-    if "--experiment" not in args and args[0] != "prepare":
+    if "--experiment" not in args and args[0] not in ("prepare", "bench"):
         args += ["--experiment", store]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2, (result.output, result.exception)
     assert culprit in result.output, result.output
     assert "Traceback" not in result.output
     assert runs_of(store) == []  # nothing created, so nothing left RUNNING or duplicated
+
+
+@pytest.mark.parametrize("uri, says", [
+    ("sqlite:///{tmp}/corrupt.db", "file is not a database"),  # a file that is not SQLite
+    ("{tmp}/plain-folder", "filesystem tracking backend"),  # a plain path: MLflow's retired file store
+    ("sqlite:///{tmp}/{afile}/mlflow.db", "File exists"),  # its folder is a file
+    ("http://127.0.0.1:{port}", "127.0.0.1"),  # a tracking server that is not there
+])
+@pytest.mark.parametrize("command", ["train", "report"])
+def test_a_failing_tracking_store_exits_1_naming_the_store(uri, says, command, tmp_path, mnist_dir, monkeypatch):
+    """A failing environment, not bad input: exit 1, the store's URI and its own words, no traceback."""
+    from tests.conftest import free_port
+
+    (tmp_path / "corrupt.db").write_text("not a database")
+    (tmp_path / "afile").write_text("a file")
+    uri = uri.format(tmp=tmp_path, afile="afile", port=free_port())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server that is not there: no minutes of retries
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    args = ["train", "--depth", "3", "--width", "8", "--max-steps", "2", "--train-subset", "64", "--data-dir",
+            str(mnist_dir)] if command == "train" else ["report", "--out-dir", str(tmp_path / "reports")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert uri in result.output and says in result.output, result.output
+    assert "Traceback" not in result.output

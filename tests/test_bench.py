@@ -42,3 +42,7 @@ def test_bench_quick_from_a_fresh_directory_with_the_default_data_dir(tmp_path, 
         assert ratio["low"] <= ratio["median"] <= ratio["high"] and ratio["pairs"] == 1, key
     share = results["quick_run_d20"]["mlflow_share"]
     assert 0 < share["a"] < share["b"]  # seconds in the run logger, within the tracked run's seconds
+    instruments = results["instruments"]  # each instrument's own seconds, a share of a run that has them all
+    assert set(instruments["share"]) == {"signal", "jacobian", "gsnr", "zero_fraction"}
+    assert all(0 < share["median"] < 1 for share in instruments["share"].values()), instruments["share"]
+    assert "| instrument jacobian, share of the run |" in result.output

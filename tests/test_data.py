@@ -113,3 +113,42 @@ def test_failed_download_exits_1_and_says_how_to_work_offline(tmp_path, monkeypa
     assert result.exit_code == 1, result.output
     assert "downloading MNIST through torchvision failed" in result.output and "--source" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("answer, exit_code, message", [
+    (500, 1, "the server answered HTTP 500"),  # the server's trouble: a failing environment
+    (503, 1, "HTTP 503"),
+    (404, 2, "not found in source"),  # nothing at that URL: the user's input
+    (None, 1, "cannot download"),  # nobody listening: connection refused
+])
+def test_a_source_url_that_fails_says_what_the_server_did(answer, exit_code, message, tmp_path):
+    """--source http://...: a real HTTP server on this machine answering `answer` to every request
+    (None: a closed port). A download failure exits 1 and names what the server did; only a 404 is
+    'not found' (exit 2). Nothing is left in the data folder."""
+    import http.server
+    import threading
+
+    from tests.conftest import free_port
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(answer)
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    server = None
+    if answer is not None:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = CliRunner().invoke(cli, ["prepare", "--data-dir", str(tmp_path / "d"),
+                                          "--source", f"http://127.0.0.1:{port}/mnist"])
+    finally:
+        if server is not None:
+            server.shutdown()
+    assert result.exit_code == exit_code, result.output
+    assert message in result.output and "Traceback" not in result.output, result.output
+    raw = tmp_path / "d" / "MNIST" / "raw"
+    assert not raw.exists() or not any(raw.iterdir())  # no half-written file

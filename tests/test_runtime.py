@@ -1,4 +1,5 @@
-"""runtime: SIGTERM unwinds like Ctrl-C, but never inside a shielded tracking write."""
+"""runtime: how a stop signal (SIGTERM, Ctrl-C) stops a process: at once outside training, after
+the current step inside it, never inside a shielded tracking write, and never lost."""
 
 import os
 import signal
@@ -9,30 +10,69 @@ from pipeline import runtime
 
 
 @pytest.fixture
-def sigterm_handler():
-    previous = signal.getsignal(signal.SIGTERM)
-    runtime.interrupt_on_sigterm()
+def stop_handler():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    runtime.stop_on_signals()
     yield
-    signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+    runtime._state.update(signum=None, parent=None)
 
 
-def test_sigterm_raises_keyboard_interrupt(sigterm_handler):
+def _spin(n: int = 2_000_000) -> None:
+    for _ in range(n):  # the handler runs between bytecodes
+        pass
+
+
+def test_sigterm_raises_keyboard_interrupt(stop_handler):
     with pytest.raises(KeyboardInterrupt, match="signal 15"):
         os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(10_000_000):  # the handler runs between bytecodes
-            pass
+        _spin()
 
 
-def test_sigterm_inside_a_shielded_block_waits_for_its_end(sigterm_handler):
+def test_sigterm_inside_a_shielded_block_waits_for_its_end(stop_handler):
     finished = []
     with pytest.raises(KeyboardInterrupt, match="signal 15"):
         with runtime.shielded():
             with runtime.shielded():  # nested: the outermost block's end raises
                 os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(100_000):
-                    pass
+                _spin(100_000)
                 finished.append("inner")
             finished.append("outer")
     assert finished == ["inner", "outer"]  # the block ran to its end
     with runtime.shielded():  # the pending signal was consumed: the next block is quiet
         pass
+
+
+def test_inside_a_deferred_block_the_first_signal_waits_for_check_stop_and_a_second_stops_at_once(stop_handler):
+    steps = []
+    with pytest.raises(KeyboardInterrupt, match="signal 2"):
+        with runtime.deferred():
+            for step in range(5):
+                if step == 2:
+                    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+                _spin(100_000)
+                steps.append(step)
+                runtime.check_stop()
+    assert steps == [0, 1, 2]  # the step the signal arrived in ran to its end
+    runtime.check_stop()  # consumed
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        with runtime.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            _spin(100_000)
+            os.kill(os.getpid(), signal.SIGTERM)  # again: no waiting for the next check
+            _spin()
+            steps.append("not reached")
+    assert "not reached" not in steps
+
+
+def test_a_swallowed_interrupt_still_stops_at_the_next_check(stop_handler):
+    """Where the raise lands in code that swallows it (a garbage-collection callback prints
+    "Exception ignored" and goes on), the flag stays set: the next check_stop raises."""
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        _spin()
+    except KeyboardInterrupt:
+        pass  # swallowed
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        runtime.check_stop()

@@ -67,7 +67,7 @@ REFERENCE_BATCH = 64
 TRACKING_METHODS = ("start", "log_dataset", "on_chunk", "on_eval", "finish")
 QUICK_RUN = dict(width=128, max_steps=300, train_subset=38400)  # a quick-grid run (benchmarks/quick.yaml)
 INSTRUMENT_NOTES = {
-    "set": "all four against none: tanh, depth 20, width 128, 300 steps, untracked; target <= 1.05",
+    "set": "all four against none, paired: tanh, depth 20, width 128, 300 steps, untracked; target <= 1.05",
     "gsnr": "per-layer gradient signal-to-noise ratio",
     "jacobian": "input-output Jacobian singular values (grows with width^3)",
     "signal": "forward q and c per layer",
@@ -388,32 +388,77 @@ def run_costs(config: RunConfig, data: Mnist, device: torch.device, pairs: int) 
     }
 
 
-def instrument_costs(config: RunConfig, data: Mnist, device: torch.device, pairs: int) -> dict:
-    """Each instrument of monitor.INSTRUMENTS as Cockpit prints them: a whole untracked run (train,
-    then analyse) with every instrument against the same run without that one, and the whole set
-    against none; each a ratio over paired rounds (every round runs each variant once)."""
+# the functions each instrument spends its time in (pipeline/monitor.py)
+INSTRUMENT_FUNCTIONS = {"signal": ("square_and_cross", "length_and_correlation"),
+                        "jacobian": ("jacobian_singular_values",), "gsnr": ("gradient_snr",),
+                        "zero_fraction": ("zero_fractions",)}
+
+
+@contextlib.contextmanager
+def time_functions(module, groups: dict[str, tuple[str, ...]], device: torch.device) -> Iterator[dict[str, float]]:
+    """Adds up, per group, the seconds spent in the module functions it names while the block runs
+    (the device synchronized around each call, so that GPU work is counted where it is launched)."""
+    spent = dict.fromkeys(groups, 0.0)
+    saved = {name: getattr(module, name) for names in groups.values() for name in names}
+
+    def timed(group: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(device)
+                spent[group] += time.perf_counter() - start
+        return wrapper
+
+    for group, names in groups.items():
+        for name in names:
+            setattr(module, name, timed(group, saved[name]))
+    try:
+        yield spent
+    finally:
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+
+
+def instrument_costs(config: RunConfig, data: Mnist, device: torch.device, pairs: int, each: bool) -> dict:
+    """What each instrument of monitor.INSTRUMENTS costs a whole untracked run (train, then
+    analyse): the whole set against none, paired; each instrument's own seconds inside the run
+    (timed around its functions), as a share of the run; with `each`, also each instrument as
+    Cockpit prints them: the run with every instrument against the run without that one, paired.
+    Every round runs each variant once."""
+    from pipeline import monitor
     from pipeline.run import analyse
 
-    variants = {"all": INSTRUMENTS, "none": frozenset(),
-                **{name: INSTRUMENTS - {name} for name in sorted(INSTRUMENTS)}}
+    variants = {"all": INSTRUMENTS, "none": frozenset()}
+    if each:
+        variants.update({name: INSTRUMENTS - {name} for name in sorted(INSTRUMENTS)})
 
-    def run(instruments: frozenset[str]) -> float:
-        def work():
-            analyse(config, train([config], data, instruments=instruments)[0])
-        return _seconds(work, device)
+    def run(instruments: frozenset[str]) -> tuple[float, dict[str, float]]:
+        with time_functions(monitor, INSTRUMENT_FUNCTIONS, device) as spent:
+            seconds = _seconds(lambda: analyse(config, train([config], data, instruments=instruments)[0]), device)
+        return seconds, dict(spent)
 
-    rounds = []
+    rounds, shares = [], []
     for i in range(pairs + 1):  # the first round warms up
-        seconds = {name: run(instruments) for name, instruments in variants.items()}
+        timed = {name: run(instruments) for name, instruments in variants.items()}
         if i:
-            rounds.append(seconds)
+            rounds.append({name: seconds for name, (seconds, _) in timed.items()})
+            whole, spent = timed["all"]
+            shares.append({name: spent[name] / whole for name in INSTRUMENT_FUNCTIONS})
 
     def ratio(without: str) -> dict:
         found = [r["all"] / r[without] for r in rounds]
         return Ratio(statistics.median(found), min(found), max(found), statistics.median(r["all"] for r in rounds),
                      statistics.median(r[without] for r in rounds), pairs).to_dict()
 
-    return {"set": ratio("none"), **{name: ratio(name) for name in sorted(INSTRUMENTS)}}
+    med = statistics.median
+    return {"set": ratio("none"),
+            "share": {name: {"median": med(s[name] for s in shares), "low": min(s[name] for s in shares),
+                             "high": max(s[name] for s in shares)} for name in INSTRUMENT_FUNCTIONS},
+            **({name: ratio(name) for name in sorted(INSTRUMENTS)} if each else {})}
 
 
 def run_bench(data_dir: str, source: str | None = None, quick: bool = False, device_name: str = "auto",
@@ -459,7 +504,7 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
 
     section("   and each signal-propagation instrument's cost, a depth-20 quick-grid run with it against without")
     config = RunConfig(activation="tanh", depth=20, device=str(device), **QUICK_RUN)
-    results["instruments"] = instrument_costs(config, data, device, pairs)
+    results["instruments"] = instrument_costs(config, data, device, pairs, each=budget.full)
 
     section("4/6 steps: achieved FLOP/s against the matmul peak")
     peak = matmul_peak(device)
@@ -529,8 +574,7 @@ def markdown(results: dict) -> str:
          "runs per hour, whole runs"),
         (f"ensemble of {results['ensemble_members']} vs one at a time, width 512", r("ensemble_speedup_w512") + "x",
          "runs per hour, whole runs; target on a GPU >= 10x"),
-        *[(f"instrument: {name}, whole run with / without", Ratio(**results["instruments"][name]).text("{:.3f}"),
-           INSTRUMENT_NOTES[name]) for name in ("set", *sorted(INSTRUMENTS)) if "instruments" in results],
+        *instrument_rows(results.get("instruments", {})),
         ("peak RSS, one quick-grid run", f"{results['peak_rss_mb']:.0f} MB", ""),
     ]
     if "peak_gpu_mb" in results:
@@ -540,6 +584,18 @@ def markdown(results: dict) -> str:
     lines = ["| measure | value | note |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def instrument_rows(found: dict) -> list[tuple[str, str, str]]:
+    if not found:
+        return []
+    rows = [("instruments, whole run all / none", Ratio(**found["set"]).text("{:.3f}"), INSTRUMENT_NOTES["set"])]
+    for name in sorted(INSTRUMENTS):
+        share = found["share"][name]
+        paired = f"; run with / without it: {Ratio(**found[name]).text('{:.3f}')}" if name in found else ""
+        rows.append((f"instrument {name}, share of the run", f"{share['median']:.2%} ({share['low']:.2%}-{share['high']:.2%})",
+                     INSTRUMENT_NOTES[name] + " (seconds inside its functions)" + paired))
+    return rows
 
 
 def write_json(results: dict, out: str | os.PathLike) -> Path:

@@ -8,6 +8,7 @@ from mlflow.exceptions import MlflowException
 from .logger import METRIC_BUDGET, RunLogger, ended_by, layer_key, metric_strides
 from .store import (
     EXPERIMENT,
+    HEARTBEAT_SECONDS,
     TAG_CONFIG_HASH,
     TAG_DIAGNOSIS,
     TAG_GRID,
@@ -16,6 +17,7 @@ from .store import (
     TAG_NUMBERS_VERSION,
     TAG_OUTCOME,
     TAG_ROLE,
+    GridBusy,
     NotFound,
     close_grid_run,
     download_artifact,
@@ -26,7 +28,9 @@ from .store import (
     finished_config_hashes,
     get_client,
     grid_spec_of,
+    heartbeat,
     latest_finished_runs,
+    live_children,
     log_dataset,
     log_report,
     open_grid_run,
@@ -37,7 +41,7 @@ from .store import (
 
 __all__ = [
     "EXPERIMENT", "METRIC_BUDGET", "TAG_CONFIG_HASH", "TAG_DIAGNOSIS", "TAG_GRID", "TAG_GROUP", "TAG_GROUP_SIZE", "TAG_NUMBERS_VERSION", "TAG_OUTCOME",
-    "TAG_ROLE", "MlflowClient", "MlflowException", "NotFound", "RunLogger", "close_grid_run", "download_artifact", "ended_by", "layer_key",
+    "TAG_ROLE", "MlflowClient", "MlflowException", "NotFound", "HEARTBEAT_SECONDS", "GridBusy", "heartbeat", "live_children", "RunLogger", "close_grid_run", "download_artifact", "ended_by", "layer_key",
     "experiment_id", "fail_earlier_attempts", "fail_stale_runs", "find_grid_run", "finished_config_hashes",
     "get_client", "grid_spec_of", "latest_finished_runs", "log_dataset", "log_report", "metric_strides", "open_grid_run", "run_url",
     "search_all", "tracking_uri",

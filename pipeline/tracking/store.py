@@ -38,6 +38,9 @@ TAG_ROLE = "gradbench.role"  # "grid" on a grid's parent run
 TAG_HOST = "gradbench.host"  # where a run's process lives: lets a resume tell dead runs from live ones
 TAG_PID = "gradbench.pid"
 TAG_NUMBERS_VERSION = "gradbench.numbers_version"  # config.NUMBERS_VERSION of the code that made the run
+TAG_HEARTBEAT = "gradbench.heartbeat"  # a grid driver's last sign of life, Unix seconds
+HEARTBEAT_SECONDS = 30.0  # how often a grid driver writes it
+HEARTBEAT_STALE = 120.0  # a driver on another host not heard from for this long is taken for dead
 MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch call
 MAX_PARAMS_PER_CALL = 100
 
@@ -156,30 +159,64 @@ def fail_earlier_attempts(client: MlflowClient, parent_run_id: str, config: RunC
     return len(earlier)
 
 
+class GridBusy(RuntimeError):
+    """Another live driver is running the same grid: a second would train every configuration twice."""
+
+
+def _live_driver(run) -> str | None:
+    """Who drives a RUNNING grid parent run, if that driver is alive: on this host its pid says;
+    on another, a heartbeat younger than HEARTBEAT_STALE."""
+    tags = run.data.tags
+    host, pid = tags.get(TAG_HOST), int(tags.get(TAG_PID, "0") or 0)
+    if host == socket.gethostname():
+        return f"pid {pid} on this host" if pid and pid != os.getpid() and _alive(pid) else None
+    age = time.time() - float(tags.get(TAG_HEARTBEAT, "0") or 0)
+    return f"pid {pid} on host {host}, heard from {age:.0f} s ago" if host and age < HEARTBEAT_STALE else None
+
+
 def open_grid_run(client: MlflowClient, spec: GridSpec, experiment: str) -> tuple[str, str]:
     """(experiment id, parent run id) for a grid: the `mlflow run` run if there is one, else the
-    unfinished parent of an interrupted run of the same spec (resumed), else a new run."""
+    unfinished parent of an interrupted run of the same spec (resumed), else a new run. Raises
+    GridBusy while another driver of the same spec is alive (gradbench.grid also holds a lock
+    file, which settles two drivers on one host that start at the same moment)."""
     env_run = os.environ.get("MLFLOW_RUN_ID")
+    exp_id = client.get_run(env_run).info.experiment_id if env_run else experiment_id(client, experiment)
+    unfinished = search_all(client, exp_id, f"tags.`{TAG_SPEC_HASH}` = '{spec.spec_hash}' and attributes.status != 'FINISHED'")
+    for run in unfinished:
+        who = _live_driver(run) if run.info.status == "RUNNING" and run.info.run_id != env_run else None
+        if who:
+            raise GridBusy(f"grid {spec.name!r} is being run right now by {who} (parent run {run.info.run_id}): "
+                           "a second driver would train every configuration twice. Wait for it to end, or stop "
+                           "it and run this command again to resume")
     if env_run:
-        run = client.get_run(env_run)
-        exp_id, parent_id = run.info.experiment_id, env_run
+        parent_id = env_run
+    elif unfinished:
+        parent_id = max(unfinished, key=lambda r: r.info.start_time).info.run_id
+        client.update_run(parent_id, status="RUNNING")
     else:
-        exp_id = experiment_id(client, experiment)
-        previous = search_all(
-            client, exp_id, f"tags.`{TAG_SPEC_HASH}` = '{spec.spec_hash}' and attributes.status != 'FINISHED'"
-        )
-        if previous:
-            parent_id = max(previous, key=lambda r: r.info.start_time).info.run_id
-            client.update_run(parent_id, status="RUNNING")
-        else:
-            parent_id = client.create_run(exp_id, run_name=spec.name).info.run_id
-    tags = {TAG_ROLE: "grid", TAG_GRID: spec.name, TAG_SPEC_HASH: spec.spec_hash, MLFLOW_RUN_NAME: spec.name}
+        parent_id = client.create_run(exp_id, run_name=spec.name).info.run_id
+    tags = {TAG_ROLE: "grid", TAG_GRID: spec.name, TAG_SPEC_HASH: spec.spec_hash, MLFLOW_RUN_NAME: spec.name,
+            TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()), TAG_HEARTBEAT: f"{time.time():.0f}"}
     client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
     existing = client.get_run(parent_id).data.params
     if "grid_runs" not in existing:
         client.log_batch(parent_id, params=[Param("grid_runs", str(len(spec.configs)))])
     client.log_text(parent_id, spec.source, "spec.yaml")
     return exp_id, parent_id
+
+
+def heartbeat(client: MlflowClient, parent_id: str) -> None:
+    client.set_tag(parent_id, TAG_HEARTBEAT, f"{time.time():.0f}")
+
+
+def live_children(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
+    """RUNNING child runs of a grid whose process, on this host, is alive and is not this one:
+    with no other driver alive, the workers of a driver that was killed outright."""
+    running = search_all(client, experiment_id, f"attributes.status = 'RUNNING' and tags.`{TAG_CONFIG_HASH}` LIKE '%'")
+    host = socket.gethostname()
+    return [r for r in running if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id and r.data.tags.get(TAG_HOST) == host
+            and int(r.data.tags.get(TAG_PID, "0") or 0) not in (0, os.getpid())
+            and _alive(int(r.data.tags.get(TAG_PID, "0") or 0))]
 
 
 def close_grid_run(client: MlflowClient, parent_id: str, counts: dict[str, int], seconds: float, status: str) -> None:

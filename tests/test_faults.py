@@ -1,0 +1,152 @@
+"""Faults with real processes against a real MLflow store: a driver killed with -9 while its
+workers train, two drivers on one spec at once, `gradbench train` killed with -9. Each is
+repeated three times (races hide); after each, every configuration has exactly one FINISHED run
+and no run is left RUNNING."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import yaml
+
+from pipeline.config import GridSpec
+from tests.conftest import REPO, runs_of
+
+pytestmark = pytest.mark.slow
+
+BASE = {"depth": 3, "width": 64, "train_subset": 2560, "batch_size": 64, "max_steps": 40, "log_every": 10}
+
+
+def _children(experiment):
+    return [r for r in runs_of(experiment) if "gradbench.config_hash" in r.data.tags]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) is gone for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _grid_cmd(path, mnist_dir, experiment, *extra):
+    return [sys.executable, "-m", "pipeline", "grid", str(path), "--data-dir", str(mnist_dir), "--experiment",
+            experiment, "--no-progress", *extra]
+
+
+def _wait_until(condition, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _exactly_once(experiment, path):
+    """Every configuration has one FINISHED run, none has two, none is RUNNING."""
+    statuses = Counter(k.info.status for k in _children(experiment))
+    finished = Counter(k.data.tags["gradbench.config_hash"] for k in _children(experiment) if k.info.status == "FINISHED")
+    expected = {c.config_hash() for c in GridSpec.from_yaml(path).configs}
+    assert set(finished) == expected and set(finished.values()) == {1}, finished
+    assert statuses["RUNNING"] == 0, statuses
+
+
+def test_a_driver_killed_with_9_takes_its_workers_with_it_and_resumes_exactly_once(store, mnist_dir, tmp_path,
+                                                                                     tracking_uri):
+    """--workers 2: kill -9 the driver while its workers train, resume at once; three times, then to
+    the end. The workers stop with their driver (Linux's parent-death signal and their own check)
+    instead of finishing their configurations behind the resume's back."""
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump({"name": "killed-driver", "base": BASE,
+                                    "axes": {"activation": ["relu", "tanh", "elu", "gelu", "sigmoid"],
+                                             "init": ["default", "he_normal"]}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    cmd = _grid_cmd(path, mnist_dir, store, "--workers", "2", "--ensemble", "off")
+    for _ in range(3):
+        seen = {k.info.run_id for k in _children(store)}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait_until(lambda seen=seen: any(k.info.status == "RUNNING" and k.info.run_id not in seen
+                                                 for k in _children(store))), "no worker started a run"
+        workers = {int(k.data.tags["gradbench.pid"]) for k in _children(store) if k.info.status == "RUNNING"}
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        gone = _wait_until(lambda workers=workers: not any(_alive(pid) for pid in workers), timeout=30)
+        assert gone, "orphaned workers live on"
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _exactly_once(store, path)
+
+
+def test_two_drivers_on_one_spec_never_train_a_configuration_twice(store, mnist_dir, tmp_path, tracking_uri):
+    """Started at the same moment (three times, each into a fresh experiment): one drives, the
+    other is refused with a message naming the first (or, if it came after the end, finds nothing
+    to run). Then a second driver started while the first is visibly running is refused."""
+    path = tmp_path / "pair.yaml"  # short: the two start together, so they overlap anyway
+    path.write_text(yaml.safe_dump({"name": "two-drivers", "base": {**BASE, "max_steps": 10},
+                                    "axes": {"activation": ["relu", "tanh"]}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    for round_ in range(3):
+        experiment = f"{store}-{round_}"
+        procs = [subprocess.Popen(_grid_cmd(path, mnist_dir, experiment), cwd=REPO, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        outputs = [p.communicate(timeout=300) for p in procs]
+        codes = sorted(p.returncode for p in procs)
+        refused = [err for p, (_, err) in zip(procs, outputs) if p.returncode == 1]
+        assert codes in ([0, 1], [0, 0]), outputs
+        if refused:
+            assert "is being run right now by pid" in refused[0] and "Traceback" not in refused[0], refused[0]
+        else:  # the second came after the first had ended
+            assert any("0 to run" in out for out, _ in outputs), outputs
+        _exactly_once(experiment, path)
+
+    experiment = f"{store}-late"
+    path.write_text(yaml.safe_dump({"name": "two-drivers", "base": {**BASE, "width": 256, "max_steps": 5000,
+                                                                     "epochs": 20, "train_subset": 25600},
+                                    "axes": {"activation": ["relu", "tanh"]}}))  # long enough to start a second
+    first = subprocess.Popen(_grid_cmd(path, mnist_dir, experiment), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    assert _wait_until(lambda: any(k.info.status == "RUNNING" for k in _children(experiment)))
+    second = subprocess.run(_grid_cmd(path, mnist_dir, experiment), cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 1 and f"pid {first.pid}" in second.stderr, second.stderr
+    first.send_signal(signal.SIGTERM)  # no need to wait for the end: stopped, its open run KILLED
+    assert first.wait(timeout=60) != 0
+    statuses = Counter(k.info.status for k in _children(experiment))
+    assert statuses["RUNNING"] == 0 and statuses["KILLED"] == 1, statuses
+
+
+def test_train_killed_with_9_is_marked_failed_by_the_next_command(store, mnist_dir, tracking_uri, tmp_path):
+    """SIGKILL gives a run no chance to end itself: the next command of this host that opens the
+    store marks it FAILED, by its host and pid tags: a report (which then says there is no grid to
+    report), then a train. Three times in all."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    cmd = [sys.executable, "-m", "pipeline", "train", "--depth", "3", "--width", "128", "--train-subset", "25600",
+           "--epochs", "5", "--data-dir", str(mnist_dir), "--experiment", store]
+    for i in range(3):
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait_until(lambda: sum(r.info.status == "RUNNING" for r in runs_of(store)) == 1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert Counter(r.info.status for r in runs_of(store))["RUNNING"] == 1  # nobody has looked yet
+        if i < 2:
+            report = subprocess.run([sys.executable, "-m", "pipeline", "report", "--experiment", store,
+                                     "--out-dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                                    timeout=120)
+            assert report.returncode == 1 and "no grid runs" in report.stderr, report.stderr[-2000:]
+            assert Counter(r.info.status for r in runs_of(store)) == {"FAILED": i + 1}
+        else:
+            quick = subprocess.run([*cmd[:-8], "--max-steps", "2", "--train-subset", "640", "--data-dir",
+                                    str(mnist_dir), "--experiment", store], cwd=REPO, env=env, capture_output=True,
+                                   text=True, timeout=120)
+            assert quick.returncode == 0, quick.stderr[-2000:]
+            assert Counter(r.info.status for r in runs_of(store)) == {"FAILED": 3, "FINISHED": 1}
