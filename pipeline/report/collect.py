@@ -11,6 +11,7 @@ import pandas as pd
 
 from .. import tracking
 from ..config import FIELDS, run_name
+from ..tracking.store import TAG_SYNTHETIC
 
 
 @dataclass
@@ -108,6 +109,9 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
                 signals.append(pd.read_parquet(path).assign(run_id=run.info.run_id))
             except (OSError, ValueError) as exc:
                 missing.append(f"{run.info.run_name}: signal/propagation.parquet unreadable ({exc})")
+    if parent.data.tags.get(TAG_SYNTHETIC) == "true":
+        missing.insert(0, "SYNTHETIC DATA: this grid was written by benchmarks/perf/synthetic_store.py to time the "
+                          "report; its statistics are made up and mean nothing")
     if without_signal:
         missing.append(f"{without_signal} run(s) without signal/propagation.parquet (recorded by an older gradbench): "
                        "left out of the signal-propagation figure")

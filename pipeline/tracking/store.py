@@ -38,6 +38,7 @@ TAG_ROLE = "gradbench.role"  # "grid" on a grid's parent run
 TAG_HOST = "gradbench.host"  # where a run's process lives: lets a resume tell dead runs from live ones
 TAG_PID = "gradbench.pid"
 TAG_NUMBERS_VERSION = "gradbench.numbers_version"  # config.NUMBERS_VERSION of the code that made the run
+TAG_SYNTHETIC = "gradbench.synthetic"  # "true": made up by benchmarks/perf/synthetic_store.py, never a result
 TAG_HEARTBEAT = "gradbench.heartbeat"  # a grid driver's last sign of life, Unix seconds
 HEARTBEAT_SECONDS = 30.0  # how often a grid driver writes it
 HEARTBEAT_STALE = 120.0  # a driver on another host not heard from for this long is taken for dead
