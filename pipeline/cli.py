@@ -162,13 +162,13 @@ class _Cli(click.Group):
         except Exception as exc:
             if not _store_failure(exc):
                 raise
-            import mlflow
+            from .tracking import tracking_uri
 
             detail = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
             if len(detail) > 300:  # the first sentences, not half a URL
                 detail = detail[: detail.rfind(". ", 0, 300) + 1 or 300]
             raise click.ClickException(
-                f"the tracking store {mlflow.get_tracking_uri()} failed: {detail.rstrip('.')}. Check MLFLOW_TRACKING_URI (a "
+                f"the tracking store {tracking_uri()} failed: {detail.rstrip('.')}. Check MLFLOW_TRACKING_URI (a "
                 "database URI such as sqlite:///mlflow.db, or http://host:5000) and that the store is readable and "
                 "writable; finished runs are kept, so the same command resumes") from None
 
