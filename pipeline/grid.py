@@ -310,9 +310,11 @@ def run_grid(
     finally:
         beating.set()
         result.seconds = time.perf_counter() - start
-        with shielded():
-            tracking.close_grid_run(client, parent_id, result.counts(), result.seconds, status)
-        lock.close()
+        try:
+            with shielded():
+                tracking.close_grid_run(client, parent_id, result.counts(), result.seconds, status)
+        finally:  # released even when the store is down: the same command must be able to resume
+            lock.close()
     echo(result.line())
     return result
 
