@@ -150,3 +150,29 @@ def test_train_killed_with_9_is_marked_failed_by_the_next_command(store, mnist_d
                                    text=True, timeout=120)
             assert quick.returncode == 0, quick.stderr[-2000:]
             assert Counter(r.info.status for r in runs_of(store)) == {"FAILED": 3, "FINISHED": 1}
+
+
+def test_ctrl_c_on_a_two_worker_grid_leaves_no_run_running(store, mnist_dir, tmp_path, tracking_uri):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, driver and workers: the
+    workers leave it to the driver, which stops them; their open runs end KILLED, the driver
+    exits without a traceback, and the same command resumes. Three times, then to the end."""
+    path = tmp_path / "ctrl-c.yaml"
+    path.write_text(yaml.safe_dump({"name": "ctrl-c", "base": {**BASE, "max_steps": 300, "train_subset": 12800},
+                                    "axes": {"activation": ["relu", "tanh", "elu", "gelu"]}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    cmd = _grid_cmd(path, mnist_dir, store, "--workers", "2", "--ensemble", "off")
+    for _ in range(3):
+        seen = {k.info.run_id for k in _children(store)}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group, as a terminal's job
+        started = _wait_until(lambda seen=seen: any(k.info.status == "RUNNING" and k.info.run_id not in seen
+                                                    for k in _children(store)))
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert started and proc.returncode != 0
+        assert "Traceback" not in err, err[-3000:]
+        statuses = Counter(k.info.status for k in _children(store))
+        assert statuses["RUNNING"] == 0 and statuses["KILLED"] >= 1, statuses
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _exactly_once(store, path)
