@@ -352,8 +352,7 @@ def _driver_lock(spec: GridSpec, experiment: str):
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = _lock_holder(handle)
         handle.close()
         raise tracking.GridBusy(f"grid {spec.name!r} is being run right now by {holder} on this host, into the same "
                                 "store and experiment: a second driver would train every configuration twice. Wait "
@@ -363,6 +362,25 @@ def _driver_lock(spec: GridSpec, experiment: str):
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     return handle
+
+
+def _lock_holder(handle) -> str:
+    """'pid N' of the process holding the lock: the file holds the pid its holder wrote, which a
+    holder that has just taken the lock may not have written yet (or an earlier holder's): read
+    until it names a live process, for up to a second."""
+    for _ in range(20):
+        handle.seek(0)
+        words = handle.read().split()
+        if len(words) == 2 and words[1].isdigit() and int(words[1]) != os.getpid():
+            try:
+                os.kill(int(words[1]), 0)
+                return f"pid {words[1]}"
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                return f"pid {words[1]}"
+        time.sleep(0.05)
+    return "another process"
 
 
 def _wait_for_orphans(client, exp_id: str, parent_id: str, echo: Callable[[str], None]) -> None:
