@@ -158,7 +158,15 @@ def _run_parallel(runner: _Runner, groups: list[list[RunConfig]], workers: int, 
     for i in range(workers):
         gpus.put(i % n_gpus if n_gpus else 0)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    pool = ctx.Pool(workers, initializer=_worker_init, initargs=(runner, tracking_uri, gpus, threads))
+    # the workers start with Ctrl-C ignored (a disposition that exec keeps), so that one arriving
+    # while they import is the driver's alone to handle
+    main = threading.current_thread() is threading.main_thread()  # where Python allows handlers
+    driver_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(runner, tracking_uri, gpus, threads))
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, driver_sigint)
     try:
         for outcomes in pool.imap_unordered(_worker_run, groups):
             yield from outcomes
