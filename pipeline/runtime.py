@@ -54,11 +54,18 @@ def memory_estimate(depth: int, width: int, batch_size: int, optimizer: str, pre
     optimizer's momentum; Adam twice), the activations kept for backward (about four per unit and
     example: z, phi(z), dL/dz, the norm's output), an evaluation batch of 2,000 images, the Jacobian
     snapshot (8 inputs x width^2, three buffers), and MNIST itself (70,000 x 784)."""
+    from .model import layer_sizes
+
     nbytes = 8 if precision == "fp64" else 4
-    params = 784 * width + width + (depth - 2) * (width * width + width) + 10 * width + 10
+    params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in layer_sizes(depth, width))
     copies = 4 + (optimizer == "adam")
     per_member = (copies * params + 4 * batch_size * width * depth + 2 * 2000 * width + 3 * 8 * width * width) * nbytes
-    return members * per_member + 70_000 * 785 * nbytes
+    return members * per_member + _mnist_bytes(precision)
+
+
+def _mnist_bytes(precision: str) -> int:
+    """MNIST on the device: 70,000 images of 784 pixels and their labels."""
+    return 70_000 * 785 * (8 if precision == "fp64" else 4)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -83,9 +90,9 @@ def members_that_fit(config, device: torch.device) -> int | None:
     free = available_memory(device)
     if free is None:
         return None
-    one = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision)
-    data = memory_estimate(2, 1, 1, "sgd", config.precision, members=0)  # MNIST alone, shared by the members
-    return max(1, int((0.8 * free - data) // (one - data)))
+    data = _mnist_bytes(config.precision)  # shared by the members
+    one = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision) - data
+    return max(1, int((0.8 * free - data) // one))
 
 
 def check_memory(config, device: torch.device, members: int = 1) -> None:
@@ -94,8 +101,10 @@ def check_memory(config, device: torch.device, members: int = 1) -> None:
     need = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision, members)
     free = available_memory(device)
     if free is not None and need > 0.9 * free:
-        params = 784 * config.width + (config.depth - 2) * config.width**2 + 10 * config.width
-        raise ValueError(f"depth {config.depth} x width {config.width} ({params:,} weights"
+        from .model import layer_sizes
+
+        weights = sum(fan_in * fan_out for fan_in, fan_out in layer_sizes(config.depth, config.width))
+        raise ValueError(f"depth {config.depth} x width {config.width} ({weights:,} weights"
                          f"{f', {members} runs together' if members > 1 else ''}) needs about {need / 2**30:,.1f} GiB "
                          f"on {device.type}, which has {free / 2**30:,.1f} GiB free")
 

@@ -126,7 +126,8 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
     signal = pd.concat(signals, ignore_index=True) if signals else pd.DataFrame(
         columns=["step", "layer", "statistic", "measured", "predicted", "run_id"])
     if signals:
-        signal = signal.merge(runs[["run_id", "activation", "depth", "clip", "setup", "seed"]], on="run_id")
+        signal = signal.merge(runs[["run_id", "activation", "depth", "clip", "setup", "seed", "precision"]],
+                              on="run_id")
     experiment_name = client.get_experiment(parent.info.experiment_id).name
     return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing, spec.reproduces,
                       histograms, signal)

@@ -516,7 +516,8 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
     activations = sorted(nets.activation.unique())
     # each run's first and last recorded histogram step (a diverged run's last is earlier)
     last = nets.groupby("run_id").step.transform("max")
-    dashes = {s: (4, 2) if s.endswith(")") else "" for s in setups}  # "(fp16)": not fp32
+    lower = set(nets.setup[nets.precision != "fp32"])  # drawn dashed
+    dashes = {s: (4, 2) if s in lower else "" for s in setups}
     panels = [("gsnr", nets.step == 0, "log10 GSNR, step 0"), ("gsnr", (nets.step == last) & (last > 0),
                                                                  "log10 GSNR, last step")]
     zeros = nets[nets.statistic == "zero_fraction"]
