@@ -71,3 +71,24 @@ def layer_table(chunks: list[Chunk], act_statistic: str) -> pd.DataFrame:
     for name in STEP_STATS:
         columns[name] = np.repeat(np.concatenate([c.per_step[name] for c in chunks]), n_layers)
     return pd.DataFrame(columns)
+
+
+SUMMARY_POINTS = 150  # steps at which gradients/summary.parquet keeps every layer: enough to draw a run
+
+
+def thin_steps(steps: np.ndarray, points: int = SUMMARY_POINTS) -> np.ndarray:
+    """At most `points` of the sorted unique `steps`, evenly spaced, the first and the last included."""
+    steps = np.unique(steps)
+    if len(steps) <= points:
+        return steps
+    return steps[np.linspace(0, len(steps) - 1, points).round().astype(int)]
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """gradients/summary.parquet, what a report reads of a run (the full layer table of a standard-grid
+    run is 4,690 steps x up to 50 layers): layer 0's row at every step (it carries the step's loss,
+    accuracy and global norms) and every layer at the steps thin_steps picks from all of them."""
+    if table.empty:
+        return table
+    every_layer = table.step.isin(thin_steps(table.step.to_numpy()))
+    return table[every_layer | (table.layer == 0)].reset_index(drop=True)

@@ -72,6 +72,10 @@ def test_train_records_one_run_with_the_full_contract(store, mnist_dir, tmp_path
         value = signal.query("step == @step and layer == 2 and statistic == 'gsnr'").measured.item()
         logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "grad/gsnr/L02")}
         assert logged[step] == pytest.approx(value, rel=1e-6)
+    # what the report reads: layer 0 (with the step's scalars) at every step, every layer at up to
+    # SUMMARY_POINTS steps (here all 10): the same rows as the full table
+    summary = pd.read_parquet(os.path.join(local, "gradients", "summary.parquet"))
+    pd.testing.assert_frame_equal(summary, table)
     hist = np.load(os.path.join(local, "gradients", "histograms.npz"))
     assert hist["counts"].shape[:2] == (3, 4)
     assert os.path.getsize(os.path.join(local, "plots", "gradient_flow.png")) > 10_000

@@ -13,6 +13,7 @@ from pipeline.cli import cli
 from pipeline.config import GridSpec
 from pipeline.grid import run_grid
 from pipeline.report import figures
+from pipeline.report.runpage import slug
 from tests.conftest import MlflowServer
 
 TINY_BASE = {"depth": 4, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 8, "log_every": 2}
@@ -165,13 +166,41 @@ def test_grid_without_finished_runs_reports_what_is_missing(store, tmp_path, mni
 
 def test_run_missing_its_statistics_artifact_is_named(store, tmp_path, mnist_dir):
     grid = make_grid(tmp_path, mnist_dir, store, {**SPEC, "axes": {"activation": ["relu", "tanh"]}})
-    victim = MlflowClient().get_run(grid.summaries[0].run_id)
-    artifact = Path(victim.info.artifact_uri.removeprefix("file://")) / "gradients" / "layer_stats.parquet"
-    artifact.unlink()
+    older, victim = (MlflowClient().get_run(s.run_id) for s in grid.summaries[:2])
+    # a run recorded before gradbench wrote summary.parquet: drawn from its full layer table
+    folder = Path(older.info.artifact_uri.removeprefix("file://")) / "gradients"
+    (folder / "summary.parquet").unlink()
+    folder = Path(victim.info.artifact_uri.removeprefix("file://")) / "gradients"
+    (folder / "summary.parquet").unlink()
+    (folder / "layer_stats.parquet").unlink()
     result = report_cli(store, tmp_path / "out")
     assert result.exit_code == 0, result.output
-    text = next((tmp_path / "out").glob("tiny-*.html")).read_text()
-    assert f"{victim.info.run_name}: no gradients/layer_stats.parquet artifact" in text
+    html = next((tmp_path / "out").glob("tiny-*.html"))
+    text = html.read_text()
+    assert f"{victim.info.run_name}: no gradients/summary.parquet or gradients/layer_stats.parquet artifact" in text
+    assert older.info.run_name not in text.split("Not shown")[1].split("</div>")[0]
+    page = html.with_suffix("") / f"{older.info.run_name}.html"
+    assert page.read_text().count('src="data:image/png;base64,') == 1
+
+
+def test_run_pages_beyond_the_limit_go_to_the_most_telling_runs(tiny_report, tracking_uri, tmp_path, monkeypatch):
+    html, grid, client = tiny_report
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    assert report_cli("report-tiny", tmp_path, "--run-pages", "x3").exit_code == 2
+    result = report_cli("report-tiny", tmp_path, "--run-pages", "3")
+    assert result.exit_code == 0, result.output
+    (capped,) = tmp_path.glob("tiny-*.html")
+    text = capped.read_text()
+    pages = {p.stem for p in capped.with_suffix("").glob("*.html")}
+    assert len(pages) == 3 and "run pages for 7 of 10 runs" in text
+    # the most vanishing and the most exploding run (of the figures) have theirs
+    runs = [client.get_run(r.run_id) for r in grid.summaries if r.outcome != "diverged"]
+    ratio = {slug(r.info.run_name): r.data.metrics["grad/first_last_ratio_init"] for r in runs}
+    for extreme in (min(ratio.values()), max(ratio.values())):  # clipped twins tie at step 0
+        assert {name for name, r in ratio.items() if r == extreme} & pages
+    # every summary row stays addressable, linked or not
+    assert len(re.findall(r'<td id="run-', text)) == 10
+    assert sum(f'href="{capped.stem}/{p}.html"' in text for p in pages) == 3
 
 
 # -- in a real browser ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def test_the_report_renders_a_synthetic_store_and_says_it_is_synthetic(store, tm
     assert len(kids) == 12 and all(r.data.tags["gradbench.synthetic"] == "true" for r in runs)
     assert {r.data.tags["gradbench.config_hash"] for r in kids} == {c.config_hash() for c in spec.configs}
     artifacts = {a.path for a in MlflowClient().list_artifacts(kids[0].info.run_id, "gradients")}
-    assert artifacts == {"gradients/layer_stats.parquet", "gradients/histograms.npz"}
+    assert artifacts == {"gradients/layer_stats.parquet", "gradients/summary.parquet", "gradients/histograms.npz"}
     path = build_report(store, out_dir=tmp_path / "reports")
     text = path.read_text()
     assert "SYNTHETIC DATA" in text and "synthetic-12" in text

@@ -5,12 +5,15 @@ from __future__ import annotations
 import threading
 import uuid
 
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.config import RunConfig
+from pipeline.results import SUMMARY_POINTS, summary_table
 from pipeline.run import run_group
 from tests.conftest import runs_of
 
@@ -103,3 +106,21 @@ def test_the_default_stride_keeps_a_run_near_its_metric_budget_and_the_curves_wh
     assert curves["grad/gsnr/L00"] == curves["grad/zero_fraction/L05"] == [0, 125, 249]
     values = sum(len(steps) for steps in curves.values())
     assert values == 5 * 43 + 23 * 10 + 2 * 6 * 3 <= tracking.METRIC_BUDGET, values
+
+
+def test_the_summary_table_keeps_layer_0_at_every_step_and_every_layer_at_evenly_spaced_steps():
+    steps, layers = 1000, 3
+    table = pd.DataFrame({"step": np.repeat(np.arange(steps), layers), "layer": np.tile(np.arange(layers), steps),
+                          "backprop_norm": np.arange(steps * layers, dtype=float)})
+    summary = summary_table(table)
+    assert (summary[summary.layer == 0].step.to_numpy() == np.arange(steps)).all()
+    for layer in (1, 2):
+        kept = summary[summary.layer == layer].step.to_numpy()
+        # 150 steps, 999/149 = 6.7 apart, the first and the last included
+        assert len(kept) == SUMMARY_POINTS == 150 and kept[0] == 0 and kept[-1] == steps - 1
+        assert set(np.diff(kept)) == {6, 7}
+    merged = summary.merge(table, on=["step", "layer"], suffixes=("", "_full"))
+    assert len(merged) == len(summary) == 1000 + 2 * 150
+    assert (merged.backprop_norm == merged.backprop_norm_full).all()  # rows of the table, untouched
+    short = table[table.step < 40]
+    pd.testing.assert_frame_equal(summary_table(short), short)  # a short run: every row

@@ -37,7 +37,7 @@ from pipeline import tracking  # noqa: E402
 from pipeline.activations import ACTIVATIONS  # noqa: E402
 from pipeline.config import NUMBERS_VERSION, GridSpec, run_name  # noqa: E402
 from pipeline.monitor import HIST_BINS, HIST_RANGE  # noqa: E402
-from pipeline.results import LAYER_STATS, STEP_STATS  # noqa: E402
+from pipeline.results import LAYER_STATS, STEP_STATS, summary_table  # noqa: E402
 from pipeline.tracking.store import TAG_SYNTHETIC  # noqa: E402
 
 AXES_1000 = {"activation": ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu", "softsign"],
@@ -131,6 +131,7 @@ def build(runs: int, steps: int, experiment: str, echo=click.echo) -> tuple[Grid
             (folder / "signal").mkdir()
             (folder / "config.json").write_text(config.to_json())
             table.to_parquet(folder / "gradients" / "layer_stats.parquet", index=False)
+            summary_table(table).to_parquet(folder / "gradients" / "summary.parquet", index=False)
             np.savez_compressed(folder / "gradients" / "histograms.npz", **histograms)
             signal.to_parquet(folder / "signal" / "propagation.parquet", index=False)
             client.log_artifacts(run_id, str(folder))

@@ -20,16 +20,19 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import jinja2
+import numpy as np
+import pandas as pd
 
 from .. import tracking
 from ..config import FIELDS
-from .collect import ReportData, collect
-from .figures import all_figures
+from .collect import ReportData, collect, read_histograms, read_summary
+from .figures import Pick, all_figures, telling_runs
 from .papers import section
 from .runpage import page_names, run_figure, slug
 
 SUMMARY_COLUMNS = ["run_name", "activation", "depth", "width", "init", "remedy", "clip", "clip_threshold", "seed", "outcome",
                    "diagnosis", "test_acc", "first_last_ratio"]
+RUN_PAGES = 100  # run pages drawn by default: every run of a grid this size, the telling ones of a bigger one
 META = re.compile(r'<meta name="gradbench-(\w+)" content="([^"]*)">')
 
 
@@ -43,9 +46,13 @@ def _environment() -> jinja2.Environment:
 def render(data: ReportData, n_configs: int, run_dir: str = "", pages: dict[str, str] | None = None) -> str:
     """The report page. `pages` maps run ids to their pages' file names inside `run_dir`."""
     pages = pages or {}
+    anchors = page_names(data.runs)
     rows = data.runs.sort_values(["activation", "init", "remedy", "depth", "clip", "seed"]).to_dict("records")
     for row in rows:
         row["page"] = pages.get(row["run_id"], "")
+        row["anchor"] = anchors[row["run_id"]][:-5]
+    picks = [Pick(label, run, data.table(run.run_id), data.histograms(run.run_id))
+             for label, run in telling_runs(data.runs)]
     return _environment().get_template("template.html.j2").render(
         grid=data.grid,
         experiment=data.experiment,
@@ -55,30 +62,49 @@ def render(data: ReportData, n_configs: int, run_dir: str = "", pages: dict[str,
         generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         tracking_uri=tracking.tracking_uri(),
         missing=data.missing,
-        figures=all_figures(data.runs, data.layers, data.histograms, data.signal),
+        notices=data.notices,
+        figures=all_figures(data.runs, data.layers, data.signal, picks),
         paper=section(data.reproduces, data.runs, data.layers),
         columns=SUMMARY_COLUMNS,
         rows=rows,
         run_dir=run_dir,
+        n_pages=len(pages),
         any_url=any(r["url"] for r in rows),
     )
 
 
 def _run_page(job: tuple) -> str:
-    """One run's page (a process-pool task: the figure is the costly part)."""
-    run, table, hist, grid, report_name, page = job
+    """One run's page (a process-pool task: reading the run's tables and drawing its figure)."""
+    run, artifacts, grid, report_name, page = job
+    table, _ = read_summary(artifacts, run.run_id)
+    hist = read_histograms(artifacts, run.run_id)
     figure = None if table is None or table.empty else run_figure(run, table, hist)
     return _environment().get_template("run.html.j2").render(
         run=run, grid=grid, report_name=report_name, page_key=page[:-5], figure=figure,
         config=[(k, run[k]) for k in FIELDS])
 
 
-def render_run_pages(data: ReportData, folder: Path, report_name: str) -> dict[str, str]:
-    """One page per run in `folder`, drawn on every core; returns run id -> page file name."""
+def runs_with_pages(runs: pd.DataFrame, limit: int | None) -> pd.DataFrame:
+    """The runs that get a page: all of them up to `limit` (None: no limit); beyond it the telling
+    runs, then the diverged ones, then the rest by how far their gradient ratio is from level (the
+    most extreme first)."""
+    if limit is None or len(runs) <= limit:
+        return runs
+    telling = {run.run_id for _, run in telling_runs(runs)}
+    extreme = np.abs(np.log10(runs.first_last_ratio.astype(float).where(runs.first_last_ratio > 0)))
+    order = runs.assign(_telling=~runs.run_id.isin(telling), _diverged=runs.outcome != "diverged",
+                        _extreme=-extreme.fillna(-np.inf))
+    return runs.loc[order.sort_values(["_telling", "_diverged", "_extreme"], kind="stable").index[:limit]]
+
+
+def render_run_pages(data: ReportData, folder: Path, report_name: str, limit: int | None = RUN_PAGES) -> dict[str, str]:
+    """A page per run (up to `limit`, see runs_with_pages) in `folder`, drawn on every core;
+    returns run id -> page file name."""
     pages = page_names(data.runs)
-    tables = dict(tuple(data.layers.groupby("run_id"))) if not data.layers.empty else {}
-    jobs = [(run, tables.get(run.run_id), data.histograms.get(run.run_id), data.grid, report_name, pages[run.run_id])
-            for _, run in data.runs.iterrows()]
+    jobs = [(run, data.artifacts, data.grid, report_name, pages[run.run_id])
+            for _, run in runs_with_pages(data.runs, limit).iterrows()]
+    if not jobs:
+        return {}
     workers = min(os.cpu_count() or 1, len(jobs))
     if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
         # fork: the workers inherit the imported modules (and FIGURE_CHECKS), so they start at once
@@ -88,23 +114,31 @@ def render_run_pages(data: ReportData, folder: Path, report_name: str) -> dict[s
         htmls = [_run_page(job) for job in jobs]
     for job, html in zip(jobs, htmls):
         (folder / job[-1]).write_text(html, encoding="utf-8")
-    return pages
+    return {job[0].run_id: job[-1] for job in jobs}
 
 
 def build_report(experiment: str = tracking.EXPERIMENT, grid_run_id: str | None = None,
-                 out_dir: str | os.PathLike = "reports") -> Path:
+                 out_dir: str | os.PathLike = "reports", run_pages: int | None = RUN_PAGES) -> Path:
     """Write <out_dir>/<grid>-<date>.html with a page per run in <out_dir>/<grid>-<date>/, refresh
     <out_dir>/index.html, and log the report to the grid's parent run. Each file appears whole or
     not at all (written aside, then renamed). File names are slugs of the grid's name: a name never
-    leaves out_dir."""
-    data = collect(experiment, grid_run_id)
-    out_dir = Path(out_dir)
+    leaves out_dir. `run_pages`: at most that many run pages (None: one for every run)."""
+    with tempfile.TemporaryDirectory(prefix="gradbench-report-") as downloads:  # artifacts of a remote store
+        return _build(collect(experiment, grid_run_id, downloads), Path(out_dir), run_pages)
+
+
+def _build(data: ReportData, out_dir: Path, run_pages: int | None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{slug(data.grid)}-{dt.date.today().isoformat()}"
     path = out_dir / f"{stem}.html"
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=out_dir))
     try:
-        pages = render_run_pages(data, staging, path.name)
+        pages = render_run_pages(data, staging, path.name, run_pages)
+        if len(pages) < len(data.runs):
+            data.missing.insert(0, f"run pages for {len(data.runs) - len(pages)} of {len(data.runs)} runs: drawn for "
+                                   f"the {len(pages)} most telling (the runs of the figures, the diverged ones, "
+                                   "then the most vanishing or exploding); `gradbench report --run-pages all` draws "
+                                   "every one (about 0.3 s each per core)")
         html = render(data, n_configs=len(data.runs) + sum("no finished run" in m for m in data.missing),
                       run_dir=stem, pages=pages)
         _write(path, html)

@@ -1,17 +1,27 @@
-"""Gather what a report needs from MLflow alone: the grid's runs, and their per-step tables."""
+"""Gather what a report needs from MLflow alone: the grid's runs, their per-step rows, and the
+artifacts a figure or a run page reads on demand."""
 
 from __future__ import annotations
 
-import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .. import tracking
 from ..config import FIELDS, run_name
+from ..results import SUMMARY_POINTS, summary_table, thin_steps
 from ..tracking.store import TAG_SYNTHETIC
+
+# the config columns joined to the layer rows: what the figures group and colour by
+LAYER_KEYS = ["run_id", "activation", "init", "depth", "width", "clip", "clip_threshold", "seed", "precision", "norm",
+              "residual", "diagnosis", "outcome", "slope_error", "setup"]
+ROW_BUDGET = 2_000_000  # per-step rows held for the whole grid: every step of a small grid, thinned for a big one
+READERS = 8  # artifacts read at once (reading waits on the disk or the network more than on Python)
 
 
 @dataclass
@@ -19,12 +29,74 @@ class ReportData:
     grid: str
     parent_run_id: str
     experiment: str
-    runs: pd.DataFrame  # one row per configuration that has a finished run
-    layers: pd.DataFrame  # layer_stats of those runs, with the run's config columns joined
+    runs: pd.DataFrame  # one row per configuration that has a finished run (steps: how many it recorded)
+    # per run: every layer at its first step, and layer 0's row (which carries the step's loss,
+    # accuracy and global norms) at every step, or at evenly spaced steps when the grid is big
+    layers: pd.DataFrame
+    artifacts: tracking.ArtifactFiles  # the runs' artifacts, read when a figure or a run page needs them
     missing: list[str] = field(default_factory=list)  # what the report could not show, and why
     reproduces: str | None = None  # the paper the grid's spec reproduces, if any
-    histograms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # run id -> histograms.npz
-    signal: pd.DataFrame = field(default_factory=pd.DataFrame)  # signal/propagation.parquet of every run, run_id joined
+    signal: pd.DataFrame = field(default_factory=pd.DataFrame)  # signal/propagation.parquet of the deepest nets
+    notices: list[str] = field(default_factory=list)  # what a reader must know first (synthetic data)
+
+    def table(self, run_id: str) -> pd.DataFrame | None:
+        """A run's summary table (results.summary_table): layer 0 at every step, every layer at up
+        to results.SUMMARY_POINTS steps."""
+        table, _ = read_summary(self.artifacts, run_id)
+        return table
+
+    def histograms(self, run_id: str) -> dict[str, np.ndarray] | None:
+        return read_histograms(self.artifacts, run_id)
+
+
+def read_histograms(artifacts: tracking.ArtifactFiles, run_id: str) -> dict[str, np.ndarray] | None:
+    """A run's gradients/histograms.npz (None when it has none or it is unreadable)."""
+    path = artifacts.get(run_id, "gradients/histograms.npz")
+    if path is None:
+        return None
+    try:
+        with np.load(path) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def read_summary(artifacts: tracking.ArtifactFiles, run_id: str) -> tuple[pd.DataFrame | None, str | None]:
+    """(a run's summary table, or None and why not)."""
+    table, error = _read_summary(artifacts, run_id)
+    return (None if table is None else table.to_pandas()), error
+
+
+def _read_summary(artifacts: tracking.ArtifactFiles, run_id: str) -> tuple[pa.Table | None, str | None]:
+    """Runs recorded before gradbench wrote gradients/summary.parquet have it made from their full
+    layer table."""
+    name = "gradients/summary.parquet"
+    path = artifacts.get(run_id, name)
+    if path is None:
+        name = "gradients/layer_stats.parquet"
+        path = artifacts.get(run_id, name)
+    if path is None:
+        return None, "no gradients/summary.parquet or gradients/layer_stats.parquet artifact"
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:  # a corrupt artifact is reported, not fatal
+        return None, f"{name} unreadable ({exc})"
+    if name != "gradients/summary.parquet":
+        table = pa.Table.from_pandas(summary_table(table.to_pandas()), preserve_index=False)
+    return table, None
+
+
+def _layer_rows(artifacts: tracking.ArtifactFiles, run_id: str, points: int) -> tuple[pa.Table | None, int, str | None]:
+    """(Of a run's summary table, what the summary figures draw: every layer at the first step, and
+    layer 0 at `points` evenly spaced steps, all of them in a small grid; the run's number of steps;
+    what went wrong, if anything)."""
+    table, error = _read_summary(artifacts, run_id)
+    if table is None or table.num_rows == 0:
+        return None, 0, error
+    step, layer = table["step"].to_numpy(), table["layer"].to_numpy()
+    kept = (step == step.min()) | ((layer == 0) & np.isin(step, thin_steps(step[layer == 0], points)))
+    table = table.filter(pa.array(kept))
+    return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string())), int(step.max()) + 1, None
 
 
 NORM_LABELS = {"none": "", "batch": "BatchNorm", "layer": "LayerNorm"}
@@ -51,7 +123,9 @@ JACOBIAN_COLUMNS = {"jac_sv_max": "jacobian/sv_max", "jac_sv_min": "jacobian/sv_
                     "jac_mean_sq_pred": "theory/jacobian_mean_sq"}
 
 
-def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
+def collect(experiment: str, grid_run_id: str | None = None, folder: str | None = None) -> ReportData:
+    """The grid's runs and what the summary figures draw. Artifacts that have to be downloaded (a
+    server, an object store) land in `folder`, which must outlive the ReportData."""
     client = tracking.get_client()
     parent = tracking.find_grid_run(client, experiment, grid_run_id)
     spec = tracking.grid_spec_of(client, parent)
@@ -60,74 +134,74 @@ def collect(experiment: str, grid_run_id: str | None = None) -> ReportData:
     missing = [
         f"{run_name(c)}: no finished run" for h, c in configs.items() if h not in found
     ]
-    rows, tables = [], []
-    histograms: dict[str, dict[str, np.ndarray]] = {}
-    signals: list[pd.DataFrame] = []
-    without_signal = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for h, run in found.items():
-            config = configs[h]
-            metrics, tags = run.data.metrics, run.data.tags
-            row = {
-                "run_id": run.info.run_id,
-                "run_name": run.info.run_name,
-                **config.to_dict(),
-                "outcome": tags.get(tracking.TAG_OUTCOME, "unknown"),
-                "diagnosis": tags.get(tracking.TAG_DIAGNOSIS, "unknown"),
-                "test_acc": metrics.get("final/test_acc", float("nan")),
-                "first_last_ratio": metrics.get("grad/first_last_ratio_init", float("nan")),
-                "slope_error": metrics.get("theory/slope_error", float("nan")),  # absent where no prediction
-                "slope_measured": metrics.get("theory/slope_measured", float("nan")),
-                "slope_pred": metrics.get("theory/slope_pred", float("nan")),
-                **{column: metrics.get(key, float("nan")) for column, key in JACOBIAN_COLUMNS.items()},
-                "url": tracking.run_url(run),
-            }
-            rows.append(row)
-            path = tracking.download_artifact(client, run.info.run_id, "gradients/layer_stats.parquet", f"{tmp}/{h}")
-            if path is None:
-                missing.append(f"{run.info.run_name}: no gradients/layer_stats.parquet artifact")
-                continue
-            try:
-                table = pd.read_parquet(path)
-            except (OSError, ValueError) as exc:  # a corrupt artifact is reported, not fatal
-                missing.append(f"{run.info.run_name}: gradients/layer_stats.parquet unreadable ({exc})")
-                continue
-            table["run_id"] = run.info.run_id
-            tables.append(table)
-            hist = tracking.download_artifact(client, run.info.run_id, "gradients/histograms.npz", f"{tmp}/{h}")
-            if hist is not None:
-                try:
-                    with np.load(hist) as arrays:
-                        histograms[run.info.run_id] = {k: arrays[k] for k in arrays.files}
-                except (OSError, ValueError, zipfile.BadZipFile) as exc:
-                    missing.append(f"{run.info.run_name}: gradients/histograms.npz unreadable ({exc})")
-            path = tracking.download_artifact(client, run.info.run_id, "signal/propagation.parquet", f"{tmp}/{h}")
-            if path is None:
-                without_signal += 1  # recorded before the forward instruments existed
-                continue
-            try:
-                signals.append(pd.read_parquet(path).assign(run_id=run.info.run_id))
-            except (OSError, ValueError) as exc:
-                missing.append(f"{run.info.run_name}: signal/propagation.parquet unreadable ({exc})")
-    if parent.data.tags.get(TAG_SYNTHETIC) == "true":
-        missing.insert(0, "SYNTHETIC DATA: this grid was written by benchmarks/perf/synthetic_store.py to time the "
-                          "report; its statistics are made up and mean nothing")
-    if without_signal:
-        missing.append(f"{without_signal} run(s) without signal/propagation.parquet (recorded by an older gradbench): "
-                       "left out of the signal-propagation figure")
+    rows = []
+    for h, run in found.items():
+        metrics, tags = run.data.metrics, run.data.tags
+        rows.append({
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            **configs[h].to_dict(),
+            "outcome": tags.get(tracking.TAG_OUTCOME, "unknown"),
+            "diagnosis": tags.get(tracking.TAG_DIAGNOSIS, "unknown"),
+            "test_acc": metrics.get("final/test_acc", float("nan")),
+            "first_last_ratio": metrics.get("grad/first_last_ratio_init", float("nan")),
+            "slope_error": metrics.get("theory/slope_error", float("nan")),  # absent where no prediction
+            "slope_measured": metrics.get("theory/slope_measured", float("nan")),
+            "slope_pred": metrics.get("theory/slope_pred", float("nan")),
+            **{column: metrics.get(key, float("nan")) for column, key in JACOBIAN_COLUMNS.items()},
+            "url": tracking.run_url(run),
+        })
     runs = pd.DataFrame(rows, columns=["run_id", "run_name", *FIELDS, "outcome", "diagnosis", "test_acc",
                                        "first_last_ratio", "slope_error", "slope_measured", "slope_pred",
                                        *JACOBIAN_COLUMNS, "url"])
     runs["remedy"] = [remedy_label(*v) for v in zip(runs["norm"], runs.residual, runs.residual_scale)]
     runs["setup"] = [setup_label(*v) for v in zip(runs["init"], runs["norm"], runs.residual, runs.residual_scale,
                                                    runs.precision)]
-    layers = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
-    layers = layers.merge(runs[["run_id", *FIELDS, "diagnosis", "slope_error", "setup"]], on="run_id") if tables else layers
-    signal = pd.concat(signals, ignore_index=True) if signals else pd.DataFrame(
-        columns=["step", "layer", "statistic", "measured", "predicted", "run_id"])
-    if signals:
-        signal = signal.merge(runs[["run_id", "activation", "depth", "clip", "setup", "seed", "precision"]],
-                              on="run_id")
+    artifacts = tracking.ArtifactFiles({r.info.run_id: r.info.artifact_uri for r in found.values()}, folder)
+    points = max(SUMMARY_POINTS, ROW_BUDGET // max(len(runs), 1))
+    with ThreadPoolExecutor(READERS) as pool:  # pyarrow reads and filters outside the GIL
+        read = list(pool.map(lambda run_id: _layer_rows(artifacts, run_id, points), runs.run_id))
+    tables = [table for table, _, _ in read if table is not None]
+    missing += [f"{name}: {error}" for name, (_, _, error) in zip(runs.run_name, read) if error]
+    runs["steps"] = [steps for _, steps, _ in read]
+    if tables:  # one conversion for the whole grid (a pandas frame per run costs more than reading it)
+        layers = pa.concat_tables(tables, promote_options="permissive").to_pandas().merge(runs[LAYER_KEYS], on="run_id")
+    else:
+        layers = pd.DataFrame(columns=["run_id", "step", "layer"])
+    signal, without_signal = _signal(artifacts, runs[runs.depth == runs.depth.max()], missing)
+    notices = []
+    if parent.data.tags.get(TAG_SYNTHETIC) == "true":
+        notices.append("SYNTHETIC DATA: this grid was written by benchmarks/perf/synthetic_store.py to time the "
+                       "report; its statistics are made up and mean nothing")
+    if without_signal:
+        missing.append(f"{without_signal} run(s) without signal/propagation.parquet (recorded by an older gradbench): "
+                       "left out of the signal-propagation figure")
     experiment_name = client.get_experiment(parent.info.experiment_id).name
-    return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, missing, spec.reproduces,
-                      histograms, signal)
+    return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, artifacts, missing, spec.reproduces,
+                      signal, notices)
+
+
+def _signal(artifacts: tracking.ArtifactFiles, runs: pd.DataFrame, missing: list[str]) -> tuple[pd.DataFrame, int]:
+    """signal/propagation.parquet of `runs` (the signal figures draw the deepest nets), joined to
+    their configs; and how many runs have none."""
+
+    def read(run_id: str) -> pa.Table | str | None:
+        path = artifacts.get(run_id, "signal/propagation.parquet")
+        if path is None:
+            return None  # recorded before the forward instruments existed
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as exc:
+            return f"signal/propagation.parquet unreadable ({exc})"
+        return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
+
+    with ThreadPoolExecutor(READERS) as pool:
+        read_all = list(pool.map(read, runs.run_id))
+    signals = [s for s in read_all if isinstance(s, pa.Table)]
+    missing += [f"{name}: {s}" for name, s in zip(runs.run_name, read_all) if isinstance(s, str)]
+    columns = ["step", "layer", "statistic", "measured", "predicted", "run_id"]
+    if not signals:
+        return pd.DataFrame(columns=columns), sum(s is None for s in read_all)
+    signal = pa.concat_tables(signals, promote_options="permissive").to_pandas().merge(
+        runs[["run_id", "activation", "depth", "clip", "setup", "seed", "precision"]], on="run_id")
+    return signal, sum(s is None for s in read_all)

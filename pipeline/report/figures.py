@@ -19,8 +19,9 @@ import seaborn as sns
 from .. import theory
 from ..config import FIELDS, from_dict, pair_keys
 from ..diagnosis import LABELS
+from ..results import SUMMARY_POINTS, thin_steps
 
-MAX_POINTS = 150  # steps per curve: enough to read a curve, few enough to draw 100 runs fast
+MAX_POINTS = SUMMARY_POINTS  # steps per curve: enough to read a curve, few enough to draw 100 runs fast
 DIAGNOSIS_COLORS = dict(zip(LABELS, ["#4c9a2a", "#3b75af", "#d1495b", "#6a3d9a", "#7f7f7f", "#edae49"]))
 # A clipped run and "the same configuration but for clipping"
 CLIP_PAIR_KEYS = pair_keys("clip", "clip_threshold")
@@ -132,10 +133,9 @@ def _log10(values: pd.Series) -> pd.Series:
 
 
 def _thin(per_step: pd.DataFrame) -> pd.DataFrame:
-    """Keep at most MAX_POINTS evenly spaced steps (the same steps for every run)."""
-    steps = np.sort(per_step.step.unique())
-    keep = steps[np.linspace(0, len(steps) - 1, min(len(steps), MAX_POINTS)).round().astype(int)]
-    return per_step[per_step.step.isin(keep)]
+    """Keep at most MAX_POINTS evenly spaced steps (the same steps for every run). Of a run's summary
+    table (results.summary_table): the steps at which it holds every layer."""
+    return per_step[per_step.step.isin(thin_steps(per_step.step.to_numpy(), MAX_POINTS))]
 
 
 def _deepest(layers: pd.DataFrame) -> tuple[int, pd.DataFrame]:
@@ -144,6 +144,33 @@ def _deepest(layers: pd.DataFrame) -> tuple[int, pd.DataFrame]:
     clip = "none" if (layers["clip"] == "none").any() else layers["clip"].iloc[0]
     depth = layers.depth.max()
     return depth, layers[(layers.depth == depth) & (layers["clip"] == clip)]
+
+
+def mean_lines(ax, frame: pd.DataFrame, x: str, y: str, hue: str, palette: dict, band: bool = True,
+               dashes: dict | None = None, **line) -> None:
+    """One line per hue: the mean of y over the rows at each x, and a band of one standard deviation
+    where several rows share an x (seaborn's errorbar="sd"). Aggregated by pandas in one pass:
+    seaborn aggregates group by group, about 1 ms each, which is minutes for a big grid."""
+    stats = frame.groupby([hue, x], sort=True)[y].agg(["mean", "std", "count"]).reset_index()
+    for key, colour in palette.items():
+        rows = stats[stats[hue] == key]
+        if rows.empty:
+            continue
+        ax.plot(rows[x], rows["mean"], color=colour, label=key, linestyle="--" if dashes and dashes[key] else "-",
+                **line)
+        if band and (rows["count"] > 1).any():
+            ax.fill_between(rows[x], rows["mean"] - rows["std"], rows["mean"] + rows["std"], color=colour, alpha=0.2,
+                            linewidth=0)
+
+
+def _legend(fig, palette: dict, title: str, extra: list | None = None, dashes: dict | None = None, **line) -> None:
+    handles = [matplotlib.lines.Line2D([], [], color=c, label=k, linestyle="--" if dashes and dashes[k] else "-", **line)
+               for k, c in palette.items()]
+    fig.legend(handles=handles + (extra or []), title=title, loc="outside right center", frameon=False)
+
+
+PREDICTION = matplotlib.lines.Line2D([], [], color="black", linestyle=(0, (1.5, 1.5)), marker="x",
+                                     label="mean-field prediction")
 
 
 def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
@@ -170,7 +197,7 @@ def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
                   "remedy that brings them back.", *_encode(fig))
 
 
-def gradient_flow(layers: pd.DataFrame) -> Figure | None:
+def gradient_flow(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     if layers.empty:
         return None
     depth, deepest = _deepest(layers)
@@ -181,33 +208,30 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
     start = start[~start.setup.isin(silent)]
     if start.empty:
         return None
-    long = start.melt(id_vars=["activation", "setup", "layer", "seed"], value_vars=["backprop_norm", "weight_grad_norm"],
-                      var_name="statistic", value_name="value")
-    long["log10 norm"] = _log10(long["value"])
-    long["statistic"] = long.statistic.map({"backprop_norm": "||dL/dh||", "weight_grad_norm": "||dL/dW||"})
     inits = sorted(start.setup.unique())
     palette = dict(zip(inits, sns.color_palette(n_colors=len(inits))))
-    grid = sns.relplot(data=long, x="layer", y="log10 norm", hue="setup", hue_order=inits, palette=palette,
-                       col="activation", row="statistic", kind="line", marker="o", height=2.6, aspect=1.2,
-                       facet_kws={"sharey": "row"})
+    activations = sorted(start.activation.unique())
+    fig, axes = plt.subplots(2, len(activations), figsize=(3.1 * len(activations) + 2.6, 5.4), squeeze=False,
+                             sharey="row", layout="constrained")
+    for col, activation in enumerate(activations):
+        rows = start[start.activation == activation]
+        for row, (column, name) in enumerate([("backprop_norm", "||dL/dh||"), ("weight_grad_norm", "||dL/dW||")]):
+            ax = axes[row][col]
+            mean_lines(ax, rows.assign(v=_log10(rows[column])), "layer", "v", "setup", palette, marker="o", markersize=4)
+            ax.set(title=f"{name} - {activation}", xlabel="layer" if row else "", ylabel="log10 norm" if col == 0 else "")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     errors: dict[str, list[str]] = {}  # activation -> "init: error" notes, for the caption
-    for activation, ax in zip(grid.col_names, grid.axes[0]):
+    for activation, ax in zip(activations, axes[0]):
         for init in inits:
             rows = start[(start.activation == activation) & (start.setup == init)]
-            line = theory_line(rows)
+            line = theory_line(rows, runs)
             if line is None:
                 continue
             draw_prediction(ax, *line, palette[init])
             error = rows.groupby("run_id").slope_error.first().mean()  # the logged theory/slope_error
             if np.isfinite(error):
                 errors.setdefault(activation, []).append(f"{init} {error:+.2f}")
-    grid.set_titles("{row_name} - {col_name}")
-    if grid.legend is not None:
-        handles = list(grid.legend.legend_handles) + [matplotlib.lines.Line2D(
-            [], [], color="black", linestyle=(0, (1.5, 1.5)), marker="x", label="mean-field prediction")]
-        labels = [t.get_text() for t in grid.legend.texts] + ["mean-field prediction"]
-        grid.legend.remove()
-        grid.figure.legend(handles, labels, title="init [+ norm, residual]", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    _legend(fig, palette, "init [+ norm, residual]", [PREDICTION], marker="o")
     table = "; ".join(f"{activation}: {', '.join(notes)}" for activation, notes in errors.items())
     worst = f" Measured minus predicted slope of ln||dL/dh|| per layer: {table}." if errors else ""
     if silent:
@@ -216,11 +240,12 @@ def gradient_flow(layers: pd.DataFrame) -> Figure | None:
     return Figure("gradient-flow", f"Gradient flow at initialization (depth {depth})",
                   "log10 norm of the error signal dL/dh (top) and of the weight gradient dL/dW (bottom) per layer "
                   "at step 0, layer 0 next to the input, colour = init and, where a run has them, its normalization and "
-                  "residual remedies (Glorot & Bengio's picture). A line that "
+                  "residual remedies (Glorot & Bengio's picture); the mean over seeds (and widths), with a band of one "
+                  "standard deviation where there are several. A line that "
                   "falls towards layer 0 is a vanishing gradient; one that rises is an exploding gradient; flat is "
                   "what a good init achieves. Black dotted with crosses: the mean-field prediction "
                   "(pipeline/theory.py) for the hidden layers, anchored at the last hidden layer's measured value."
-                  + worst, *_encode(grid.figure))
+                  + worst, *_encode(fig))
 
 
 def draw_prediction(ax, x, y, colour) -> None:
@@ -230,13 +255,14 @@ def draw_prediction(ax, x, y, colour) -> None:
     ax.plot(x, y, linestyle="none", marker="x", color=colour, markersize=5, zorder=6)
 
 
-def theory_line(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+def theory_line(rows: pd.DataFrame, runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
     """Predicted log10 ||dL/dz|| over the hidden layers of one config's runs (step 0), from the
     finite-depth mean-field profile, anchored at the mean measured value of the last hidden layer.
     None where theory makes no prediction (see theory._mean_field_holds; SkipInit at init)."""
     if rows.empty:
         return None
-    values = {k: (v.item() if hasattr(v, "item") else v) for k, v in rows.iloc[0].items() if k in FIELDS}
+    run = runs[runs.run_id == rows.run_id.iloc[0]].iloc[0]
+    values = {k: (v.item() if hasattr(v, "item") else v) for k, v in run.items() if k in FIELDS}
     prediction = theory.predict(from_dict(values))
     last_hidden = int(rows.layer.max()) - 1
     anchor = _log10(rows[rows.layer == last_hidden].backprop_norm).mean()
@@ -249,12 +275,10 @@ def theory_line(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
 MIN_STEPS = 10  # a run must have lasted this many steps to be picked for the over-time figures
 
 
-def telling_runs(runs: pd.DataFrame, layers: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+def telling_runs(runs: pd.DataFrame) -> list[tuple[str, pd.Series]]:
     """The most vanishing, the most exploding, and the best healthy run, among the runs that lasted
     (a run that diverged at step 0 has no "when" to show)."""
-    lasted = layers.groupby("run_id").step.nunique()
-    steps = runs.run_id.map(lasted).fillna(0)
-    candidates = runs[steps >= min(MIN_STEPS, steps.max())] if len(runs) else runs
+    candidates = runs[runs.steps >= min(MIN_STEPS, runs.steps.max())] if len(runs) else runs
     picks: list[tuple[str, pd.Series]] = []
     ratio = candidates.first_last_ratio.replace([np.inf, -np.inf], np.nan)
     if ratio.notna().any():
@@ -302,13 +326,23 @@ def remedies(runs: pd.DataFrame) -> Figure | None:
                   *_encode(fig))
 
 
-def layer_step_heatmaps(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
-    picks = [(label, run) for label, run in telling_runs(runs, layers) if (layers.run_id == run.run_id).any()]
+@dataclass(frozen=True)
+class Pick:
+    """A telling run with what the over-time figures draw of it."""
+
+    label: str  # "most vanishing", ...
+    run: pd.Series  # its row of the runs table
+    table: pd.DataFrame | None  # its summary table (results.summary_table)
+    histograms: dict[str, np.ndarray] | None  # its gradients/histograms.npz
+
+
+def layer_step_heatmaps(picks: list[Pick]) -> Figure | None:
+    picks = [p for p in picks if p.table is not None and not p.table.empty]
     if not picks:
         return None
     fig, axes = plt.subplots(1, len(picks), figsize=(4.8 * len(picks), 3.4), squeeze=False, layout="constrained")
-    for ax, (label, run) in zip(axes[0], picks):
-        rows = _thin(layers[layers.run_id == run.run_id])
+    for ax, pick in zip(axes[0], picks):
+        label, run, rows = pick.label, pick.run, _thin(pick.table)
         table = rows.assign(v=_log10(rows.backprop_norm)).pivot_table(index="layer", columns="step", values="v",
                                                                       dropna=False)
         ticks = max(1, len(table.columns) // 5)
@@ -333,39 +367,46 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
     per_step = deepest[deepest.layer == 0]
     steps = _thin(per_step)
     finite = steps[np.isfinite(steps.loss.astype(float))]
-    long = finite.melt(id_vars=["activation", "setup", "step", "seed"], value_vars=["loss", "acc"], var_name="metric")
-    grid = sns.relplot(data=long, x="step", y="value", hue="setup", hue_order=sorted(long.setup.unique()), col="activation", row="metric", kind="line",
-                       height=2.4, aspect=1.3, errorbar="sd", facet_kws={"sharey": "row"})
-    grid.set_titles("{row_name} - {col_name}")
-    grid.axes[0][0].set_ylabel("train loss")
-    grid.axes[1][0].set_ylabel("train accuracy")
+    setups = sorted(finite.setup.unique())
+    palette = dict(zip(setups, sns.color_palette(n_colors=len(setups))))
+    activations = sorted(finite.activation.unique())
+    fig, axes = plt.subplots(2, len(activations), figsize=(3.1 * len(activations) + 2.6, 4.9), squeeze=False,
+                             sharey="row", sharex=True, layout="constrained")
+    for col, activation in enumerate(activations):
+        for row, metric in enumerate(["loss", "acc"]):
+            ax = axes[row][col]
+            mean_lines(ax, finite[finite.activation == activation].astype({metric: float}), "step", metric, "setup",
+                       palette)
+            ax.set(title=f"{metric} - {activation}", xlabel="step" if row else "")
+    axes[0][0].set_ylabel("train loss")
+    axes[1][0].set_ylabel("train accuracy")
+    _legend(fig, palette, "init [+ norm, residual]")
     # the loss axis spans the runs that did not diverge; a diverged run's blow-up (1e18) would
     # otherwise set it, and every other curve would be a flat line at its bottom
     lasting = finite[finite.diagnosis != "diverged"].loss.astype(float)
     lasting = lasting[lasting > 0]
-    for ax in grid.axes[0]:
+    for ax in axes[0]:
         loss_scale(ax, lasting)
         if len(lasting):
             ax.set_ylim(lasting.min() * 0.8, lasting.max() * 1.25)
     # where each diverged run stopped: its last finite loss, at the top edge when beyond the panel
     stopped = per_step[per_step.diagnosis == "diverged"]
     marked = False
-    for activation, ax in zip(grid.col_names, grid.axes[0]):
-        for _, run in stopped[stopped.activation == activation].groupby("run_id"):
-            last = run[np.isfinite(run.loss.astype(float))]
-            if not last.empty:
-                row = last.loc[last.step.idxmax()]
-                y = min(float(row.loss), ax.get_ylim()[1])
-                ax.plot(row.step, y, marker="X", color="#d1495b", markersize=8, linestyle="none", zorder=5,
-                        clip_on=False)
-                marked = True
+    stopped = stopped[np.isfinite(stopped.loss.astype(float))]
+    last = stopped.loc[stopped.groupby("run_id").step.idxmax()] if len(stopped) else stopped
+    for activation, ax in zip(activations, axes[0]):
+        ends = last[last.activation == activation]
+        if len(ends):
+            ax.plot(ends.step, np.minimum(ends.loss.astype(float), ax.get_ylim()[1]), marker="X", color="#d1495b",
+                    markersize=8, linestyle="none", zorder=5, clip_on=False)
+            marked = True
     note = (" A red X marks where each diverged run stopped: its last finite loss, or the top edge of the "
             "panel when that loss is beyond it.") if marked else ""
     return Figure("training", f"Training curves (depth {depth})",
                   "Training loss (on a log scale where it spans more than a decade) and accuracy per step, colour "
                   "= init [+ normalization, residual]; the band is one standard "
                   "deviation over seeds where there are several. Flat curves at loss 2.3 are networks that never "
-                  "started to learn." + note, *_encode(grid.figure))
+                  "started to learn." + note, *_encode(fig))
 
 
 def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
@@ -438,10 +479,12 @@ def draw_histograms(axes, hist: dict[str, np.ndarray], label_rows: bool = True) 
     return image
 
 
-def histograms_over_time(runs: pd.DataFrame, layers: pd.DataFrame, histograms: dict) -> Figure | None:
-    picks = [(label, run) for label, run in telling_runs(runs, layers) if run.run_id in histograms]
+def histograms_over_time(picks: list[Pick]) -> Figure | None:
+    picks = [p for p in picks if p.histograms is not None and len(p.histograms["steps"])]
     if not picks:
         return None
+    histograms = {p.run.run_id: p.histograms for p in picks}
+    picks = [(p.label, p.run) for p in picks]
     n_steps = max(len(histograms[run.run_id]["steps"]) for _, run in picks)
     fig, axes = plt.subplots(len(picks), n_steps, figsize=(3.6 * n_steps + 1, 2.5 * len(picks)), squeeze=False,
                              layout="constrained")
@@ -477,8 +520,7 @@ def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
             ax = axes[row][col]
             rows = start[(start.activation == activation) & (start.statistic == statistic)]
             value = _log10(rows.measured) if statistic == "q" else rows.measured
-            sns.lineplot(x=rows.layer, y=value, hue=rows.setup, hue_order=setups, palette=palette, marker="o",
-                         markersize=4, errorbar=None, ax=ax, legend=False)
+            mean_lines(ax, rows.assign(v=value), "layer", "v", "setup", palette, band=False, marker="o", markersize=4)
             predicted = rows.dropna(subset=["predicted"]).groupby(["setup", "layer"]).predicted.mean().reset_index()
             for setup, line in predicted.groupby("setup"):
                 draw_prediction(ax, line.layer, _log10(line.predicted) if statistic == "q" else line.predicted,
@@ -530,10 +572,9 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
             ax = axes[row][col]
             rows = nets[when & (nets.activation == activation) & (nets.statistic == statistic)]
             value = _log10(rows.measured) if statistic == "gsnr" else rows.measured
-            if len(rows):  # a lower precision dashed: it often lies on its fp32 twin
-                sns.lineplot(x=rows.layer, y=value, hue=rows.setup, hue_order=setups, palette=palette, marker="o",
-                             markersize=4, errorbar=None, ax=ax, legend=False, style=rows.setup, style_order=setups,
-                             dashes=dashes)
+            # a lower precision dashed: it often lies on its fp32 twin
+            mean_lines(ax, rows.assign(v=value), "layer", "v", "setup", palette, band=False, dashes=dashes, marker="o",
+                       markersize=4)
             ax.set(title=f"{activation}", xlabel="layer" if row == len(panels) - 1 else "", ylabel=label)
             if statistic == "zero_fraction":
                 ax.set_ylim(-0.05, 1.05)
@@ -554,16 +595,17 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
                   *_encode(fig))
 
 
-def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, histograms: dict | None = None,
-                signal: pd.DataFrame | None = None) -> list[Figure]:
+def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame | None = None,
+                picks: list[Pick] = ()) -> list[Figure]:
+    """Every figure of the summary page; `picks`: the telling runs (telling_runs) with their tables."""
     figures = [
         accuracy_heatmaps(runs),
-        gradient_flow(layers),
+        gradient_flow(layers, runs),
         signal_propagation(signal),
         gradient_signal(signal),
         remedies(runs),
-        layer_step_heatmaps(layers, runs),
-        histograms_over_time(runs, layers, histograms or {}),
+        layer_step_heatmaps(list(picks)),
+        histograms_over_time(list(picks)),
         training_curves(layers),
         clipping(layers, runs),
         outcomes(runs),

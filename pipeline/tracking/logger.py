@@ -24,7 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from ..activations import ACTIVATIONS
 from ..config import NUMBERS_VERSION, RunConfig, run_name
-from ..results import Chunk, RunResult
+from ..results import Chunk, RunResult, summary_table
 from .store import (
     EXPERIMENT,
     MAX_METRICS_PER_CALL,
@@ -235,6 +235,7 @@ class RunLogger:
         # every artifact into one folder, then one log_artifacts call (each call costs a store round trip)
         with tempfile.TemporaryDirectory() as tmp:
             files = {"config.json": self.config.to_json(), "gradients/layer_stats.parquet": result.table,
+                     "gradients/summary.parquet": summary_table(result.table),
                      "gradients/histograms.npz": result.histograms, **(tables or {}), **figures}
             for artifact, content in files.items():
                 path = Path(tmp, artifact)

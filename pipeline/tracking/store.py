@@ -22,6 +22,8 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from ..config import NUMBERS_VERSION, GridSpec, RunConfig
@@ -291,6 +293,33 @@ def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str) ->
         return Path(client.download_artifacts(run_id, path, dst))
     except (MlflowException, OSError):
         return None
+
+
+class ArtifactFiles:
+    """Runs' artifacts as local files, fetched when asked for: a local artifact store's own files,
+    read in place (nothing copied), or for a server or an object store one download each into
+    `folder`. It goes straight to each run's artifact location (MlflowClient.download_artifacts
+    looks the run up first: ~20 ms a file, ten times the read). Holds only plain data, so report
+    workers forked from the collecting process use it as is."""
+
+    def __init__(self, artifact_uris: dict[str, str], folder: str | None = None):
+        self.uris, self.folder = artifact_uris, folder  # folder None: a temporary one, made when needed
+
+    def get(self, run_id: str, path: str) -> Path | None:
+        """The local file of a run's artifact, or None if the run does not have it."""
+        try:
+            repo = get_artifact_repository(self.uris[run_id])
+            if isinstance(repo, LocalArtifactRepository):
+                local = Path(repo.download_artifacts(path))
+                return local if local.is_file() else None
+            self.folder = self.folder or tempfile.mkdtemp(prefix="gradbench-artifacts-")
+            local = Path(self.folder, run_id, path)
+            if not local.is_file():
+                local.parent.mkdir(parents=True, exist_ok=True)
+                repo.download_artifacts(path, str(Path(self.folder, run_id, Path(path).parent)))
+            return local if local.is_file() else None
+        except (MlflowException, OSError):
+            return None
 
 
 def log_report(client: MlflowClient, parent_run_id: str, path: Path) -> None:
