@@ -287,14 +287,6 @@ def latest_finished_runs(client: MlflowClient, experiment_id: str, hashes: set[s
     return latest
 
 
-def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str) -> Path | None:
-    """A run's artifact as a local file, or None if the run does not have it."""
-    try:
-        return Path(client.download_artifacts(run_id, path, dst))
-    except (MlflowException, OSError):
-        return None
-
-
 class ArtifactFiles:
     """Runs' artifacts as local files, fetched when asked for: a local artifact store's own files,
     read in place (nothing copied), or for a server or an object store one download each into
