@@ -40,7 +40,6 @@ import functools
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -283,11 +282,16 @@ def _quick_run_rss_mb(data_dir: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         env.pop("MLFLOW_RUN_ID", None)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run([sys.executable, "-m", "pipeline", "train", *args], env=env, cwd=tmp, check=True,
-                       capture_output=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024  # ru_maxrss is in KiB on Linux
+        log = Path(tmp, "train.log")
+        with log.open("w") as out:
+            child = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *args], env=env, cwd=tmp,
+                                     stdout=out, stderr=subprocess.STDOUT)
+            # wait4: this child's own peak (RUSAGE_CHILDREN is the largest of every child so far)
+            _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            raise RuntimeError(f"the quick-grid run failed ({child.returncode}): {log.read_text()[-2000:]}")
+    return usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def _quick_grid_seconds(data_dir: str) -> float:

@@ -425,7 +425,7 @@ def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
                  style_order=["before clipping", "after clipping"], errorbar=("pi", 50), ax=axes[0])
     axes[0].set_title("global gradient norm (median, IQR band)")
     active = per_step[per_step["clip"] != "none"].groupby(["run_id", "clip", "activation"]).clip_active.mean().reset_index()
-    sns.barplot(data=active, x="activation", y="clip_active", hue="clip", ax=axes[1])
+    sns.barplot(data=active, x="activation", y="clip_active", hue="clip", errorbar=("pi", 100), ax=axes[1])
     axes[1].set(title="fraction of steps clipped", ylabel="fraction", ylim=(0, 1))
     pairs = clipped.merge(runs[runs["clip"] == "none"], on=CLIP_PAIR_KEYS, suffixes=("", "_none"))
     if not pairs.empty:
@@ -436,7 +436,7 @@ def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     return Figure("clipping", "Gradient clipping",
                   "Left: global gradient norm before (solid) and after (dashed) clipping, colour = clip mode "
                   "(norm: the global L2 norm is clipped; value: each element; agc: each unit). Middle: how often the "
-                  "clip was active. Right: each clipped run against the same configuration without clipping; points "
+                  "clip was active, the mean over runs (the black line: from the least to the most clipped run). Right: each clipped run against the same configuration without clipping; points "
                   "above the diagonal are runs that clipping helped.", *_encode(fig))
 
 
