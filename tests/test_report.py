@@ -25,9 +25,10 @@ SPEC = {
     "include": [{"activation": "relu", "init": "default", "norm": "batch"},
                 {"activation": "tanh", "init": "default", "residual": "skipinit"}],
 }
-FIGURES = ["accuracy", "gradient-flow", "signal", "gradient-signal", "remedies", "layer-step", "histograms", "training", "clipping", "outcomes"]
+FIGURES = ["accuracy", "gradient-flow", "signal", "gradient-signal", "jacobian", "remedies", "layer-step", "histograms", "training", "clipping", "outcomes"]
 # What each figure's caption must name (a figure says what its caption says).
 CAPTION_NAMES = {"accuracy": "test accuracy", "gradient-flow": "dL/dh", "remedies": "normalization",
+                 "jacobian": "singular value",
                  "signal": "correlation", "gradient-signal": "GSNR", "layer-step": "each layer",
                  "histograms": "log10|dL/dW|", "training": "loss", "clipping": "clipping", "outcomes": "diagnosed"}
 ARTIFACTS = Path(os.environ.get("GRADBENCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))

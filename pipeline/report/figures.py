@@ -595,6 +595,52 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
                   *_encode(fig))
 
 
+def jacobian_spectrum(runs: pd.DataFrame) -> Figure | None:
+    """The input-output Jacobian at step 0: its mean squared singular value against the theory's,
+    run by run, and the spread of its singular values against depth."""
+    runs = runs[np.isfinite(runs.jac_mean_sq.astype(float)) & (runs.jac_mean_sq > 0)]
+    if runs.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    paired = runs[np.isfinite(runs.jac_mean_sq_pred.astype(float)) & (runs.jac_mean_sq_pred > 0)]
+    activations = sorted(runs.activation.unique())
+    colours = dict(zip(activations, sns.color_palette(n_colors=len(activations))))
+    for activation, rows in paired.groupby("activation"):
+        axes[0].scatter(rows.jac_mean_sq_pred, rows.jac_mean_sq, s=16, color=colours[activation], label=activation)
+    if len(paired):
+        low = float(min(paired.jac_mean_sq_pred.min(), paired.jac_mean_sq.min())) / 2
+        high = float(max(paired.jac_mean_sq_pred.max(), paired.jac_mean_sq.max())) * 2
+        axes[0].plot([low, high], [low, high], color="black", linestyle=(0, (1.5, 1.5)), linewidth=1,
+                     label="measured = predicted")
+        axes[0].legend(fontsize=7, loc="upper left")
+    axes[0].set(xscale="log", yscale="log", xlabel="predicted (product of chi_l)", ylabel="measured",
+                title="mean squared singular value of J")
+    setups = sorted(runs.setup.unique())
+    palette = dict(zip(setups, sns.color_palette(n_colors=len(setups))))
+    mean_lines(axes[1], runs.astype({"jac_log10_sd": float}), "depth", "jac_log10_sd", "setup", palette, marker="o",
+               markersize=4)
+    axes[1].set(title="spread of J's singular values", xlabel="depth", ylabel="sd of log10 singular value")
+    depths = sorted(runs.depth.unique())
+    if depths[-1] > 10 * depths[0]:
+        axes[1].set_xscale("log")
+        axes[1].minorticks_off()
+    axes[1].set_xticks(depths, labels=[str(d) for d in depths])
+    axes[1].legend(fontsize=7, title="init [+ norm, residual]", title_fontsize=7, loc="center left",
+                   bbox_to_anchor=(1.02, 0.5), frameon=False)
+    without = len(paired) < len(runs)
+    return Figure("jacobian", "Input-output Jacobian at initialization",
+                  "J = dz_{H-1}/dz_0, the last hidden layer's pre-activation against the first's, at 8 inputs of "
+                  "the step-0 batch. Left: its mean squared singular value, measured against mean-field theory's "
+                  "prediction (the product over layers of chi_l = sigma_w^2 E[phi'(z_l)^2]; Pennington et al. "
+                  "2017), one point per run, colour = activation; on the dotted line they agree. Below 1 the "
+                  "gradient vanishes through the net, above 1 it explodes. Right: the spread of the singular "
+                  "values (sd of log10), the mean over activations, widths and seeds with a band of one standard "
+                  "deviation, against depth: a wide spread is what dynamical isometry (orthogonal weights at "
+                  "chi = 1) avoids, even where the mean is right."
+                  + (" Runs without a prediction (normalization, residual blocks) are on the right only." if without
+                     else ""), *_encode(fig))
+
+
 def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame | None = None,
                 picks: list[Pick] = ()) -> list[Figure]:
     """Every figure of the summary page; `picks`: the telling runs (telling_runs) with their tables."""
@@ -603,6 +649,7 @@ def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame |
         gradient_flow(layers, runs),
         signal_propagation(signal),
         gradient_signal(signal),
+        jacobian_spectrum(runs),
         remedies(runs),
         layer_step_heatmaps(list(picks)),
         histograms_over_time(list(picks)),
