@@ -10,12 +10,14 @@ from file:// offline. Strings from MLflow go through Jinja's autoescaping.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import multiprocessing
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -97,24 +99,32 @@ def runs_with_pages(runs: pd.DataFrame, limit: int | None) -> pd.DataFrame:
     return runs.loc[order.sort_values(["_telling", "_diverged", "_extreme"], kind="stable").index[:limit]]
 
 
-def render_run_pages(data: ReportData, folder: Path, report_name: str, limit: int | None = RUN_PAGES) -> dict[str, str]:
-    """A page per run (up to `limit`, see runs_with_pages) in `folder`, drawn on every core;
-    returns run id -> page file name."""
-    pages = page_names(data.runs)
-    jobs = [(run, data.artifacts, data.grid, report_name, pages[run.run_id])
+@contextlib.contextmanager
+def drawing_run_pages(data: ReportData, folder: Path, report_name: str,
+                      limit: int | None = RUN_PAGES) -> Iterator[dict[str, str]]:
+    """Start drawing a page per run (up to `limit`, see runs_with_pages) on every core, yield run id
+    -> page file name at once (the summary page is drawn meanwhile), and write the pages into
+    `folder` when the block ends."""
+    names = page_names(data.runs)
+    jobs = [(run, data.artifacts, data.grid, report_name, names[run.run_id])
             for _, run in runs_with_pages(data.runs, limit).iterrows()]
-    if not jobs:
-        return {}
+    pages = {job[0].run_id: job[-1] for job in jobs}
     workers = min(os.cpu_count() or 1, len(jobs))
     if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
         # fork: the workers inherit the imported modules (and FIGURE_CHECKS), so they start at once
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            htmls = list(pool.map(_run_page, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+            try:
+                drawn = pool.map(_run_page, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+                yield pages
+                htmls = list(drawn)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     else:
+        yield pages
         htmls = [_run_page(job) for job in jobs]
     for job, html in zip(jobs, htmls):
         (folder / job[-1]).write_text(html, encoding="utf-8")
-    return {job[0].run_id: job[-1] for job in jobs}
 
 
 def build_report(experiment: str = tracking.EXPERIMENT, grid_run_id: str | None = None,
@@ -133,14 +143,14 @@ def _build(data: ReportData, out_dir: Path, run_pages: int | None) -> Path:
     path = out_dir / f"{stem}.html"
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=out_dir))
     try:
-        pages = render_run_pages(data, staging, path.name, run_pages)
-        if len(pages) < len(data.runs):
-            data.missing.insert(0, f"run pages for {len(data.runs) - len(pages)} of {len(data.runs)} runs: drawn for "
-                                   f"the {len(pages)} most telling (the runs of the figures, the diverged ones, "
-                                   "then the most vanishing or exploding); `gradbench report --run-pages all` draws "
-                                   "every one (about 0.3 s each per core)")
-        html = render(data, n_configs=len(data.runs) + sum("no finished run" in m for m in data.missing),
-                      run_dir=stem, pages=pages)
+        with drawing_run_pages(data, staging, path.name, run_pages) as pages:
+            if len(pages) < len(data.runs):
+                data.missing.insert(0, f"run pages for {len(data.runs) - len(pages)} of {len(data.runs)} runs: drawn "
+                                       f"for the {len(pages)} most telling (the runs of the figures, the diverged "
+                                       "ones, then the most vanishing or exploding); `gradbench report --run-pages "
+                                       "all` draws every one (about 0.5 s of a core each)")
+            html = render(data, n_configs=len(data.runs) + sum("no finished run" in m for m in data.missing),
+                          run_dir=stem, pages=pages)
         _write(path, html)
         run_dir = out_dir / stem
         if run_dir.exists():

@@ -3,8 +3,10 @@ artifacts a figure or a run page reads on demand."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +23,7 @@ from ..tracking.store import TAG_SYNTHETIC
 LAYER_KEYS = ["run_id", "activation", "init", "depth", "width", "clip", "clip_threshold", "seed", "precision", "norm",
               "residual", "diagnosis", "outcome", "slope_error", "setup"]
 ROW_BUDGET = 2_000_000  # per-step rows held for the whole grid: every step of a small grid, thinned for a big one
-READERS = 8  # artifacts read at once (reading waits on the disk or the network more than on Python)
+READERS = 4  # threads per process reading artifacts (a download waits on the network, not on Python)
 
 
 @dataclass
@@ -78,12 +80,20 @@ def _read_summary(artifacts: tracking.ArtifactFiles, run_id: str) -> tuple[pa.Ta
     if path is None:
         return None, "no gradients/summary.parquet or gradients/layer_stats.parquet artifact"
     try:
-        table = pq.read_table(path)
+        table = _read_parquet(path)
     except (OSError, ValueError) as exc:  # a corrupt artifact is reported, not fatal
         return None, f"{name} unreadable ({exc})"
     if name != "gradients/summary.parquet":
         table = pa.Table.from_pandas(summary_table(table.to_pandas()), preserve_index=False)
     return table, None
+
+
+def _read_parquet(path) -> pa.Table:
+    """A small parquet file, read whole: ParquetFile without threads is about half the cost of
+    pq.read_table (which goes through the datasets layer), and cost per file is what a grid's report
+    pays 7,680 times."""
+    with pq.ParquetFile(path) as file:
+        return file.read(use_threads=False)
 
 
 def _layer_rows(artifacts: tracking.ArtifactFiles, run_id: str, points: int) -> tuple[pa.Table | None, int, str | None]:
@@ -159,8 +169,7 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
                                                    runs.precision)]
     artifacts = tracking.ArtifactFiles({r.info.run_id: r.info.artifact_uri for r in found.values()}, folder)
     points = max(SUMMARY_POINTS, ROW_BUDGET // max(len(runs), 1))
-    with ThreadPoolExecutor(READERS) as pool:  # pyarrow reads and filters outside the GIL
-        read = list(pool.map(lambda run_id: _layer_rows(artifacts, run_id, points), runs.run_id))
+    read = in_processes(_layer_rows, [(artifacts, run_id, points) for run_id in runs.run_id])
     tables = [table for table, _, _ in read if table is not None]
     missing += [f"{name}: {error}" for name, (_, _, error) in zip(runs.run_name, read) if error]
     runs["steps"] = [steps for _, steps, _ in read]
@@ -181,22 +190,44 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
                       signal, notices)
 
 
+def _read_signal(artifacts: tracking.ArtifactFiles, run_id: str) -> pa.Table | str | None:
+    path = artifacts.get(run_id, "signal/propagation.parquet")
+    if path is None:
+        return None  # recorded before the forward instruments existed
+    try:
+        table = _read_parquet(path)
+    except (OSError, ValueError) as exc:
+        return f"signal/propagation.parquet unreadable ({exc})"
+    return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
+
+
+def _chunk(job: tuple) -> list:
+    function, jobs = job
+    with ThreadPoolExecutor(READERS) as pool:
+        return list(pool.map(lambda args: function(*args), jobs))
+
+
+def in_processes(function, jobs: list[tuple]) -> list:
+    """[function(*job) for job in jobs], on every core: a process per core (forked, so it starts at
+    once), each with a few threads. Reading a run's small tables is mostly Python and pyarrow
+    overhead (~5 ms), which threads alone cannot spread over cores."""
+    workers = min(os.cpu_count() or 1, max(1, len(jobs) // 200))
+    if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return _chunk((function, jobs))
+    chunks = [(function, jobs[i::workers]) for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        parts = list(pool.map(_chunk, chunks))
+    out = [None] * len(jobs)
+    for i, part in enumerate(parts):
+        out[i::workers] = part
+    return out
+
+
 def _signal(artifacts: tracking.ArtifactFiles, runs: pd.DataFrame, missing: list[str]) -> tuple[pd.DataFrame, int]:
     """signal/propagation.parquet of `runs` (the signal figures draw the deepest nets), joined to
     their configs; and how many runs have none."""
 
-    def read(run_id: str) -> pa.Table | str | None:
-        path = artifacts.get(run_id, "signal/propagation.parquet")
-        if path is None:
-            return None  # recorded before the forward instruments existed
-        try:
-            table = pq.read_table(path)
-        except (OSError, ValueError) as exc:
-            return f"signal/propagation.parquet unreadable ({exc})"
-        return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
-
-    with ThreadPoolExecutor(READERS) as pool:
-        read_all = list(pool.map(read, runs.run_id))
+    read_all = in_processes(_read_signal, [(artifacts, run_id) for run_id in runs.run_id])
     signals = [s for s in read_all if isinstance(s, pa.Table)]
     missing += [f"{name}: {s}" for name, s in zip(runs.run_name, read_all) if isinstance(s, str)]
     columns = ["step", "layer", "statistic", "measured", "predicted", "run_id"]

@@ -173,6 +173,9 @@ PREDICTION = matplotlib.lines.Line2D([], [], color="black", linestyle=(0, (1.5, 
                                      label="mean-field prediction")
 
 
+ANNOTATED_CELLS = 400  # a heatmap panel prints its values up to this many cells (beyond, the colour says it)
+
+
 def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
     if runs.empty:
         return None
@@ -186,7 +189,7 @@ def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
         table = runs[runs["clip"] == clip].pivot_table(index=["activation", "setup"], columns="depth", values="test_acc")
         table = table.reindex(index=index, columns=depths)
         # the row labels once, on the first panel: drawn on every panel they overlap the neighbour's cells
-        sns.heatmap(table, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", cbar=False, ax=ax,
+        sns.heatmap(table, annot=table.size <= ANNOTATED_CELLS, fmt=".2f", vmin=0, vmax=1, cmap="viridis", cbar=False, ax=ax,
                     annot_kws={"fontsize": 7}, yticklabels=i == 0)
         ax.set_title(f"clip = {clip}")
         ax.set_ylabel("activation - init [+ norm, residual]" if i == 0 else "")
@@ -415,22 +418,30 @@ def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
         return None
     per_step = layers[layers.layer == 0]
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
-    norms = _thin(per_step[per_step["clip"] != "none"]).melt(
-        id_vars=["step", "clip"], value_vars=["global_norm_pre_clip", "global_norm_post_clip"], var_name="which")
-    norms["log10 global norm"] = _log10(norms.value)
-    norms["clip mode"] = norms["clip"]
-    norms["measured"] = norms["which"].map({"global_norm_pre_clip": "before clipping",
-                                           "global_norm_post_clip": "after clipping"})
-    sns.lineplot(data=norms, x="step", y="log10 global norm", hue="clip mode", style="measured",
-                 style_order=["before clipping", "after clipping"], errorbar=("pi", 50), ax=axes[0])
-    axes[0].set_title("global gradient norm (median, IQR band)")
+    norms = _thin(per_step[per_step["clip"] != "none"])
+    modes = sorted(norms["clip"].unique())
+    colours = dict(zip(modes, sns.color_palette(n_colors=len(modes))))
+    styles = {"global_norm_pre_clip": ("-", "before clipping"), "global_norm_post_clip": ("--", "after clipping")}
+    for column, (style, _) in styles.items():  # median and quartiles over runs, by pandas in one pass
+        quartiles = (norms.assign(v=_log10(norms[column])).groupby(["clip", "step"]).v
+                     .quantile([0.25, 0.5, 0.75]).unstack().reset_index())
+        for mode, rows in quartiles.groupby("clip"):
+            axes[0].plot(rows.step, rows[0.5], color=colours[mode], linestyle=style)
+            axes[0].fill_between(rows.step, rows[0.25], rows[0.75], color=colours[mode], alpha=0.2, linewidth=0)
+    axes[0].legend(handles=[matplotlib.lines.Line2D([], [], color=c, label=m) for m, c in colours.items()]
+                   + [matplotlib.lines.Line2D([], [], color="black", linestyle=st, label=label)
+                      for st, label in styles.values()], fontsize=8, title="clip mode", title_fontsize=8)
+    axes[0].set(title="global gradient norm (median, IQR band)", xlabel="step", ylabel="log10 global norm")
     active = per_step[per_step["clip"] != "none"].groupby(["run_id", "clip", "activation"]).clip_active.mean().reset_index()
     sns.barplot(data=active, x="activation", y="clip_active", hue="clip", errorbar=("pi", 100), ax=axes[1])
     axes[1].set(title="fraction of steps clipped", ylabel="fraction", ylim=(0, 1))
+    if active.activation.nunique() > 4:  # eight names side by side run into each other
+        axes[1].tick_params(axis="x", rotation=45)
     pairs = clipped.merge(runs[runs["clip"] == "none"], on=CLIP_PAIR_KEYS, suffixes=("", "_none"))
     if not pairs.empty:
         sns.scatterplot(data=pairs, x="test_acc_none", y="test_acc", hue="clip", style="activation", ax=axes[2])
         axes[2].plot([0, 1], [0, 1], "k--", lw=0.8)
+        sns.move_legend(axes[2], "center left", bbox_to_anchor=(1.02, 0.5), frameon=False, fontsize=7)
     axes[2].set(title="test accuracy: clipped vs not", xlabel="without clipping", ylabel="with clipping",
                 xlim=(0, 1), ylim=(0, 1))
     return Figure("clipping", "Gradient clipping",
