@@ -276,22 +276,27 @@ def _weights(config: RunConfig) -> int:
 
 
 def _quick_run_rss_mb(data_dir: str) -> float:
-    """Peak RSS (MB) of one quick-grid run (its deepest config), tracked into a throwaway store."""
+    """Peak RSS (MB) of one quick-grid run (its deepest config), tracked into a throwaway store (NaN
+    where there is no /proc, which holds the figure)."""
+    if not Path("/proc/self/status").exists():
+        return float("nan")
     args = ["--activation", "sigmoid", "--depth", "20", "--width", "128", "--max-steps", "300",
             "--train-subset", "38400", "--data-dir", data_dir, "--experiment", "bench"]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         env.pop("MLFLOW_RUN_ID", None)
-        log = Path(tmp, "train.log")
-        with log.open("w") as out:
-            child = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *args], env=env, cwd=tmp,
-                                     stdout=out, stderr=subprocess.STDOUT)
-            # wait4: this child's own peak (RUSAGE_CHILDREN is the largest of every child so far)
-            _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode:
-            raise RuntimeError(f"the quick-grid run failed ({child.returncode}): {log.read_text()[-2000:]}")
-    return usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+        status = Path(tmp, "status")
+        # the child's own high-water mark, /proc/self/status's VmHWM, read as it exits: getrusage's
+        # ru_maxrss (RUSAGE_CHILDREN, or wait4's) keeps the pre-exec peak of the fork, which is
+        # this bench process's size, not the run's
+        code = (f"import atexit, runpy, sys; atexit.register(lambda: open({str(status)!r}, 'w').write("
+                f"open('/proc/self/status').read())); sys.argv = ['gradbench', 'train', *{args!r}]; "
+                "runpy.run_module('pipeline', run_name='__main__')")
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the quick-grid run failed ({done.returncode}): {done.stderr[-2000:]}")
+        peak = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(peak.split()[1]) / 1024  # kB
 
 
 def _quick_grid_seconds(data_dir: str) -> float:
