@@ -290,7 +290,7 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
               help="Where the HTML file is written.")
 @click.option("--run-pages", default="100", show_default=True, metavar="N|all",
               help="Draw a page per run for at most N runs (a grid with more gets pages for its most telling "
-                   "runs; each page costs about 0.3 s of a core), or for all.")
+                   "runs; each page costs about 0.5 s of a core), or for all.")
 @experiment_option
 def report(grid_run_id: str | None, out_dir: str, run_pages: str, experiment: str) -> None:
     """Render a grid as one self-contained HTML report (seaborn figures inline, no network), written

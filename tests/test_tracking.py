@@ -15,7 +15,7 @@ from pipeline import tracking
 from pipeline.config import RunConfig
 from pipeline.results import SUMMARY_POINTS, summary_table
 from pipeline.run import run_group
-from tests.conftest import runs_of
+from tests.conftest import MlflowServer, runs_of
 
 
 def test_runs_that_log_the_same_new_dataset_at_once_all_get_it(tracking_uri, tmp_path):
@@ -124,3 +124,26 @@ def test_the_summary_table_keeps_layer_0_at_every_step_and_every_layer_at_evenly
     assert (merged.backprop_norm == merged.backprop_norm_full).all()  # rows of the table, untouched
     short = table[table.step < 40]
     pd.testing.assert_frame_equal(summary_table(short), short)  # a short run: every row
+
+
+def test_artifact_files_read_a_local_store_in_place_and_download_from_a_server(tmp_path, monkeypatch):
+    """The report reads artifacts through ArtifactFiles: a server's are downloaded once into the
+    folder, where the artifact's own path says (a file left elsewhere would read as missing)."""
+    (tmp_path / "up" / "gradients").mkdir(parents=True)
+    (tmp_path / "up" / "gradients" / "summary.parquet").write_bytes(b"the bytes")
+    server = MlflowServer(f"sqlite:///{tmp_path}/server.db", tmp_path / "served")
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        client = MlflowClient()
+        run_id = client.create_run(client.create_experiment("files")).info.run_id
+        client.log_artifacts(run_id, str(tmp_path / "up"))
+        uri = client.get_run(run_id).info.artifact_uri
+        files = tracking.ArtifactFiles({run_id: uri}, str(tmp_path / "downloads"))
+        path = files.get(run_id, "gradients/summary.parquet")
+        assert path == tmp_path / "downloads" / run_id / "gradients" / "summary.parquet"
+        assert path.read_bytes() == b"the bytes"
+        assert files.get(run_id, "gradients/histograms.npz") is None
+    finally:
+        server.stop()
+    local = tracking.ArtifactFiles({"r": str(tmp_path / "up")})  # a local store: its own file, no copy
+    assert local.get("r", "gradients/summary.parquet") == tmp_path / "up" / "gradients" / "summary.parquet"

@@ -25,6 +25,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from pipeline.config import GridSpec  # noqa: E402
+from pipeline.grid import run_grid  # noqa: E402
+
 MODES = {"one at a time": {"ensemble": False}, "--workers 2": {"ensemble": False, "workers": 2},
          "ensembles": {"ensemble": True}}
 GRID_RUNS, GRID_EPOCHS, GRID_MEAN_DEPTH, SLICE_DEPTH = 7680, 10, 17.4, 20
@@ -45,9 +48,6 @@ def main(data_dir: str, source: str | None, epochs: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
             os.environ.pop("MLFLOW_RUN_ID", None)
-            from pipeline.config import GridSpec
-            from pipeline.grid import run_grid
-
             spec = GridSpec.from_dict(raw)
             start = time.perf_counter()
             result = run_grid(spec, data_dir, source, experiment="slice", echo=lambda s: None, progress=False,

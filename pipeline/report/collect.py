@@ -74,7 +74,8 @@ def _read_summary(artifacts: tracking.ArtifactFiles, run_id: str) -> tuple[pa.Ta
     layer table."""
     name = "gradients/summary.parquet"
     path = artifacts.get(run_id, name)
-    if path is None:
+    summarize = path is None  # an older run: its full layer table only
+    if summarize:
         name = "gradients/layer_stats.parquet"
         path = artifacts.get(run_id, name)
     if path is None:
@@ -83,7 +84,7 @@ def _read_summary(artifacts: tracking.ArtifactFiles, run_id: str) -> tuple[pa.Ta
         table = _read_parquet(path)
     except (OSError, ValueError) as exc:  # a corrupt artifact is reported, not fatal
         return None, f"{name} unreadable ({exc})"
-    if name != "gradients/summary.parquet":
+    if summarize:
         table = pa.Table.from_pandas(summary_table(table.to_pandas()), preserve_index=False)
     return table, None
 
@@ -105,8 +106,17 @@ def _layer_rows(artifacts: tracking.ArtifactFiles, run_id: str, points: int) -> 
         return None, 0, error
     step, layer = table["step"].to_numpy(), table["layer"].to_numpy()
     kept = (step == step.min()) | ((layer == 0) & np.isin(step, thin_steps(step[layer == 0], points)))
-    table = table.filter(pa.array(kept))
-    return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string())), int(step.max()) + 1, None
+    return _with_run_id(table.filter(pa.array(kept)), run_id), int(step.max()) + 1, None
+
+
+def _with_run_id(table: pa.Table, run_id: str) -> pa.Table:
+    return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
+
+
+def _joined(tables: list[pa.Table], runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Every run's rows in one frame (one pandas conversion for the whole grid: a frame per run
+    costs more than reading it), with the runs' `columns` joined on run_id."""
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas().merge(runs[columns], on="run_id")
 
 
 NORM_LABELS = {"none": "", "batch": "BatchNorm", "layer": "LayerNorm"}
@@ -173,10 +183,7 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
     tables = [table for table, _, _ in read if table is not None]
     missing += [f"{name}: {error}" for name, (_, _, error) in zip(runs.run_name, read) if error]
     runs["steps"] = [steps for _, steps, _ in read]
-    if tables:  # one conversion for the whole grid (a pandas frame per run costs more than reading it)
-        layers = pa.concat_tables(tables, promote_options="permissive").to_pandas().merge(runs[LAYER_KEYS], on="run_id")
-    else:
-        layers = pd.DataFrame(columns=["run_id", "step", "layer"])
+    layers = _joined(tables, runs, LAYER_KEYS) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
     signal, without_signal = _signal(artifacts, runs[runs.depth == runs.depth.max()], missing)
     notices = []
     if parent.data.tags.get(TAG_SYNTHETIC) == "true":
@@ -198,7 +205,7 @@ def _read_signal(artifacts: tracking.ArtifactFiles, run_id: str) -> pa.Table | s
         table = _read_parquet(path)
     except (OSError, ValueError) as exc:
         return f"signal/propagation.parquet unreadable ({exc})"
-    return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
+    return _with_run_id(table, run_id)
 
 
 def _chunk(job: tuple) -> list:
@@ -211,7 +218,7 @@ def in_processes(function, jobs: list[tuple]) -> list:
     """[function(*job) for job in jobs], on every core: a process per core (forked, so it starts at
     once), each with a few threads. Reading a run's small tables is mostly Python and pyarrow
     overhead (~5 ms), which threads alone cannot spread over cores."""
-    workers = min(os.cpu_count() or 1, max(1, len(jobs) // 200))
+    workers = min(os.cpu_count() or 1, max(1, len(jobs) // 200))  # a process is worth ~200 reads (~1 s)
     if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
         return _chunk((function, jobs))
     chunks = [(function, jobs[i::workers]) for i in range(workers)]
@@ -226,13 +233,11 @@ def in_processes(function, jobs: list[tuple]) -> list:
 def _signal(artifacts: tracking.ArtifactFiles, runs: pd.DataFrame, missing: list[str]) -> tuple[pd.DataFrame, int]:
     """signal/propagation.parquet of `runs` (the signal figures draw the deepest nets), joined to
     their configs; and how many runs have none."""
-
     read_all = in_processes(_read_signal, [(artifacts, run_id) for run_id in runs.run_id])
     signals = [s for s in read_all if isinstance(s, pa.Table)]
     missing += [f"{name}: {s}" for name, s in zip(runs.run_name, read_all) if isinstance(s, str)]
     columns = ["step", "layer", "statistic", "measured", "predicted", "run_id"]
     if not signals:
         return pd.DataFrame(columns=columns), sum(s is None for s in read_all)
-    signal = pa.concat_tables(signals, promote_options="permissive").to_pandas().merge(
-        runs[["run_id", "activation", "depth", "clip", "setup", "seed", "precision"]], on="run_id")
+    signal = _joined(signals, runs, ["run_id", "activation", "depth", "clip", "setup", "seed", "precision"])
     return signal, sum(s is None for s in read_all)

@@ -147,7 +147,7 @@ def _deepest(layers: pd.DataFrame) -> tuple[int, pd.DataFrame]:
 
 
 def mean_lines(ax, frame: pd.DataFrame, x: str, y: str, hue: str, palette: dict, band: bool = True,
-               dashes: dict | None = None, **line) -> None:
+               dashed: set | None = None, **line) -> None:
     """One line per hue: the mean of y over the rows at each x, and a band of one standard deviation
     where several rows share an x (seaborn's errorbar="sd"). Aggregated by pandas in one pass:
     seaborn aggregates group by group, about 1 ms each, which is minutes for a big grid."""
@@ -156,21 +156,27 @@ def mean_lines(ax, frame: pd.DataFrame, x: str, y: str, hue: str, palette: dict,
         rows = stats[stats[hue] == key]
         if rows.empty:
             continue
-        ax.plot(rows[x], rows["mean"], color=colour, label=key, linestyle="--" if dashes and dashes[key] else "-",
+        ax.plot(rows[x], rows["mean"], color=colour, label=key, linestyle="--" if key in (dashed or ()) else "-",
                 **line)
         if band and (rows["count"] > 1).any():
             ax.fill_between(rows[x], rows["mean"] - rows["std"], rows["mean"] + rows["std"], color=colour, alpha=0.2,
                             linewidth=0)
 
 
-def _legend(fig, palette: dict, title: str, extra: list | None = None, dashes: dict | None = None, **line) -> None:
-    handles = [matplotlib.lines.Line2D([], [], color=c, label=k, linestyle="--" if dashes and dashes[k] else "-", **line)
-               for k, c in palette.items()]
+def _legend(fig, palette: dict, title: str, extra: list | None = None, dashed: set | None = None, **line) -> None:
+    """One legend for a figure's panels, right of them: a line per hue (dashed where mean_lines drew
+    it dashed), then `extra` handles."""
+    handles = [matplotlib.lines.Line2D([], [], color=c, label=k, linestyle="--" if k in (dashed or ()) else "-",
+                                       **line) for k, c in palette.items()]
     fig.legend(handles=handles + (extra or []), title=title, loc="outside right center", frameon=False)
 
 
-PREDICTION = matplotlib.lines.Line2D([], [], color="black", linestyle=(0, (1.5, 1.5)), marker="x",
-                                     label="mean-field prediction")
+DOTTED = (0, (1.5, 1.5))  # the style of every theory line
+
+
+def _prediction_handle(label: str = "mean-field prediction") -> matplotlib.lines.Line2D:
+    """A legend entry for draw_prediction's lines."""
+    return matplotlib.lines.Line2D([], [], color="black", linestyle=DOTTED, marker="x", label=label)
 
 
 ANNOTATED_CELLS = 400  # a heatmap panel prints its values up to this many cells (beyond, the colour says it)
@@ -234,7 +240,7 @@ def gradient_flow(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
             error = rows.groupby("run_id").slope_error.first().mean()  # the logged theory/slope_error
             if np.isfinite(error):
                 errors.setdefault(activation, []).append(f"{init} {error:+.2f}")
-    _legend(fig, palette, "init [+ norm, residual]", [PREDICTION], marker="o")
+    _legend(fig, palette, "init [+ norm, residual]", [_prediction_handle()], marker="o")
     table = "; ".join(f"{activation}: {', '.join(notes)}" for activation, notes in errors.items())
     worst = f" Measured minus predicted slope of ln||dL/dh|| per layer: {table}." if errors else ""
     if silent:
@@ -254,7 +260,7 @@ def gradient_flow(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
 def draw_prediction(ax, x, y, colour) -> None:
     """A prediction in black, dotted, with crosses in its measured line's colour: seen even where it
     lies on the measurement."""
-    ax.plot(x, y, linestyle=(0, (1.5, 1.5)), color="black", linewidth=1.6, zorder=5)
+    ax.plot(x, y, linestyle=DOTTED, color="black", linewidth=1.6, zorder=5)
     ax.plot(x, y, linestyle="none", marker="x", color=colour, markersize=5, zorder=6)
 
 
@@ -541,10 +547,7 @@ def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
             if statistic == "c":
                 ax.set_ylim(min(-0.05, float(rows.measured.min()) - 0.05), 1.05)
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    handles = [matplotlib.lines.Line2D([], [], color=palette[s], marker="o", label=s) for s in setups]
-    handles.append(matplotlib.lines.Line2D([], [], color="black", linestyle=(0, (1.5, 1.5)), marker="x",
-                                           label="q/c-map prediction"))
-    fig.legend(handles=handles, title="init [+ norm, residual]", loc="outside right center", frameon=False)
+    _legend(fig, palette, "init [+ norm, residual]", [_prediction_handle("q/c-map prediction")], marker="o")
     return Figure("signal", f"Signal propagation at initialization (depth {depth})",
                   "Forward pass at step 0, per hidden layer (0 next to the input): top, q, the mean squared "
                   "pre-activation z (log10); bottom, c, the mean correlation between the z of two different "
@@ -570,7 +573,6 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
     # each run's first and last recorded histogram step (a diverged run's last is earlier)
     last = nets.groupby("run_id").step.transform("max")
     lower = set(nets.setup[nets.precision != "fp32"])  # drawn dashed
-    dashes = {s: (4, 2) if s in lower else "" for s in setups}
     panels = [("gsnr", nets.step == 0, "log10 GSNR, step 0"), ("gsnr", (nets.step == last) & (last > 0),
                                                                  "log10 GSNR, last step")]
     zeros = nets[nets.statistic == "zero_fraction"]
@@ -584,15 +586,13 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
             rows = nets[when & (nets.activation == activation) & (nets.statistic == statistic)]
             value = _log10(rows.measured) if statistic == "gsnr" else rows.measured
             # a lower precision dashed: it often lies on its fp32 twin
-            mean_lines(ax, rows.assign(v=value), "layer", "v", "setup", palette, band=False, dashes=dashes, marker="o",
+            mean_lines(ax, rows.assign(v=value), "layer", "v", "setup", palette, band=False, dashed=lower, marker="o",
                        markersize=4)
             ax.set(title=f"{activation}", xlabel="layer" if row == len(panels) - 1 else "", ylabel=label)
             if statistic == "zero_fraction":
                 ax.set_ylim(-0.05, 1.05)
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    handles = [matplotlib.lines.Line2D([], [], color=palette[s], marker="o", label=s,
-                                       linestyle="--" if dashes[s] else "-") for s in setups]
-    fig.legend(handles=handles, title="init [+ norm, residual]", loc="outside right center", frameon=False)
+    _legend(fig, palette, "init [+ norm, residual]", dashed=lower, marker="o")
     return Figure("gradient-signal", f"Gradient signal-to-noise per layer (depth {depth})",
                   "Per layer (0 next to the input) of the deepest nets, the GSNR of dL/dW over one batch "
                   "(log10; Cockpit's MeanGSNR: the mean over W's entries of the squared mean per-example "
@@ -621,7 +621,7 @@ def jacobian_spectrum(runs: pd.DataFrame) -> Figure | None:
     if len(paired):
         low = float(min(paired.jac_mean_sq_pred.min(), paired.jac_mean_sq.min())) / 2
         high = float(max(paired.jac_mean_sq_pred.max(), paired.jac_mean_sq.max())) * 2
-        axes[0].plot([low, high], [low, high], color="black", linestyle=(0, (1.5, 1.5)), linewidth=1,
+        axes[0].plot([low, high], [low, high], color="black", linestyle=DOTTED, linewidth=1,
                      label="measured = predicted")
         axes[0].legend(fontsize=7, loc="upper left")
     axes[0].set(xscale="log", yscale="log", xlabel="predicted (product of chi_l)", ylabel="measured",

@@ -305,11 +305,11 @@ class ArtifactFiles:
                 local = Path(repo.download_artifacts(path))
                 return local if local.is_file() else None
             self.folder = self.folder or tempfile.mkdtemp(prefix="gradbench-artifacts-")
-            local = Path(self.folder, run_id, path)
-            if not local.is_file():
-                local.parent.mkdir(parents=True, exist_ok=True)
-                repo.download_artifacts(path, str(Path(self.folder, run_id, Path(path).parent)))
-            return local if local.is_file() else None
+            root = Path(self.folder, run_id)  # the download lands at root / path
+            if not (root / path).is_file():
+                root.mkdir(parents=True, exist_ok=True)
+                repo.download_artifacts(path, str(root))
+            return root / path if (root / path).is_file() else None
         except (MlflowException, OSError):
             return None
 
