@@ -302,7 +302,7 @@ def report(grid_run_id: str | None, out_dir: str, run_pages: str, experiment: st
 
     _check_folder(out_dir, "--out-dir")
     if run_pages != "all" and not (run_pages.isdigit() and len(run_pages) < 10):
-        raise click.BadParameter(f"{run_pages!r} is neither a whole number nor 'all'", param_hint="--run-pages")
+        raise click.BadParameter(f"{run_pages!r} is neither 'all' nor a whole number under a billion", param_hint="--run-pages")
     client = tracking.get_client()
     found = client.get_experiment_by_name(experiment)
     if found is not None:  # what a killed train or grid of this host left RUNNING is not shown as running

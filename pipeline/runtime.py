@@ -174,7 +174,7 @@ def stop_on_signals(sigint: bool = True, parent_pid: int | None = None) -> None:
     if sigint:
         signal.signal(signal.SIGINT, _handler)
     if parent_pid is not None:
-        _die_with_parent()
+        die_with_parent()
 
 
 def _handler(signum, frame):
@@ -186,8 +186,9 @@ def _handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _die_with_parent() -> None:
-    """prctl(PR_SET_PDEATHSIG, SIGTERM) on Linux; elsewhere check_stop's parent check does it."""
+def die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM) on Linux: this process is sent SIGTERM when its parent dies
+    (killed outright included); elsewhere a grid worker's check_stop parent check does it."""
     import ctypes
     import sys
 

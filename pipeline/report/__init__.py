@@ -27,6 +27,7 @@ import pandas as pd
 
 from .. import tracking
 from ..config import FIELDS
+from ..runtime import die_with_parent
 from .collect import ReportData, collect, read_histograms, read_summary
 from .figures import Pick, all_figures, telling_runs
 from .papers import section
@@ -112,7 +113,8 @@ def drawing_run_pages(data: ReportData, folder: Path, report_name: str,
     workers = min(os.cpu_count() or 1, len(jobs))
     if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
         # fork: the workers inherit the imported modules (and FIGURE_CHECKS), so they start at once
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=die_with_parent) as pool:  # no page drawn on for a killed report
             try:
                 drawn = pool.map(_run_page, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
                 yield pages

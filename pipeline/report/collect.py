@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from .. import tracking
 from ..config import FIELDS, run_name
 from ..results import SUMMARY_POINTS, summary_table, thin_steps
+from ..runtime import die_with_parent
 from ..tracking.store import TAG_SYNTHETIC
 
 # the config columns joined to the layer rows: what the figures group and colour by
@@ -222,7 +223,8 @@ def in_processes(function, jobs: list[tuple]) -> list:
     if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
         return _chunk((function, jobs))
     chunks = [(function, jobs[i::workers]) for i in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                             initializer=die_with_parent) as pool:  # not left reading when the report is killed
         parts = list(pool.map(_chunk, chunks))
     out = [None] * len(jobs)
     for i, part in enumerate(parts):
