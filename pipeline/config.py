@@ -54,7 +54,9 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # or records for the same configuration (the loop, the monitor, the theory, the metrics): a grid
 # reuses only FINISHED runs of this version (tag gradbench.numbers_version) and reruns the others.
 # 2: normalization/residual fields, canonical configurations, the forward q/c signal, theory profiles.
-NUMBERS_VERSION = 3
+# 4: batches drawn on the CPU, so a seed trains on the same batches on any device (CUDA runs drew
+#    theirs from the GPU's generator: another sequence, measured 13-34% apart in step 0's layer norms).
+NUMBERS_VERSION = 4
 
 
 class ConfigError(ValueError):

@@ -4,7 +4,7 @@
     results = train(configs, mnist, sinks)      # configs that agree on config.GROUP_KEYS
 
 The members of a group share the architecture, the optimizer settings and the step budget; each
-keeps what makes it itself: its init and seed (model.build_model), its own shuffling (a generator
+keeps what makes it itself: its init and seed (model.build_model), its own shuffling (a CPU generator
 seeded with its seed), its clip threshold, its loss (the members' mean losses are summed, so each
 member's gradient is its own) and its optimizer state (torch.optim updates are element-wise, so one
 optimizer over the stacked parameters updates every member as its own optimizer would).
@@ -158,7 +158,9 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
     scaler = torch.amp.GradScaler(device.type) if first.precision == "fp16" else None
     n_train = first.train_subset or len(data.x_train)
     x_train, y_train = data.x_train[:n_train], data.y_train[:n_train]
-    shufflers = [torch.Generator(device=device).manual_seed(c.seed) for c in configs]
+    # each member's batches come from its own generator on the CPU (like its init, model.build_model), so
+    # a seed draws the same batches on any device: a CUDA generator's randperm is another sequence
+    shufflers = [torch.Generator().manual_seed(c.seed) for c in configs]
     steps_per_epoch = math.ceil(n_train / first.batch_size)
 
     chunks: list[list[Chunk]] = [[] for _ in configs]
@@ -169,7 +171,7 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
     step, start = 0, time.perf_counter()
     with deferred():  # a stop signal ends the run after the step it arrives in (runtime.py)
         while step < total and not all(diverged):
-            order = torch.stack([torch.randperm(n_train, device=device, generator=g) for g in shufflers])
+            order = torch.stack([torch.randperm(n_train, generator=g) for g in shufflers]).to(device)
             for i in range(steps_per_epoch):
                 idx = order[:, i * first.batch_size : (i + 1) * first.batch_size]
                 xb, yb = x_train[idx], y_train[idx]

@@ -30,6 +30,22 @@ def _clip(model, mode, threshold):
     return clip_gradients(model, mode, torch.tensor([threshold]), pre)
 
 
+def test_a_member_trains_on_the_batches_its_seed_draws_on_the_cpu(mnist):
+    """The batches come from a CPU generator seeded with the run's seed, whatever the device (a CUDA
+    generator draws another sequence): with a vanishing learning rate, each step's logged loss is the
+    initial net's loss on the batch that torch.randperm with that generator picks, computed here."""
+    cfg = RunConfig(activation="tanh", depth=3, width=32, init="xavier_normal", seed=7, lr=1e-12,
+                    train_subset=640, batch_size=64, epochs=2, max_steps=14)
+    logged = train_one(cfg, mnist).table.groupby("step").loss.first().to_numpy()
+    model = build_model([cfg])
+    g = torch.Generator().manual_seed(7)
+    order = torch.cat([torch.randperm(640, generator=g) for _ in range(2)])  # 10 steps an epoch: two
+    with torch.no_grad():
+        expected = [F.cross_entropy(model(mnist.x_train[idx])[0], mnist.y_train[idx]).item()
+                    for idx in order.split(64)[:14]]
+    np.testing.assert_allclose(logged, expected, rtol=1e-5)
+
+
 def test_norm_clipping_bounds_post_clip_norm_and_logs_pre(mnist):
     cfg = RunConfig(activation="relu", depth=6, width=64, init="he_normal", clip="norm", clip_threshold=0.5, **QUICK)
     steps = train_one(cfg, mnist).table.groupby("step").first()
