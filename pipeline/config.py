@@ -55,7 +55,9 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # reuses only FINISHED runs of this version (tag gradbench.numbers_version) and reruns the others.
 # 2: normalization/residual fields, canonical configurations, the forward q/c signal, theory profiles.
 # 4: batches drawn on the CPU, so a seed trains on the same batches on any device (CUDA runs drew
-#    theirs from the GPU's generator: another sequence, measured 13-34% apart in step 0's layer norms).
+#    theirs from the GPU's generator: another sequence, measured 13-34% apart in step 0's layer norms);
+#    theory.fixed_point accelerated, so critical inits' predictions reach chi = 1 (plain iteration
+#    stopped 2,000 steps short of it, at 0.9995).
 NUMBERS_VERSION = 4
 
 

@@ -67,15 +67,31 @@ Q_OVERFLOW = 1e250  # the forward maps follow q this far (a float's squares stay
 
 
 def fixed_point(activation: str, sigma_w2: float, sigma_b2: float, q0: float = 1.0, iters: int = 2000) -> float:
-    """q* of the length map, by iteration from q0. ReLU with He init has every q as a fixed point
-    (q0 is kept); below that gain q* -> 0 (stops under 1e-12); above it, rectifiers have no fixed
-    point: the iteration stops at Q_MAX, where their chi no longer depends on q."""
-    q = q0
-    for _ in range(iters):
+    """q* of the length map, by iteration from q0, accelerated (Steffensen: each pair of steps
+    proposes Aitken's extrapolation; the answer is always a plain step that moved less than the
+    tolerance). Plain iteration took ~700 steps near chi = 1, a fifth
+    of a second per prediction. ReLU with He init has every q as a fixed point (q0 is kept); below
+    that gain q* -> 0 (stops under 1e-12); above it, rectifiers have no fixed point: the iteration
+    stops at Q_MAX, where their chi no longer depends on q."""
+
+    def step(q: float) -> tuple[float, bool]:
         nxt = length_map(activation, q, sigma_w2, sigma_b2)
-        if abs(nxt - q) <= 1e-12 * max(1.0, q) or nxt < 1e-12 or nxt > Q_MAX:
-            return min(nxt, Q_MAX)
-        q = nxt
+        return nxt, abs(nxt - q) <= 1e-12 * max(1.0, q) or nxt < 1e-12 or nxt > Q_MAX
+
+    q = q0
+    for _ in range(iters // 2):
+        q1, done = step(q)
+        if done:
+            return min(q1, Q_MAX)
+        q2, done = step(q1)
+        if done:
+            return min(q2, Q_MAX)
+        bend = q2 - 2 * q1 + q
+        aitken = q - (q1 - q) ** 2 / bend if bend != 0 else math.nan
+        # kept only while the steps shrink and it lies ahead of them: a growing q (no fixed point) or a
+        # jump past 0's unstable fixed point (GELU, SiLU at a large gain) keeps the plain steps
+        ahead = (aitken - q2) * (q2 - q1) > 0 and abs(q2 - q1) < abs(q1 - q)
+        q = aitken if ahead and 1e-12 < aitken < Q_MAX else q2  # nan fails the tests too
     return q
 
 

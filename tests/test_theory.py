@@ -202,3 +202,18 @@ def test_an_exploding_nets_q_map_is_not_capped():
     assert maps.q[-1] > 1e30
     deep = theory.forward_maps(RunConfig(activation="relu", init="normal", width=1024, depth=200), 1.0, 0.3)
     assert np.isnan(deep.q[-1]) and np.isfinite(deep.q[:10]).all()
+
+
+def test_fixed_point_reaches_the_critical_point_and_skips_unstable_ones():
+    """tanh at sigma_w^2 = 1, sigma_b^2 = 0: q* = 0, where chi = tanh'(0)^2 = 1 exactly; the length
+    map creeps there (q - q^2 per step: plain iteration stopped 2,000 steps short, at chi 0.9995).
+    GELU at a large gain has 0 as an unstable fixed point and q growing without bound: the
+    acceleration must not jump onto 0. Each against its analytic value; and the accelerated answer
+    is a fixed point of the map to the iteration's tolerance."""
+    q = theory.fixed_point("tanh", 1.0, 0.0)
+    assert abs(theory.chi("tanh", q, 1.0) - 1.0) < 1e-5
+    assert theory.fixed_point("gelu", 16.0, 0.0) == theory.Q_MAX
+    assert theory.fixed_point("relu", 2.5, 0.0) == theory.Q_MAX
+    for activation, sw2, sb2 in [("tanh", 1.5, 0.05), ("sigmoid", 4.0, 0.1), ("elu", 1.2, 0.02)]:
+        q = theory.fixed_point(activation, sw2, sb2)
+        assert abs(theory.length_map(activation, q, sw2, sb2) - q) <= 1e-11 * max(1.0, q)
