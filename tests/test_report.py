@@ -1,10 +1,16 @@
 """The report stage, from a real MLflow store, and the report and MLflow UI in headless Chromium."""
 
+import base64
+import io
 import json
 import os
 import re
 from pathlib import Path
 
+import matplotlib
+import matplotlib.image
+import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -12,7 +18,7 @@ from mlflow import MlflowClient
 from pipeline.cli import cli
 from pipeline.config import GridSpec
 from pipeline.grid import run_grid
-from pipeline.report import figures
+from pipeline.report import figures, svg
 from pipeline.report.runpage import slug
 from tests.conftest import MlflowServer
 
@@ -100,9 +106,38 @@ def test_every_run_has_its_own_page_linked_from_the_summary(tiny_report):
         assert f'href="{folder.name}/{page.name}"' in text
         assert f'id="run-{page.stem}"' in text  # addressable from the summary row
         body = page.read_text()
-        assert body.count('src="data:image/png;base64,') == 1 and "Diagnosis" in body
+        assert body.count("<svg ") == 1 and body.count("<polyline ") >= 2 and "Diagnosis" in body
         assert f'href="../{html.name}#run-{page.stem}"' in body
     assert {p.name for p in html.parent.iterdir() if p.name.startswith(".")} == set()  # nothing half-written
+
+
+def test_a_run_page_heatmap_is_its_summary_table_in_magma(tiny_report):
+    """The page's "where and when" image, decoded: one pixel per layer (rows, layer 0 at the bottom)
+    and step, each the magma colour of its log10 ||dL/dh|| between the table's min and max,
+    recomputed here from the run's own summary.parquet in MLflow."""
+    html, grid, client = tiny_report
+    summary = next(s for s in grid.summaries if s.outcome == "completed")
+    name = client.get_run(summary.run_id).info.run_name
+    body = (html.with_suffix("") / f"{slug(name)}.html").read_text()
+    first_image = re.search(r'<image [^>]*href="data:image/png;base64,([^"]+)"', body).group(1)
+    pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(first_image)), format="png") * 255
+    table = pd.read_parquet(client.download_artifacts(summary.run_id, "gradients/summary.parquet"))
+    every_layer = table.groupby("step").layer.transform("size") == table.layer.max() + 1
+    values = np.log10(table[every_layer].pivot(index="layer", columns="step", values="backprop_norm").to_numpy())
+    assert pixels.shape == (*values.shape, 4)
+    expected = matplotlib.colormaps["magma"]((values - values.min()) / (values.max() - values.min()))
+    np.testing.assert_allclose(pixels[::-1] / 255, expected, atol=1 / 255 + 1e-9)
+
+
+def test_svg_panels_map_data_to_pixels_and_break_lines_at_nan():
+    panel = svg.Panel(10, 20, 100, 50, xlim=(0, 4), ylim=(-1, 1))
+    np.testing.assert_allclose(panel.px([0, 2, 4]), [10, 60, 110])
+    np.testing.assert_allclose(panel.py([-1, 0, 1]), [70, 45, 20])  # y grows upwards
+    panel.line([0, 1, 2, 3, 4], [0, 1, np.nan, 0, 1], "red")
+    assert panel.svg().count("<polyline") == 2
+    assert all(-1 <= t <= 1 for t in svg.ticks(-1, 1)) and len(svg.ticks(-1, 1)) >= 3
+    assert svg.limits([np.nan, np.inf]) == (0.0, 1.0) and svg.limits([3, 3]) == (2.5, 3.5)
+    assert svg.power_label(-2) == "0.01"
 
 
 def test_index_lists_every_report_newest_first(tiny_report):
@@ -181,7 +216,7 @@ def test_run_missing_its_statistics_artifact_is_named(store, tmp_path, mnist_dir
     assert f"{victim.info.run_name}: no gradients/summary.parquet or gradients/layer_stats.parquet artifact" in text
     assert older.info.run_name not in text.split("Not shown")[1].split("</div>")[0]
     page = html.with_suffix("") / f"{older.info.run_name}.html"
-    assert page.read_text().count('src="data:image/png;base64,') == 1
+    assert page.read_text().count("<svg ") == 1
 
 
 def test_run_pages_beyond_the_limit_go_to_the_most_telling_runs(tiny_report, tracking_uri, tmp_path, monkeypatch):
@@ -205,6 +240,27 @@ def test_run_pages_beyond_the_limit_go_to_the_most_telling_runs(tiny_report, tra
 
 
 # -- in a real browser ------------------------------------------------------------------------------
+
+
+OVERLAPPING_TEXTS = """() => {
+  const boxes = Array.from(document.querySelectorAll('svg text')).map(t => [t.textContent, t.getBoundingClientRect()]);
+  const found = [];
+  boxes.forEach(([a, p], i) => boxes.slice(i + 1).forEach(([b, q]) => {
+    const dx = Math.min(p.right, q.right) - Math.max(p.left, q.left), dy = Math.min(p.bottom, q.bottom) - Math.max(p.top, q.top);
+    if (dx > 1 && dy > 2) found.push(a + ' / ' + b);  // touching edges are fine
+  }));
+  return found;
+}"""
+
+
+def test_the_svg_overlap_check_finds_overlapping_texts(browser, tmp_path):
+    drawing = svg.document(200, 100, [svg._text(50, 50, "hello"), svg._text(56, 52, "world"),
+                                      svg._text(150, 90, "apart")], "two texts on each other")
+    (tmp_path / "o.html").write_text(f"<!DOCTYPE html><html><body>{drawing}</body></html>")
+    page = browser.new_page()
+    page.goto((tmp_path / "o.html").as_uri())
+    assert page.evaluate(OVERLAPPING_TEXTS) == ["hello / world"]
+    page.close()
 
 
 def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
@@ -234,9 +290,12 @@ def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
     assert values == sorted(values)
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
     assert (ARTIFACTS / "report.png").stat().st_size > 50_000
-    run_page = next(html.with_suffix("").glob("*.html"))
-    page.goto(run_page.as_uri())
-    assert page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")[0] > 0
+    for run_page in sorted(html.with_suffix("").glob("*.html")):
+        page.goto(run_page.as_uri())
+        # the hand-drawn SVG: its images decode, and no two of its texts overlap as Chromium lays them out
+        assert page.evaluate("Array.from(document.querySelectorAll('svg image')).every(i => i.getBBox().width > 0)")
+        overlaps = page.evaluate(OVERLAPPING_TEXTS)
+        assert overlaps == [], (run_page.name, overlaps)
     page.screenshot(path=str(ARTIFACTS / "run-page.png"), full_page=True)
     assert errors == []
     page.close()

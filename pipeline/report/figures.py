@@ -478,17 +478,24 @@ def outcomes(runs: pd.DataFrame) -> Figure | None:
                   "factor of the grid. The rules and thresholds are in the README.", *_encode(fig))
 
 
-def draw_histograms(axes, hist: dict[str, np.ndarray], label_rows: bool = True) -> None:
-    """One panel per recorded step: for each layer (rows), the share of its weight-gradient entries
-    in each bin of log10|dL/dW| (columns)."""
+def histogram_shares(hist: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(shares, edges) of a run's gradients/histograms.npz: for each step and layer, the share of its
+    weight-gradient entries in each bin of log10|dL/dW|, cut to the bins where something fell."""
     edges = hist["log10_abs_grad_edges"]
     counts = hist["counts"].astype(float)  # (steps, layers, bins)
     shares = counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)
-    used = np.flatnonzero(counts.sum(axis=(0, 1)))  # show only the bins where something fell
+    used = np.flatnonzero(counts.sum(axis=(0, 1)))
     lo, hi = (used.min(), used.max() + 1) if used.size else (0, len(edges) - 1)
+    return shares[:, :, lo:hi], edges[lo : hi + 1]
+
+
+def draw_histograms(axes, hist: dict[str, np.ndarray], vmax: float, label_rows: bool = True):
+    """One panel per recorded step: for each layer (rows), the share of its weight-gradient entries
+    in each bin of log10|dL/dW| (columns), on the colour scale 0..vmax."""
+    shares, edges = histogram_shares(hist)
     for ax, step, share in zip(axes, hist["steps"], shares):
-        image = ax.imshow(share[:, lo:hi], aspect="auto", origin="lower", cmap="viridis", vmin=0,
-                          extent=(edges[lo], edges[hi], -0.5, share.shape[0] - 0.5), interpolation="nearest")
+        image = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax,
+                          extent=(edges[0], edges[-1], -0.5, share.shape[0] - 0.5), interpolation="nearest")
         ax.set_title(f"step {int(step)}", fontsize=9)
         ax.set_xlabel("log10 |dL/dW|")
         ax.set_ylabel("layer" if label_rows else "")
@@ -505,15 +512,17 @@ def histograms_over_time(picks: list[Pick]) -> Figure | None:
     n_steps = max(len(histograms[run.run_id]["steps"]) for _, run in picks)
     fig, axes = plt.subplots(len(picks), n_steps, figsize=(3.6 * n_steps + 1, 2.5 * len(picks)), squeeze=False,
                              layout="constrained")
+    vmax = max(float(histogram_shares(h)[0].max()) for h in histograms.values()) or 1.0  # one scale for all
     for row, (label, run) in zip(axes, picks):
-        image = draw_histograms(row, histograms[run.run_id])
+        image = draw_histograms(row, histograms[run.run_id], vmax)
         row[0].set_ylabel(f"{label}\nlayer", fontsize=8)
         for ax in row[len(histograms[run.run_id]["steps"]):]:
             ax.set_axis_off()
     fig.colorbar(image, ax=axes, label="share of the layer's entries", shrink=0.8)
     return Figure("histograms", "Gradient histograms over time",
                   "For the most vanishing, the most exploding and the best healthy run (rows), the distribution of "
-                  "log10|dL/dW| of each layer (0 = input side) at the first, middle and last step (columns): "
+                  "log10|dL/dW| of each layer (0 = input side) at the first, middle and last step (columns), on one "
+                  "colour scale: "
                   "what the MLflow UI cannot show (the leftmost bin holds everything below 1e-12, exact zeros "
                   "included). A vanishing gradient is a layer whose mass sits far to the "
                   "left of the output layer's; a spread that widens over steps is a layer whose units diverge.",

@@ -1,0 +1,184 @@
+"""Plain SVG charts for the run pages. A report draws a page per run, up to a hundred of them:
+matplotlib spends about 0.6 s of a core laying out and rasterizing one page's eight axes, these
+charts a few milliseconds. Only what the pages need: panels with a linear x axis and a linear y
+axis (a log axis is log10 values with 10^k tick labels), lines, heatmaps (the cells as a PNG image,
+drawn pixelated so they stay crisp at any zoom), colour bars, coloured labels as legends. Text is
+SVG text: sharp, selectable, searchable. matplotlib supplies the colormaps and the tick values only.
+
+    panel = Panel(60, 30, 280, 200, xlim=(0, 14), ylim=(-3, 1))
+    panel.line(x, y, "#3b75af")
+    panel.frame(title="...", xlabel="layer", ylabel="log10 norm")
+    svg = document(1100, 600, [panel.svg()])
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from html import escape
+
+import matplotlib
+import matplotlib.image
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+FONT = 11  # px, tick labels; titles and axis labels are a little larger
+COLOURS = ["#3b75af", "#ef8636", "#519e3e", "#c53a32", "#8d69b8"]  # matplotlib's first five, as the summary
+
+
+def ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> np.ndarray:
+    """About n round values between lo and hi (matplotlib's MaxNLocator), those inside the range."""
+    values = MaxNLocator(n, integer=integer).tick_values(lo, hi)
+    slack = 1e-9 * (hi - lo)
+    return values[(values >= lo - slack) & (values <= hi + slack)] + 0.0  # + 0.0: no "-0"
+
+
+def limits(values, pad: float = 0.04) -> tuple[float, float]:
+    """The finite range of values, padded by `pad` of its span (a point becomes a unit range)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-12 * max(1.0, abs(hi)):
+        return lo - 0.5, hi + 0.5
+    span = hi - lo
+    return lo - pad * span, hi + pad * span
+
+
+def label(value: float) -> str:
+    return f"{value:g}"
+
+
+def power_label(value: float) -> str:
+    """A tick label on a log10 axis: the value itself (10^value)."""
+    return f"{10.0 ** value:g}"
+
+
+def text_width(text: str, size: int = FONT) -> float:
+    """About how wide a line of text is drawn, in px (a sans-serif digit is ~0.6 em)."""
+    return 0.62 * size * len(text)
+
+
+def _text(x: float, y: float, text: str, size: int = FONT, anchor: str = "middle", colour: str = "#222",
+          rotate: bool = False, weight: str = "normal") -> str:
+    turn = f' transform="rotate(-90 {x:.1f} {y:.1f})"' if rotate else ""
+    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" fill="{colour}" '
+            f'font-weight="{weight}"{turn}>{escape(text)}</text>')
+
+
+def png(rgba: np.ndarray) -> str:
+    """An (rows, columns, 4) array of floats in [0, 1] as a base64 PNG data URI, row 0 at the top."""
+    buffer = io.BytesIO()
+    matplotlib.image.imsave(buffer, (np.clip(rgba, 0, 1) * 255).round().astype(np.uint8), format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def colours(matrix: np.ndarray, cmap: str, vmin: float, vmax: float) -> np.ndarray:
+    """The colormap's RGBA for each cell (vmin..vmax spread over the map); NaN cells transparent."""
+    span = vmax - vmin if vmax > vmin else 1.0
+    rgba = matplotlib.colormaps[cmap](np.clip((matrix - vmin) / span, 0, 1))
+    rgba[~np.isfinite(matrix)] = 0.0
+    return rgba
+
+
+class Panel:
+    """One chart: data coordinates xlim x ylim mapped onto the rectangle (x, y, w, h) in pixels,
+    y growing upwards. Draw into it (line, image), then frame it (axes, ticks, labels)."""
+
+    def __init__(self, x: float, y: float, w: float, h: float, xlim: tuple[float, float],
+                 ylim: tuple[float, float]) -> None:
+        self.x, self.y, self.w, self.h = x, y, w, h
+        self.xlim, self.ylim = xlim, ylim
+        self.parts: list[str] = []
+
+    def px(self, values) -> np.ndarray:
+        lo, hi = self.xlim
+        return self.x + (np.asarray(values, dtype=float) - lo) / (hi - lo) * self.w
+
+    def py(self, values) -> np.ndarray:
+        lo, hi = self.ylim
+        return self.y + self.h - (np.asarray(values, dtype=float) - lo) / (hi - lo) * self.h
+
+    def line(self, xs, ys, colour: str, width: float = 1.6, dots: bool = False) -> None:
+        """A polyline through the finite points (a NaN breaks it), with dots at the points if asked."""
+        px, py = self.px(xs), self.py(ys)
+        finite = np.isfinite(px) & np.isfinite(py)
+        runs = np.split(np.arange(len(px)), np.flatnonzero(np.diff(finite.astype(int)) != 0) + 1)
+        for run in runs:
+            if len(run) and finite[run[0]]:
+                points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px[run], py[run]))
+                self.parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" '
+                                  f'stroke-width="{width}" stroke-linejoin="round"/>')
+        if dots:
+            self.parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.4" fill="{colour}"/>'
+                           for a, b in zip(px[finite], py[finite])]
+
+    def image(self, matrix: np.ndarray, extent: tuple[float, float, float, float], cmap: str, vmin: float,
+              vmax: float) -> None:
+        """A heatmap: matrix[row, column] drawn over extent = (x0, x1, y0, y1), row 0 at y0 (the bottom)."""
+        x0, x1, y0, y1 = extent
+        left, right = self.px([x0, x1])
+        top, bottom = self.py([y1, y0])
+        self.parts.append(f'<image x="{left:.1f}" y="{top:.1f}" width="{right - left:.1f}" height="{bottom - top:.1f}" '
+                          f'preserveAspectRatio="none" style="image-rendering:pixelated" '
+                          f'href="{png(colours(matrix[::-1], cmap, vmin, vmax))}"/>')
+
+    def frame(self, title: str = "", xlabel: str = "", ylabel: str = "", integer_x: bool = False,
+              integer_y: bool = False, ytick_label: Callable[[float], str] = label, side: str = "left",
+              ylabel_colour: str = "#222", xaxis: bool = True) -> None:
+        """The box, the ticks and their labels, the title above, the axis labels. `side`: where the
+        y ticks go (a second y axis on the same rectangle takes the right)."""
+        x, y, w, h = self.x, self.y, self.w, self.h
+        out = self.parts
+        if xaxis:
+            out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" fill="none" stroke="#444" '
+                       'stroke-width="0.8"/>')
+            for value, at in zip(xs := ticks(*self.xlim, integer=integer_x), self.px(xs)):
+                out.append(f'<line x1="{at:.1f}" y1="{y + h:.1f}" x2="{at:.1f}" y2="{y + h + 4:.1f}" stroke="#444"/>')
+                out.append(_text(at, y + h + 16, label(value)))
+            if xlabel:
+                out.append(_text(x + w / 2, y + h + 33, xlabel, size=FONT + 1))
+            if title:
+                out.append(_text(x + w / 2, y - 8, title, size=FONT + 2, weight="bold"))
+        edge, step = (x, -1) if side == "left" else (x + w, 1)
+        ys = ticks(*self.ylim, integer=integer_y)
+        names = [ytick_label(value) for value in ys]
+        for name, at in zip(names, self.py(ys)):
+            out.append(f'<line x1="{edge:.1f}" y1="{at:.1f}" x2="{edge + 4 * step:.1f}" y2="{at:.1f}" stroke="#444"/>')
+            out.append(_text(edge + 7 * step, at + 4, name, anchor="end" if side == "left" else "start"))
+        if ylabel:  # beyond the widest tick label; rotated text grows towards -x from its baseline
+            reach = 7 + text_width(max(names, key=len, default="")) + 6
+            at = edge - reach if side == "left" else edge + reach + FONT + 1
+            out.append(_text(at, y + h / 2, ylabel, size=FONT + 1, colour=ylabel_colour, rotate=True))
+
+    def legend(self, entries: list[tuple[str, str]], y_offset: float = 50) -> None:
+        """(label, colour) pairs as coloured words in a row under the panel, centred."""
+        widths = [text_width(text) + 26 for text, _ in entries]
+        left = self.x + self.w / 2 - sum(widths) / 2
+        for (text, colour), width in zip(entries, widths):
+            yy = self.y + self.h + y_offset
+            self.parts.append(f'<line x1="{left:.1f}" y1="{yy - 4:.1f}" x2="{left + 16:.1f}" y2="{yy - 4:.1f}" '
+                              f'stroke="{colour}" stroke-width="2"/>')
+            self.parts.append(_text(left + 20, yy, text, anchor="start", colour=colour))
+            left += width
+
+    def svg(self) -> str:
+        return "\n".join(self.parts)
+
+
+def colour_bar(x: float, y: float, h: float, cmap: str, vmin: float, vmax: float, title: str) -> str:
+    """A vertical colour bar 12 px wide at (x, y), vmin at the bottom, ticks and title on its right."""
+    bar = Panel(x, y, 12, h, (0.0, 1.0), (vmin, vmax) if vmax > vmin else (vmin - 0.5, vmin + 0.5))
+    bar.image(np.linspace(bar.ylim[0], bar.ylim[1], 128)[:, None], (0, 1, *bar.ylim), cmap, *bar.ylim)
+    bar.parts.append(f'<rect x="{x}" y="{y}" width="12" height="{h}" fill="none" stroke="#444" stroke-width="0.8"/>')
+    bar.frame(side="right", xaxis=False, ylabel=title)
+    return bar.svg()
+
+
+def document(width: int, height: int, parts: list[str], label: str) -> str:
+    """The SVG element, scaled to its container's width (viewBox), with an accessible label."""
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+            f'role="img" aria-label="{escape(label)}" font-family="system-ui, sans-serif">\n'
+            + "\n".join(parts) + "\n</svg>")
