@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 from .config import GridSpec, RunConfig, group_key, run_name
 from .run import RunSummary
-from .runtime import check_stop, configure, shielded, stop_on_signals
+from .runtime import check_stop, configure, process_alive, shielded, stop_on_signals
 
 Outcome = tuple[RunConfig, "RunSummary | None", "str | None"]  # a config, its summary or its error
 MAX_GROUP = 32  # members trained together at most
@@ -379,14 +379,8 @@ def _lock_holder(handle) -> str:
     for _ in range(20):
         handle.seek(0)
         words = handle.read().split()
-        if len(words) == 2 and words[1].isdigit() and int(words[1]) != os.getpid():
-            try:
-                os.kill(int(words[1]), 0)
-                return f"pid {words[1]}"
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                return f"pid {words[1]}"
+        if len(words) == 2 and words[1].isdigit() and int(words[1]) != os.getpid() and process_alive(int(words[1])):
+            return f"pid {words[1]}"
         time.sleep(0.05)
     return "another process"
 

@@ -200,6 +200,17 @@ def die_with_parent() -> None:
         pass
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def check_stop() -> None:
     """Raise KeyboardInterrupt if a stop signal arrived, or this worker's driver is gone."""
     if _state["signum"] is not None:

@@ -140,6 +140,32 @@ def test_svg_panels_map_data_to_pixels_and_break_lines_at_nan():
     assert svg.power_label(-2) == "0.01"
 
 
+def test_a_report_sweeps_what_a_killed_report_left_half_written(tiny_report, tracking_uri, tmp_path, monkeypatch):
+    """A report killed with -9 leaves its hidden staging folder (or temp file) behind; the next
+    report in that folder removes those whose process on this host is gone, and nothing else."""
+    import subprocess
+    import sys
+
+    from pipeline.report import _OWNER
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    host = _OWNER.rsplit("-", 1)[0]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    dead = tmp_path / f".tiny-2026-01-01.{host}-{gone}.k2j4_9xa"
+    (dead / "a.html").parent.mkdir()
+    (dead / "a.html").write_text("half")
+    dead_file = tmp_path / f".index.html.{host}-{gone}.q8w2e1rt"
+    dead_file.write_text("half")
+    alive = tmp_path / f".tiny-2026-01-01.{host}-{os.getppid()}.p0o9i8u7"  # a live process's: being written
+    alive.mkdir()
+    elsewhere = tmp_path / f".tiny-2026-01-01.otherhost-{gone}.z1x2c3v4"  # another machine's: not ours to judge
+    elsewhere.mkdir()
+    assert report_cli("report-tiny", tmp_path, "--run-pages", "0").exit_code == 0
+    assert not dead.exists() and not dead_file.exists()
+    assert alive.exists() and elsewhere.exists()
+
+
 def test_index_lists_every_report_newest_first(tiny_report):
     html = tiny_report[0]
     index = (html.parent / "index.html").read_text()

@@ -4,20 +4,22 @@
                                            #    reports/<grid>-<date>/, reports/index.html, and an
                                            #    artifact of the grid run
 
-Every figure is a seaborn PNG inlined as a data: URI; the page makes no network request and opens
-from file:// offline. Strings from MLflow go through Jinja's autoescaping.
+The summary's figures are seaborn/matplotlib PNGs inlined as data: URIs, a run page's figure is
+inline SVG (svg.py); no page makes a network request, each opens from file:// offline. Figures and
+pages are drawn on every core (draw). Strings from MLflow go through Jinja's autoescaping.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import functools
 import multiprocessing
 import os
 import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -27,18 +29,19 @@ import pandas as pd
 
 from .. import tracking
 from ..config import FIELDS
-from ..runtime import die_with_parent
+from ..runtime import die_with_parent, process_alive
 from .collect import ReportData, collect, read_histograms, read_summary
-from .figures import Pick, all_figures, telling_runs
+from .figures import Figure, Pick, figure_tasks, telling_runs
 from .papers import section
 from .runpage import page_names, run_figure, slug
 
 SUMMARY_COLUMNS = ["run_name", "activation", "depth", "width", "init", "remedy", "clip", "clip_threshold", "seed", "outcome",
                    "diagnosis", "test_acc", "first_last_ratio"]
-RUN_PAGES = 100  # run pages drawn by default: every run of a grid this size, the telling ones of a bigger one
+RUN_PAGES = 1000  # run pages drawn by default: every run of a grid this size, the telling ones of a bigger one
 META = re.compile(r'<meta name="gradbench-(\w+)" content="([^"]*)">')
 
 
+@functools.lru_cache(maxsize=1)  # one per process: it compiles each template once
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent),
@@ -46,7 +49,8 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def render(data: ReportData, n_configs: int, run_dir: str = "", pages: dict[str, str] | None = None) -> str:
+def render(data: ReportData, n_configs: int, figures: list[Figure], paper, run_dir: str = "",
+           pages: dict[str, str] | None = None) -> str:
     """The report page. `pages` maps run ids to their pages' file names inside `run_dir`."""
     pages = pages or {}
     anchors = page_names(data.runs)
@@ -54,8 +58,6 @@ def render(data: ReportData, n_configs: int, run_dir: str = "", pages: dict[str,
     for row in rows:
         row["page"] = pages.get(row["run_id"], "")
         row["anchor"] = anchors[row["run_id"]][:-5]
-    picks = [Pick(label, run, data.table(run.run_id), data.histograms(run.run_id))
-             for label, run in telling_runs(data.runs)]
     return _environment().get_template("template.html.j2").render(
         grid=data.grid,
         experiment=data.experiment,
@@ -66,8 +68,8 @@ def render(data: ReportData, n_configs: int, run_dir: str = "", pages: dict[str,
         tracking_uri=tracking.tracking_uri(),
         missing=data.missing,
         notices=data.notices,
-        figures=all_figures(data.runs, data.layers, data.signal, picks),
-        paper=section(data.reproduces, data.runs, data.layers),
+        figures=figures,
+        paper=paper,
         columns=SUMMARY_COLUMNS,
         rows=rows,
         run_dir=run_dir,
@@ -76,9 +78,8 @@ def render(data: ReportData, n_configs: int, run_dir: str = "", pages: dict[str,
     )
 
 
-def _run_page(job: tuple) -> str:
-    """One run's page (a process-pool task: reading the run's tables and drawing its figure)."""
-    run, artifacts, grid, report_name, page = job
+def _run_page(run: pd.Series, artifacts, grid: str, report_name: str, page: str) -> str:
+    """One run's page: reading the run's tables and drawing its figure."""
     table, _ = read_summary(artifacts, run.run_id)
     hist = read_histograms(artifacts, run.run_id)
     figure = None if table is None or table.empty else run_figure(run, table, hist)
@@ -100,33 +101,33 @@ def runs_with_pages(runs: pd.DataFrame, limit: int | None) -> pd.DataFrame:
     return runs.loc[order.sort_values(["_telling", "_diverged", "_extreme"], kind="stable").index[:limit]]
 
 
-@contextlib.contextmanager
-def drawing_run_pages(data: ReportData, folder: Path, report_name: str,
-                      limit: int | None = RUN_PAGES) -> Iterator[dict[str, str]]:
-    """Start drawing a page per run (up to `limit`, see runs_with_pages) on every core, yield run id
-    -> page file name at once (the summary page is drawn meanwhile), and write the pages into
-    `folder` when the block ends."""
-    names = page_names(data.runs)
-    jobs = [(run, data.artifacts, data.grid, report_name, names[run.run_id])
-            for _, run in runs_with_pages(data.runs, limit).iterrows()]
-    pages = {job[0].run_id: job[-1] for job in jobs}
-    workers = min(os.cpu_count() or 1, len(jobs))
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        # fork: the workers inherit the imported modules (and FIGURE_CHECKS), so they start at once
+_TASKS: list[Callable[[], object]] = []  # what draw()'s forked workers call, by index
+
+
+def _call(index: int) -> object:
+    return _TASKS[index]()
+
+
+def draw(tasks: list[Callable[[], object]]) -> list:
+    """Call every task on every core; the results in order. The workers are forked after the data
+    is read, so they inherit the tasks with the tables they hold (and the imported modules, and
+    FIGURE_CHECKS): only an index goes to a worker, only the result comes back. They die with the
+    report (no page drawn on for a killed report)."""
+    global _TASKS
+    workers = min(os.cpu_count() or 1, len(tasks))
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [task() for task in tasks]
+    _TASKS = tasks
+    try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=die_with_parent) as pool:  # no page drawn on for a killed report
+                                 initializer=die_with_parent) as pool:
             try:
-                drawn = pool.map(_run_page, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
-                yield pages
-                htmls = list(drawn)
+                return list(pool.map(_call, range(len(tasks))))
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
-    else:
-        yield pages
-        htmls = [_run_page(job) for job in jobs]
-    for job, html in zip(jobs, htmls):
-        (folder / job[-1]).write_text(html, encoding="utf-8")
+    finally:
+        _TASKS = []
 
 
 def build_report(experiment: str = tracking.EXPERIMENT, grid_run_id: str | None = None,
@@ -143,16 +144,29 @@ def _build(data: ReportData, out_dir: Path, run_pages: int | None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{slug(data.grid)}-{dt.date.today().isoformat()}"
     path = out_dir / f"{stem}.html"
-    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=out_dir))
+    # the summary's figures (the longest tasks, first) and the run pages, drawn together on every core
+    picks = [Pick(label, run, data.table(run.run_id), data.histograms(run.run_id))
+             for label, run in telling_runs(data.runs)]
+    figures = [*figure_tasks(data.runs, data.layers, data.signal, picks),
+               functools.partial(section, data.reproduces, data.runs, data.layers)]
+    names = page_names(data.runs)
+    paged = runs_with_pages(data.runs, run_pages)
+    pages = dict(zip(paged.run_id, paged.run_id.map(names)))
+    drawn = draw(figures + [functools.partial(_run_page, run, data.artifacts, data.grid, path.name, names[run.run_id])
+                            for _, run in paged.iterrows()])
+    *summary_figures, paper = drawn[: len(figures)]
+    if len(pages) < len(data.runs):
+        data.missing.insert(0, f"run pages for {len(data.runs) - len(pages)} of {len(data.runs)} runs: drawn for "
+                               f"the {len(pages)} most telling (the runs of the figures, the diverged ones, then "
+                               "the most vanishing or exploding); `gradbench report --run-pages all` draws every "
+                               "one (about 0.05 s of a core each)")
+    html = render(data, len(data.runs) + sum("no finished run" in m for m in data.missing),
+                  [f for f in summary_figures if f is not None], paper, run_dir=stem, pages=pages)
+    _sweep(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.{_OWNER}.", dir=out_dir))
     try:
-        with drawing_run_pages(data, staging, path.name, run_pages) as pages:
-            if len(pages) < len(data.runs):
-                data.missing.insert(0, f"run pages for {len(data.runs) - len(pages)} of {len(data.runs)} runs: drawn "
-                                       f"for the {len(pages)} most telling (the runs of the figures, the diverged "
-                                       "ones, then the most vanishing or exploding); `gradbench report --run-pages "
-                                       "all` draws every one (about 0.5 s of a core each)")
-            html = render(data, n_configs=len(data.runs) + sum("no finished run" in m for m in data.missing),
-                          run_dir=stem, pages=pages)
+        for name, page in zip(pages.values(), drawn[len(figures) :]):
+            (staging / name).write_text(page, encoding="utf-8")
         _write(path, html)
         run_dir = out_dir / stem
         if run_dir.exists():
@@ -166,8 +180,22 @@ def _build(data: ReportData, out_dir: Path, run_pages: int | None) -> Path:
     return path
 
 
+_OWNER = f"{slug(socket.gethostname()).replace('.', '-')}-{os.getpid()}"  # in the names of files being written
+_LEFT_BEHIND = re.compile(r"\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+")
+
+
+def _sweep(out_dir: Path) -> None:
+    """Remove what a report killed outright left half-written in out_dir (its hidden staging folder
+    or temp file), where that report ran on this host and its process is gone."""
+    host = _OWNER.rsplit("-", 1)[0]
+    for entry in out_dir.glob(".*"):
+        found = _LEFT_BEHIND.fullmatch(entry.name)
+        if found and found["host"] == host and not process_alive(int(found["pid"])):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_OWNER}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import matplotlib
 import matplotlib.lines
@@ -512,17 +514,17 @@ def histograms_over_time(picks: list[Pick]) -> Figure | None:
     n_steps = max(len(histograms[run.run_id]["steps"]) for _, run in picks)
     fig, axes = plt.subplots(len(picks), n_steps, figsize=(3.6 * n_steps + 1, 2.5 * len(picks)), squeeze=False,
                              layout="constrained")
-    vmax = max(float(histogram_shares(h)[0].max()) for h in histograms.values()) or 1.0  # one scale for all
     for row, (label, run) in zip(axes, picks):
-        image = draw_histograms(row, histograms[run.run_id], vmax)
+        hist = histograms[run.run_id]
+        image = draw_histograms(row, hist, float(histogram_shares(hist)[0].max()) or 1.0)  # one scale a run
         row[0].set_ylabel(f"{label}\nlayer", fontsize=8)
-        for ax in row[len(histograms[run.run_id]["steps"]):]:
+        for ax in row[len(hist["steps"]):]:
             ax.set_axis_off()
-    fig.colorbar(image, ax=axes, label="share of the layer's entries", shrink=0.8)
+        fig.colorbar(image, ax=row, label="share of entries")
     return Figure("histograms", "Gradient histograms over time",
                   "For the most vanishing, the most exploding and the best healthy run (rows), the distribution of "
                   "log10|dL/dW| of each layer (0 = input side) at the first, middle and last step (columns), on one "
-                  "colour scale: "
+                  "colour scale per run (its bar on the right): "
                   "what the MLflow UI cannot show (the leftmost bin holds everything below 1e-12, exact zeros "
                   "included). A vanishing gradient is a layer whose mass sits far to the "
                   "left of the output layer's; a spread that widens over steps is a layer whose units diverge.",
@@ -661,20 +663,22 @@ def jacobian_spectrum(runs: pd.DataFrame) -> Figure | None:
                      else ""), *_encode(fig))
 
 
-def all_figures(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame | None = None,
-                picks: list[Pick] = ()) -> list[Figure]:
-    """Every figure of the summary page; `picks`: the telling runs (telling_runs) with their tables."""
-    figures = [
-        accuracy_heatmaps(runs),
-        gradient_flow(layers, runs),
-        signal_propagation(signal),
-        gradient_signal(signal),
-        jacobian_spectrum(runs),
-        remedies(runs),
-        layer_step_heatmaps(list(picks)),
-        histograms_over_time(list(picks)),
-        training_curves(layers),
-        clipping(layers, runs),
-        outcomes(runs),
+def figure_tasks(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame | None = None,
+                 picks: list[Pick] = ()) -> list[Callable[[], Figure | None]]:
+    """Every figure of the summary page, in page order, as a call to make (the report makes them on
+    every core); `picks`: the telling runs (telling_runs) with their tables."""
+    picks = list(picks)
+    return [
+        partial(accuracy_heatmaps, runs),
+        partial(gradient_flow, layers, runs),
+        partial(signal_propagation, signal),
+        partial(gradient_signal, signal),
+        partial(jacobian_spectrum, runs),
+        partial(remedies, runs),
+        partial(layer_step_heatmaps, picks),
+        partial(histograms_over_time, picks),
+        partial(training_curves, layers),
+        partial(clipping, layers, runs),
+        partial(outcomes, runs),
     ]
-    return [f for f in figures if f is not None]
+

@@ -27,6 +27,7 @@ from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from ..config import NUMBERS_VERSION, GridSpec, RunConfig
+from ..runtime import process_alive
 
 EXPERIMENT = "gradbench"
 TAG_CONFIG_HASH = "gradbench.config_hash"
@@ -122,16 +123,6 @@ def finished_config_hashes(client: MlflowClient, experiment_id: str) -> tuple[se
     return current, other - current
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def fail_stale_runs(client: MlflowClient, experiment_id: str) -> int:
     """Mark FAILED the RUNNING runs of this experiment whose process, on this host, is gone (killed
     outright, so it could not mark them itself), grid or not. Runs of other hosts are left alone:
@@ -141,7 +132,7 @@ def fail_stale_runs(client: MlflowClient, experiment_id: str) -> int:
     host = socket.gethostname()
     stale = [
         r for r in running
-        if r.data.tags.get(TAG_HOST) == host and not _alive(int(r.data.tags.get(TAG_PID, "0") or 0))
+        if r.data.tags.get(TAG_HOST) == host and not process_alive(int(r.data.tags.get(TAG_PID, "0") or 0))
     ]
     for run in stale:
         client.set_terminated(run.info.run_id, "FAILED")
@@ -172,7 +163,7 @@ def _live_driver(run) -> str | None:
     tags = run.data.tags
     host, pid = tags.get(TAG_HOST), int(tags.get(TAG_PID, "0") or 0)
     if host == socket.gethostname():
-        return f"pid {pid} on this host" if pid and pid != os.getpid() and _alive(pid) else None
+        return f"pid {pid} on this host" if pid and pid != os.getpid() and process_alive(pid) else None
     age = time.time() - float(tags.get(TAG_HEARTBEAT, "0") or 0)
     return f"pid {pid} on host {host}, heard from {age:.0f} s ago" if host and age < HEARTBEAT_STALE else None
 
@@ -219,7 +210,7 @@ def live_children(client: MlflowClient, experiment_id: str, parent_id: str) -> l
     host = socket.gethostname()
     return [r for r in running if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id and r.data.tags.get(TAG_HOST) == host
             and int(r.data.tags.get(TAG_PID, "0") or 0) not in (0, os.getpid())
-            and _alive(int(r.data.tags.get(TAG_PID, "0") or 0))]
+            and process_alive(int(r.data.tags.get(TAG_PID, "0") or 0))]
 
 
 def close_grid_run(client: MlflowClient, parent_id: str, counts: dict[str, int], seconds: float, status: str) -> None:
