@@ -217,3 +217,16 @@ def test_fixed_point_reaches_the_critical_point_and_skips_unstable_ones():
     for activation, sw2, sb2 in [("tanh", 1.5, 0.05), ("sigmoid", 4.0, 0.1), ("elu", 1.2, 0.02)]:
         q = theory.fixed_point(activation, sw2, sb2)
         assert abs(theory.length_map(activation, q, sw2, sb2) - q) <= 1e-11 * max(1.0, q)
+
+
+def test_correlation_fixed_point_is_a_fixed_point_across_the_order_chaos_boundary():
+    """tanh, sigma_b^2 = 0.05, from the ordered phase across the boundary (sigma_w^2 ~ 1.76) into
+    chaos: c* is a fixed point of the c-map to 1e-9 (plain iteration stopped at its 200-step cap near
+    the boundary, 0.970 where c* is 0.998), and it falls from ~1 as chi_1 crosses 1."""
+    found = []
+    for sw2 in (1.5, 1.7, 1.76, 1.8, 2.0, 3.0):
+        q = theory.fixed_point("tanh", sw2, 0.05)
+        c = theory.correlation_fixed_point("tanh", q, sw2, 0.05)
+        assert abs(theory.correlation_map("tanh", c, q, sw2, 0.05)[0] - c) < 1e-9, sw2
+        found.append(c)
+    assert found[0] > 0.9999 and found == sorted(found, reverse=True) and found[-1] < 0.5
