@@ -74,7 +74,9 @@ def _flow(thinned: pd.DataFrame, top: float) -> str:
     for rows, colour in zip(lines, LINES):
         panel.line(rows.layer, _log10(rows.backprop_norm), colour, dots=True)
     panel.frame("log10 ||dL/dh|| per layer", "layer (0 = input side)", "log10 norm", integer_x=True)
-    panel.legend([(f"step {step}", colour) for step, colour in zip(steps, LINES)])
+    drawn = [np.isfinite(_log10(rows.backprop_norm)).any() for rows in lines]  # a diverged step may have none
+    panel.legend([(f"step {step}" + ("" if ok else " (no finite value)"), colour)
+                  for step, colour, ok in zip(steps, LINES, drawn)])
     return panel.svg()
 
 
