@@ -137,6 +137,8 @@ def test_svg_panels_map_data_to_pixels_and_break_lines_at_nan():
     assert panel.svg().count("<polyline") == 2
     assert all(-1 <= t <= 1 for t in svg.ticks(-1, 1)) and len(svg.ticks(-1, 1)) >= 3
     assert svg.limits([np.nan, np.inf]) == (0.0, 1.0) and svg.limits([3, 3]) == (2.5, 3.5)
+    lo, hi = svg.limits([5.4e18])  # a diverged run's one finite loss: the panel still has a height
+    assert lo < 5.4e18 < hi and np.isfinite(svg.Panel(0, 0, 10, 10, (0, 1), (lo, hi)).py(5.4e18))
     assert svg.power_label(-2) == "0.01"
 
 

@@ -35,14 +35,15 @@ def ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> np.ndarray
 
 
 def limits(values, pad: float = 0.04) -> tuple[float, float]:
-    """The finite range of values, padded by `pad` of its span (a point becomes a unit range)."""
+    """The finite range of values, padded by `pad` of its span (one value gets a range around it)."""
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return 0.0, 1.0
     lo, hi = float(values.min()), float(values.max())
-    if hi - lo < 1e-12 * max(1.0, abs(hi)):
-        return lo - 0.5, hi + 0.5
+    if hi - lo < 1e-12 * max(1.0, abs(hi)):  # one value: a range around it that floats can tell apart
+        half = max(0.5, 0.05 * abs(hi))
+        return lo - half, hi + half
     span = hi - lo
     return lo - pad * span, hi + pad * span
 
