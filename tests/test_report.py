@@ -139,7 +139,9 @@ def test_svg_panels_map_data_to_pixels_and_break_lines_at_nan():
     assert svg.limits([np.nan, np.inf]) == (0.0, 1.0) and svg.limits([3, 3]) == (2.5, 3.5)
     lo, hi = svg.limits([5.4e18])  # a diverged run's one finite loss: the panel still has a height
     assert lo < 5.4e18 < hi and np.isfinite(svg.Panel(0, 0, 10, 10, (0, 1), (lo, hi)).py(5.4e18))
-    assert svg.power_label(-2) == "0.01"
+    assert svg.power_label(-2) == "0.01" and svg.power_label(np.log10(2)) == "2"
+    assert list(map(svg.power_label, svg.log_ticks(np.log10(0.12), np.log10(2.2)))) == ["0.2", "0.5", "1", "2"]
+    assert list(map(svg.power_label, svg.log_ticks(0, 18.7))) == ["1", "10000", "1e+08", "1e+12", "1e+16"]
 
 
 def test_a_report_sweeps_what_a_killed_report_left_half_written(tiny_report, tracking_uri, tmp_path, monkeypatch):

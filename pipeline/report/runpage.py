@@ -58,7 +58,8 @@ def run_figure(run: pd.Series, table: pd.DataFrame, hist: dict | None) -> RunFig
     drawing = svg.document(WIDTH, HEIGHT if hist is not None and len(hist["steps"]) else bottom - 40, parts,
                            f"gradient statistics of run {run.run_name}")
     return RunFigure(f"run-{slug(str(run.run_name))}", str(run.run_name),
-                     "Top: log10 norm of dL/dh per layer at the first, middle and last step; the same for every "
+                     "Top: log10 norm of dL/dh per layer at the first, middle and last step (drawn wide to narrow, "
+                     "so lines that coincide show as bands); the same for every "
                      "layer and step; training loss (log scale where it spans more than a decade) and accuracy. "
                      "Bottom: the share of each layer's weight-gradient entries in each bin of log10|dL/dW| at the "
                      "first, middle and last step (one colour scale for the three); the leftmost bin holds "
@@ -71,8 +72,8 @@ def _flow(thinned: pd.DataFrame, top: float) -> str:
     lines = [thinned[thinned.step == step].sort_values("layer") for step in steps]
     values = pd.concat([_log10(rows.backprop_norm) for rows in lines])
     panel = svg.Panel(70, top, 250, 200, svg.limits(thinned.layer), svg.limits(values))
-    for rows, colour in zip(lines, LINES):
-        panel.line(rows.layer, _log10(rows.backprop_norm), colour, dots=True)
+    for rows, colour, width in zip(lines, LINES, (4.5, 3.0, 1.6)):  # wide to narrow: coinciding lines stay seen
+        panel.line(rows.layer, _log10(rows.backprop_norm), colour, width=width, dots=True)
     panel.frame("log10 ||dL/dh|| per layer", "layer (0 = input side)", "log10 norm", integer_x=True)
     drawn = [np.isfinite(_log10(rows.backprop_norm)).any() for rows in lines]  # a diverged step may have none
     panel.legend([(f"step {step}" + ("" if ok else " (no finite value)"), colour)
@@ -101,8 +102,8 @@ def _training(thinned: pd.DataFrame, top: float) -> list[str]:
     xlim = svg.limits(per_step.step)
     panel = svg.Panel(850, top, 160, 200, xlim, svg.limits(shown))
     panel.line(finite.step, shown, "#3b75af")
-    panel.frame("training", "step", "train loss" + (" (log)" if log else ""), integer_x=True, integer_y=log,
-                ytick_label=svg.power_label if log else svg.label, ylabel_colour="#3b75af")
+    panel.frame("training", "step", "train loss" + (" (log)" if log else ""), integer_x=True, log_y=log,
+                ylabel_colour="#3b75af")
     accuracy = svg.Panel(850, top, 160, 200, xlim, (0.0, 1.0))
     accuracy.line(per_step.step, per_step.acc, "#d1495b")
     accuracy.frame(ylabel="train accuracy", side="right", ylabel_colour="#d1495b", xaxis=False)

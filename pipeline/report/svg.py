@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
+import math
 from html import escape
 
 import matplotlib
@@ -52,9 +52,20 @@ def label(value: float) -> str:
     return f"{value:g}"
 
 
+def log_ticks(lo: float, hi: float) -> np.ndarray:
+    """Ticks for an axis of log10 values: the powers of ten in range (at most about five of them), or
+    1, 2 and 5 times them where fewer than three powers fall in range."""
+    decades = np.arange(math.floor(lo), math.ceil(hi) + 1)
+    powers = decades[(decades >= lo) & (decades <= hi)]
+    if len(powers) >= 3:
+        return powers[:: max(1, math.ceil(len(powers) / 5))] + 0.0
+    steps = (decades[:, None] + np.log10([1, 2, 5])).ravel()
+    return steps[(steps >= lo) & (steps <= hi)]
+
+
 def power_label(value: float) -> str:
-    """A tick label on a log10 axis: the value itself (10^value)."""
-    return f"{10.0 ** value:g}"
+    """A tick label on a log10 axis: the value itself (10^value), to three significant digits."""
+    return f"{float(f'{10.0 ** value:.3g}'):g}"
 
 
 def text_width(text: str, size: int = FONT) -> float:
@@ -127,10 +138,11 @@ class Panel:
                           f'href="{png(colours(matrix[::-1], cmap, vmin, vmax))}"/>')
 
     def frame(self, title: str = "", xlabel: str = "", ylabel: str = "", integer_x: bool = False,
-              integer_y: bool = False, ytick_label: Callable[[float], str] = label, side: str = "left",
+              integer_y: bool = False, log_y: bool = False, side: str = "left",
               ylabel_colour: str = "#222", xaxis: bool = True) -> None:
-        """The box, the ticks and their labels, the title above, the axis labels. `side`: where the
-        y ticks go (a second y axis on the same rectangle takes the right)."""
+        """The box, the ticks and their labels, the title above, the axis labels. `log_y`: the y values
+        are log10 of what the labels say. `side`: where the y ticks go (a second y axis on the same
+        rectangle takes the right)."""
         x, y, w, h = self.x, self.y, self.w, self.h
         out = self.parts
         if xaxis:
@@ -144,8 +156,8 @@ class Panel:
             if title:
                 out.append(_text(x + w / 2, y - 8, title, size=FONT + 2, weight="bold"))
         edge, step = (x, -1) if side == "left" else (x + w, 1)
-        ys = ticks(*self.ylim, integer=integer_y)
-        names = [ytick_label(value) for value in ys]
+        ys = log_ticks(*self.ylim) if log_y else ticks(*self.ylim, integer=integer_y)
+        names = [power_label(value) if log_y else label(value) for value in ys]
         for name, at in zip(names, self.py(ys)):
             out.append(f'<line x1="{edge:.1f}" y1="{at:.1f}" x2="{edge + 4 * step:.1f}" y2="{at:.1f}" stroke="#444"/>')
             out.append(_text(edge + 7 * step, at + 4, name, anchor="end" if side == "left" else "start"))
