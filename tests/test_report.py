@@ -195,9 +195,13 @@ def test_the_legibility_check_catches_overlaps_and_linear_decades():
 
 
 def test_strings_from_mlflow_are_escaped(tiny_report):
-    text = tiny_report[0].read_text()
+    html = tiny_report[0]
+    text = html.read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "<script>alert(1)</script>" not in text
+    (page,) = [p for p in html.with_suffix("").glob("*.html") if "alert" in p.read_text()]
+    body = page.read_text()  # its title, heading and the SVG's aria-label
+    assert body.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3 and "<script>" not in body
 
 
 def test_report_is_self_contained(tiny_report):

@@ -1,14 +1,14 @@
-"""Plain SVG charts for the run pages. A report draws a page per run, up to a hundred of them:
-matplotlib spends about 0.6 s of a core laying out and rasterizing one page's eight axes, these
-charts a few milliseconds. Only what the pages need: panels with a linear x axis and a linear y
-axis (a log axis is log10 values with 10^k tick labels), lines, heatmaps (the cells as a PNG image,
+"""Plain SVG charts for the run pages. A report draws a page per run, up to a thousand of them by
+default: matplotlib spent about 0.8 s of a core laying out and rasterizing one page's eight axes,
+these charts take about 0.05 s. Only what the pages need: panels with linear axes (a log axis
+holds log10 values and labels its ticks with the values themselves, `log_y`), lines, heatmaps (the cells as a PNG image,
 drawn pixelated so they stay crisp at any zoom), colour bars, coloured labels as legends. Text is
 SVG text: sharp, selectable, searchable. matplotlib supplies the colormaps and the tick values only.
 
     panel = Panel(60, 30, 280, 200, xlim=(0, 14), ylim=(-3, 1))
     panel.line(x, y, "#3b75af")
     panel.frame(title="...", xlabel="layer", ylabel="log10 norm")
-    svg = document(1100, 600, [panel.svg()])
+    drawing = document(1100, 600, [panel.svg()], "what it shows, for screen readers")
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 FONT = 11  # px, tick labels; titles and axis labels are a little larger
-COLOURS = ["#3b75af", "#ef8636", "#519e3e", "#c53a32", "#8d69b8"]  # matplotlib's first five, as the summary
 
 
 def ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> np.ndarray:
@@ -190,8 +189,8 @@ def colour_bar(x: float, y: float, h: float, cmap: str, vmin: float, vmax: float
     return bar.svg()
 
 
-def document(width: int, height: int, parts: list[str], label: str) -> str:
+def document(width: int, height: int, parts: list[str], title: str) -> str:
     """The SVG element, scaled to its container's width (viewBox), with an accessible label."""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
-            f'role="img" aria-label="{escape(label)}" font-family="system-ui, sans-serif">\n'
+            f'role="img" aria-label="{escape(title)}" font-family="system-ui, sans-serif">\n'
             + "\n".join(parts) + "\n</svg>")
