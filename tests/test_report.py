@@ -150,10 +150,9 @@ def test_a_report_sweeps_what_a_killed_report_left_half_written(tiny_report, tra
     import subprocess
     import sys
 
-    from pipeline.report import _OWNER
+    from pipeline.report import _HOST as host
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    host = _OWNER.rsplit("-", 1)[0]
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     dead = tmp_path / f".tiny-2026-01-01.{host}-{gone}.k2j4_9xa"

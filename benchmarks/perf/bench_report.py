@@ -12,6 +12,7 @@ waits for (imports and MLflow's start included).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,8 +59,6 @@ def main(data_dir: str, source: str | None, steps: int, keep: str | None) -> Non
                    env=dict(os.environ, MLFLOW_TRACKING_URI=uri))
     click.echo(f"`gradbench report` in a fresh process: {time.perf_counter() - start:.1f} s")
     if not keep:
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
 
 

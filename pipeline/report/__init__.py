@@ -163,7 +163,7 @@ def _build(data: ReportData, out_dir: Path, run_pages: int | None) -> Path:
     html = render(data, len(data.runs) + sum("no finished run" in m for m in data.missing),
                   [f for f in summary_figures if f is not None], paper, run_dir=stem, pages=pages)
     _sweep(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.{_OWNER}.", dir=out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.{_owner()}.", dir=out_dir))
     try:
         for name, page in zip(pages.values(), drawn[len(figures) :]):
             (staging / name).write_text(page, encoding="utf-8")
@@ -180,22 +180,30 @@ def _build(data: ReportData, out_dir: Path, run_pages: int | None) -> Path:
     return path
 
 
-_OWNER = f"{slug(socket.gethostname()).replace('.', '-')}-{os.getpid()}"  # in the names of files being written
+_HOST = slug(socket.gethostname()).replace(".", "-")
 _LEFT_BEHIND = re.compile(r"\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+")
+
+
+def _owner() -> str:
+    """host-pid, in the names of the files a report is writing (what _sweep reads back)."""
+    return f"{_HOST}-{os.getpid()}"
 
 
 def _sweep(out_dir: Path) -> None:
     """Remove what a report killed outright left half-written in out_dir (its hidden staging folder
     or temp file), where that report ran on this host and its process is gone."""
-    host = _OWNER.rsplit("-", 1)[0]
     for entry in out_dir.glob(".*"):
         found = _LEFT_BEHIND.fullmatch(entry.name)
-        if found and found["host"] == host and not process_alive(int(found["pid"])):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        if not found or found["host"] != _HOST or process_alive(int(found["pid"])):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_OWNER}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -491,16 +491,17 @@ def histogram_shares(hist: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarra
     return shares[:, :, lo:hi], edges[lo : hi + 1]
 
 
-def draw_histograms(axes, hist: dict[str, np.ndarray], vmax: float, label_rows: bool = True):
+def draw_histograms(axes, hist: dict[str, np.ndarray]):
     """One panel per recorded step: for each layer (rows), the share of its weight-gradient entries
-    in each bin of log10|dL/dW| (columns), on the colour scale 0..vmax."""
+    in each bin of log10|dL/dW| (columns), on one colour scale for the run's steps; the last image."""
     shares, edges = histogram_shares(hist)
+    vmax = float(shares.max()) or 1.0
     for ax, step, share in zip(axes, hist["steps"], shares):
         image = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax,
                           extent=(edges[0], edges[-1], -0.5, share.shape[0] - 0.5), interpolation="nearest")
         ax.set_title(f"step {int(step)}", fontsize=9)
         ax.set_xlabel("log10 |dL/dW|")
-        ax.set_ylabel("layer" if label_rows else "")
+        ax.set_ylabel("layer")
         ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     return image
 
@@ -516,7 +517,7 @@ def histograms_over_time(picks: list[Pick]) -> Figure | None:
                              layout="constrained")
     for row, (label, run) in zip(axes, picks):
         hist = histograms[run.run_id]
-        image = draw_histograms(row, hist, float(histogram_shares(hist)[0].max()) or 1.0)  # one scale a run
+        image = draw_histograms(row, hist)
         row[0].set_ylabel(f"{label}\nlayer", fontsize=8)
         for ax in row[len(hist["steps"]):]:
             ax.set_axis_off()
@@ -681,4 +682,3 @@ def figure_tasks(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame 
         partial(clipping, layers, runs),
         partial(outcomes, runs),
     ]
-

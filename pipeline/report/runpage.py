@@ -37,7 +37,6 @@ def page_names(runs: pd.DataFrame) -> dict[str, str]:
 @dataclass(frozen=True)
 class RunFigure:
     key: str
-    title: str
     caption: str
     svg: Markup  # inline SVG (svg.document), safe to place in the page as it is
 
@@ -49,15 +48,16 @@ LINES = ["#3b75af", "#ef8636", "#519e3e"]  # first, middle and last step
 def run_figure(run: pd.Series, table: pd.DataFrame, hist: dict | None) -> RunFigure:
     """Top: gradient flow at the first, middle and last step; log10 ||dL/dh|| per layer and step;
     training curves. Bottom: the gradient histograms. Hand-drawn SVG (svg.py): a page per run must
-    cost milliseconds, and matplotlib takes 0.6 s of a core for these eight axes."""
+    cost milliseconds, and matplotlib took 0.8 s of a core for these eight axes."""
     thinned = _thin(table)  # of a summary table: the steps at which it has every layer
     top, bottom = 40, 340
     parts = [_flow(thinned, top), *_where_and_when(thinned, top), *_training(thinned, top)]
-    if hist is not None and len(hist["steps"]):
+    histograms = hist is not None and len(hist["steps"]) > 0
+    if histograms:
         parts += _histograms(hist, bottom)
-    drawing = svg.document(WIDTH, HEIGHT if hist is not None and len(hist["steps"]) else bottom - 40, parts,
+    drawing = svg.document(WIDTH, HEIGHT if histograms else bottom - 40, parts,
                            f"gradient statistics of run {run.run_name}")
-    return RunFigure(f"run-{slug(str(run.run_name))}", str(run.run_name),
+    return RunFigure(f"run-{slug(str(run.run_name))}",
                      "Top: log10 norm of dL/dh per layer at the first, middle and last step (drawn wide to narrow, "
                      "so lines that coincide show as bands); the same for every "
                      "layer and step; training loss (log scale where it spans more than a decade) and accuracy. "
@@ -70,14 +70,14 @@ def _flow(thinned: pd.DataFrame, top: float) -> str:
     recorded = np.unique(thinned.step)
     steps = sorted({int(recorded[0]), int(recorded[len(recorded) // 2]), int(recorded[-1])})
     lines = [thinned[thinned.step == step].sort_values("layer") for step in steps]
-    values = pd.concat([_log10(rows.backprop_norm) for rows in lines])
-    panel = svg.Panel(70, top, 250, 200, svg.limits(thinned.layer), svg.limits(values))
-    for rows, colour, width in zip(lines, LINES, (4.5, 3.0, 1.6)):  # wide to narrow: coinciding lines stay seen
-        panel.line(rows.layer, _log10(rows.backprop_norm), colour, width=width, dots=True)
+    norms = [_log10(rows.backprop_norm) for rows in lines]
+    panel = svg.Panel(70, top, 250, 200, svg.limits(thinned.layer), svg.limits(pd.concat(norms)))
+    # wide to narrow, so that coinciding lines stay seen
+    for rows, norm, colour, width in zip(lines, norms, LINES, (4.5, 3.0, 1.6)):
+        panel.line(rows.layer, norm, colour, width=width, dots=True)
     panel.frame("log10 ||dL/dh|| per layer", "layer (0 = input side)", "log10 norm", integer_x=True)
-    drawn = [np.isfinite(_log10(rows.backprop_norm)).any() for rows in lines]  # a diverged step may have none
-    panel.legend([(f"step {step}" + ("" if ok else " (no finite value)"), colour)
-                  for step, colour, ok in zip(steps, LINES, drawn)])
+    panel.legend([(f"step {step}" + ("" if np.isfinite(norm).any() else " (no finite value)"), colour)
+                  for step, norm, colour in zip(steps, norms, LINES)])  # a diverged run's last step may have none
     return panel.svg()
 
 
