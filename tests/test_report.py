@@ -32,6 +32,7 @@ SPEC = {
                 {"activation": "tanh", "init": "default", "residual": "skipinit"}],
 }
 FIGURES = ["accuracy", "gradient-flow", "signal", "gradient-signal", "jacobian", "remedies", "layer-step", "histograms", "training", "clipping", "outcomes"]
+SVG_FIGURES = ["gradient-flow", "signal", "gradient-signal", "layer-step", "histograms", "training"]  # the others: PNG
 # What each figure's caption must name (a figure says what its caption says).
 CAPTION_NAMES = {"accuracy": "test accuracy", "gradient-flow": "dL/dh", "remedies": "normalization",
                  "jacobian": "singular value",
@@ -60,8 +61,10 @@ def tiny_report(tmp_path_factory, mnist_dir, tracking_uri):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
-        # every figure of the report and of the run pages must pass the legibility check
+        # every figure of the report and of the run pages must pass the legibility check (the SVG
+        # ones' overlaps are checked in Chromium)
         mp.setattr(figures, "FIGURE_CHECKS", [figures.check_legible])
+        mp.setattr(svg, "CHECKS", [figures.check_panel])
         grid = make_grid(tmp, mnist_dir, store)
         # A run name is user data: it must come out of the report as text, never as markup.
         victim = grid.summaries[0].run_id
@@ -77,7 +80,11 @@ def test_report_has_every_section_and_is_logged_to_the_grid_run(tiny_report):
     text = html.read_text()
     for key in FIGURES:
         assert f'<figure id="{key}">' in text, key
-    assert text.count('src="data:image/png;base64,') == len(FIGURES)
+        block = text.split(f'<figure id="{key}">', 1)[1].split("</figure>", 1)[0]
+        if key in SVG_FIGURES:
+            assert block.count("<svg ") == 1 and "<img " not in block, key
+        else:
+            assert block.count('<img alt=') == 1 and "<svg " not in block, key
     assert text.count("<tr>") == 1 + 10  # header + one row per configuration
     # SkipInit's blocks get no gradient at step 0: said, not drawn as a level line
     assert "Left out: default + SkipInit" in text
@@ -90,8 +97,10 @@ def test_every_figure_is_non_empty_and_its_caption_names_what_it_shows(tiny_repo
     text = tiny_report[0].read_text()
     for key in FIGURES:
         block = text.split(f'<figure id="{key}">', 1)[1].split("</figure>", 1)[0]
-        (width,) = re.findall(r'width="(\d+)"', block)
+        width = re.search(r'<(?:img|svg) [^>]*width="(\d+)"', block).group(1)  # the figure's, in CSS px
         assert int(width) > 200, key
+        if key in SVG_FIGURES:
+            assert block.count("<polyline ") + block.count("<image ") >= 2, key
         caption = block.split("<figcaption>", 1)[1]
         assert CAPTION_NAMES[key] in caption, key
 
@@ -175,6 +184,33 @@ def test_index_lists_every_report_newest_first(tiny_report):
     assert f'<a href="{html.name}">' in index and "<td>tiny</td>" in index and "<td>report-tiny</td>" in index
 
 
+def test_gradient_flow_lines_are_the_logged_step0_norms(tiny_report):
+    """The summary's gradient-flow SVG, read back: in the relu panel of its top row, the default and
+    he_normal lines (one plain, unclipped run each) lie, point for point, on one affine map of the
+    log10 ||dL/dh|| per layer that the runs logged to MLflow at step 0."""
+    html, grid, client = tiny_report
+    text = html.read_text()
+    block = text.split('<figure id="gradient-flow">', 1)[1].split("</figure>", 1)[0]
+    panel = block.split('<g clip-path="url(#gradient-flow-0-0)">', 1)[1].split("</g>", 1)[0]  # row 0: relu
+    measured, expected = [], []
+    for init in ("default", "he_normal"):
+        points = re.search(rf'<polyline points="([^"]+)"[^>]*><title>{init}</title>', panel).group(1)
+        measured.append([float(p.split(",")[1]) for p in points.split()])
+        (run,) = [client.get_run(s.run_id) for s in grid.summaries
+                  if client.get_run(s.run_id).data.params.get("activation") == "relu"
+                  and client.get_run(s.run_id).data.params.get("init") == init
+                  and client.get_run(s.run_id).data.params.get("clip") == "none"
+                  and client.get_run(s.run_id).data.params.get("norm", "none") == "none"]
+        layers = sorted(k for k in run.data.metrics if k.startswith("grad/backprop_norm/L"))
+        norms = [next(m.value for m in client.get_metric_history(run.info.run_id, k) if m.step == 0) for k in layers]
+        expected.append(np.log10(norms))
+    y, v = np.concatenate(measured), np.concatenate(expected)
+    assert len(measured[0]) == len(expected[0]) == TINY_BASE["depth"]
+    slope, offset = np.polyfit(v, y, 1)
+    assert slope < 0  # larger values are drawn higher up, at smaller y
+    np.testing.assert_allclose(y, slope * v + offset, atol=0.15)  # drawn to 0.1 px
+
+
 def test_the_legibility_check_catches_overlaps_and_linear_decades():
     import matplotlib.pyplot as plt
 
@@ -191,6 +227,11 @@ def test_the_legibility_check_catches_overlaps_and_linear_decades():
     ax.set_yscale("log")
     figures.check_legible(fig)
     plt.close(fig)
+    panel = svg.Panel(0, 0, 100, 100, (0, 2), (0, 2e5))
+    panel.line([0, 1, 2], [1.0, 10.0, 1e5], "red")
+    with pytest.raises(figures.IllegibleFigure, match="not log"):
+        figures.check_panel(panel, log_y=False)
+    figures.check_panel(panel, log_y=True)
 
 
 def test_strings_from_mlflow_are_escaped(tiny_report):
@@ -204,9 +245,12 @@ def test_strings_from_mlflow_are_escaped(tiny_report):
 
 
 def test_report_is_self_contained(tiny_report):
-    text = tiny_report[0].read_text()
-    for reference in ("http://", "https://", 'src="/', "url("):
-        assert reference not in text.split("<body>", 1)[1], reference
+    html = tiny_report[0]
+    for page in [html, *html.with_suffix("").glob("*.html")]:
+        body = page.read_text().split("<body>", 1)[1].replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name
+        for reference in ("http://", "https://", 'src="/'):
+            assert reference not in body, (page.name, reference)
+        assert re.findall(r"url\((?!#)", body) == [], page.name  # url(#id): a clip path in the page itself
 
 
 def test_empty_experiment_is_a_clear_message(store, tmp_path):
@@ -286,13 +330,21 @@ OVERLAPPING_TEXTS = """() => {
 }"""
 
 
-def test_the_svg_overlap_check_finds_overlapping_texts(browser, tmp_path):
+TEXTS_OUTSIDE = """() => Array.from(document.querySelectorAll('svg text')).filter(t => {
+  const p = t.getBoundingClientRect(), q = t.ownerSVGElement.getBoundingClientRect();
+  return p.left < q.left - 1 || p.right > q.right + 1 || p.top < q.top - 1 || p.bottom > q.bottom + 1;
+}).map(t => t.textContent)"""
+
+
+def test_the_svg_text_checks_find_overlapping_and_cut_texts(browser, tmp_path):
     drawing = svg.document(200, 100, [svg._text(50, 50, "hello"), svg._text(56, 52, "world"),
-                                      svg._text(150, 90, "apart")], "two texts on each other")
+                                      svg._text(150, 90, "apart"), svg._text(195, 60, "cut off")],
+                           "two texts on each other, one past the edge")
     (tmp_path / "o.html").write_text(f"<!DOCTYPE html><html><body>{drawing}</body></html>")
     page = browser.new_page()
     page.goto((tmp_path / "o.html").as_uri())
     assert page.evaluate(OVERLAPPING_TEXTS) == ["hello / world"]
+    assert page.evaluate(TEXTS_OUTSIDE) == ["cut off"]
     page.close()
 
 
@@ -305,7 +357,11 @@ def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
     page.on("request", lambda r: requests.append(r.url))
     page.goto(html.as_uri())
     widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
-    assert len(widths) == len(FIGURES) and all(w > 0 for w in widths)
+    assert len(widths) == len(FIGURES) - len(SVG_FIGURES) and all(w > 0 for w in widths)
+    # the SVG figures: their images decode, no two of their texts overlap, none is cut by the drawing's edge
+    assert page.evaluate("Array.from(document.querySelectorAll('svg image')).every(i => i.getBBox().width > 0)")
+    assert page.evaluate(OVERLAPPING_TEXTS) == []
+    assert page.evaluate(TEXTS_OUTSIDE) == []
     # drawn at 2x: each image's pixels are twice the CSS width it is shown at (sharp when zoomed)
     shown = page.evaluate("Array.from(document.images).map(i => i.width)")
     assert all(n >= 1.9 * w for n, w in zip(widths, shown))
@@ -329,6 +385,7 @@ def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
         assert page.evaluate("Array.from(document.querySelectorAll('svg image')).every(i => i.getBBox().width > 0)")
         overlaps = page.evaluate(OVERLAPPING_TEXTS)
         assert overlaps == [], (run_page.name, overlaps)
+        assert page.evaluate(TEXTS_OUTSIDE) == [], run_page.name
     page.screenshot(path=str(ARTIFACTS / "run-page.png"), full_page=True)
     assert errors == []
     page.close()

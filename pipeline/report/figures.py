@@ -1,10 +1,13 @@
-"""The report's seaborn figures. Each function returns a Figure (title, caption, inline PNG), or
-None when the grid has nothing to show for it (e.g. no clipped runs)."""
+"""The report's summary figures. Each function returns a Figure (title, caption, and an inline SVG
+or PNG), or None when the grid has nothing to show for it (e.g. no clipped runs). The line-panel
+and heatmap figures are hand-drawn SVG (facets.py, svg.py): sharp at any zoom, and milliseconds
+where matplotlib's layout of fifteen axes took seconds; the others are seaborn/matplotlib PNGs at 2x."""
 
 from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -17,13 +20,15 @@ import matplotlib.ticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from markupsafe import Markup
 
 from .. import theory
 from ..config import FIELDS, from_dict, pair_keys
 from ..diagnosis import LABELS
-from ..results import SUMMARY_POINTS, thin_steps
+from . import svg
+from .facets import Cell, Line, Row, facets, hexes, mean_series
+from .runpage import HISTOGRAM_STEP, histogram_row, log10, thin, where_and_when
 
-MAX_POINTS = SUMMARY_POINTS  # steps per curve: enough to read a curve, few enough to draw 100 runs fast
 DIAGNOSIS_COLORS = dict(zip(LABELS, ["#4c9a2a", "#3b75af", "#d1495b", "#6a3d9a", "#7f7f7f", "#edae49"]))
 # A clipped run and "the same configuration but for clipping"
 CLIP_PAIR_KEYS = pair_keys("clip", "clip_threshold")
@@ -37,8 +42,14 @@ class Figure:
     key: str
     title: str
     caption: str
-    png_base64: str
-    width: int = 0  # CSS pixels: half the PNG's width
+    png_base64: str  # a PNG at 2x, or "" where the figure is an SVG drawing
+    width: int = 0  # CSS pixels: half the PNG's width, the drawing's width
+    svg: Markup = Markup("")  # an inline SVG drawing (svg.document), safe to place in the page as it is
+
+
+def _svg_figure(key: str, title: str, caption: str, drawing: str) -> Figure:
+    width = int(re.search(r'width="(\d+)"', drawing).group(1))  # the <svg> element's, the first in it
+    return Figure(key, title, caption, "", width, Markup(drawing))
 
 
 FIGURE_CHECKS: list = []  # functions called on every figure before it is encoded (the tests add check_legible)
@@ -102,6 +113,17 @@ def check_legible(fig: plt.Figure) -> None:
                 raise IllegibleFigure(f"{ax.get_title()!r}: {axis} spans {values.max() / values.min():.0e}, not log")
 
 
+def check_panel(panel: svg.Panel, log_y: bool) -> None:
+    """The decades rule for an SVG panel (svg.CHECKS): its y values, if all positive, span at most 3
+    orders of magnitude on a linear axis. (Overlapping texts of the SVG figures are found in Chromium.)"""
+    values = np.concatenate(panel.ys) if panel.ys else np.array([])
+    lo, hi = sorted(panel.ylim)
+    values = values[(values >= lo) & (values <= hi)]
+    if not log_y and values.size and (values > 0).all() and values.max() / values.min() > 1e3:
+        raise IllegibleFigure(f"SVG panel at ({panel.x}, {panel.y}): y spans {values.max() / values.min():.0e}, "
+                              "not log")
+
+
 def _data_values(ax, axis: str) -> np.ndarray:
     """The finite data values in view on an axis, from its lines and scatter points."""
     values = []
@@ -119,27 +141,6 @@ def _data_values(ax, axis: str) -> np.ndarray:
     return flat[np.isfinite(flat) & (flat >= lo) & (flat <= hi)]  # what is in view
 
 
-def loss_scale(ax, values) -> None:
-    """A log y axis where the finite losses span more than a decade (a diverging run's 1e18 must
-    not flatten every other curve), a linear one otherwise."""
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values) & (values > 0)]
-    if values.size and values.max() / values.min() > 10:
-        ax.set_yscale("log")
-
-
-def _log10(values: pd.Series) -> pd.Series:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.log10(values.astype(float))
-    return out.replace([np.inf, -np.inf], np.nan)
-
-
-def _thin(per_step: pd.DataFrame) -> pd.DataFrame:
-    """Keep at most MAX_POINTS evenly spaced steps (the same steps for every run). Of a run's summary
-    table (results.summary_table): the steps at which it holds every layer."""
-    return per_step[per_step.step.isin(thin_steps(per_step.step.to_numpy(), MAX_POINTS))]
-
-
 def _deepest(layers: pd.DataFrame) -> tuple[int, pd.DataFrame]:
     """The deepest nets of the grid, at one clip setting (none where there is one): the rows the
     gradient-flow, signal and training-curve figures compare across activations and inits."""
@@ -148,37 +149,17 @@ def _deepest(layers: pd.DataFrame) -> tuple[int, pd.DataFrame]:
     return depth, layers[(layers.depth == depth) & (layers["clip"] == clip)]
 
 
-def mean_lines(ax, frame: pd.DataFrame, x: str, y: str, hue: str, palette: dict, band: bool = True,
-               dashed: set | None = None, **line) -> None:
-    """One line per hue: the mean of y over the rows at each x, and a band of one standard deviation
-    where several rows share an x (seaborn's errorbar="sd"). Aggregated by pandas in one pass:
-    seaborn aggregates group by group, about 1 ms each, which is minutes for a big grid."""
-    stats = frame.groupby([hue, x], sort=True)[y].agg(["mean", "std", "count"]).reset_index()
-    for key, colour in palette.items():
-        rows = stats[stats[hue] == key]
-        if rows.empty:
-            continue
-        ax.plot(rows[x], rows["mean"], color=colour, label=key, linestyle="--" if key in (dashed or ()) else "-",
-                **line)
-        if band and (rows["count"] > 1).any():
-            ax.fill_between(rows[x], rows["mean"] - rows["std"], rows["mean"] + rows["std"], color=colour, alpha=0.2,
-                            linewidth=0)
-
-
-def _legend(fig, palette: dict, title: str, extra: list | None = None, dashed: set | None = None, **line) -> None:
-    """One legend for a figure's panels, right of them: a line per hue (dashed where mean_lines drew
-    it dashed), then `extra` handles."""
-    handles = [matplotlib.lines.Line2D([], [], color=c, label=k, linestyle="--" if k in (dashed or ()) else "-",
-                                       **line) for k, c in palette.items()]
-    fig.legend(handles=handles + (extra or []), title=title, loc="outside right center", frameon=False)
+def mean_lines(ax, frame: pd.DataFrame, x: str, y: str, hue: str, palette: dict, **line) -> None:
+    """facets.mean_series drawn by matplotlib: a line per hue, a band of one standard deviation
+    where several rows share an x."""
+    for series in mean_series(frame, x, y, hue, palette):
+        colour = palette[series.key]
+        ax.plot(series.x, series.y, color=colour, label=series.key, **line)
+        if series.sd is not None:
+            ax.fill_between(series.x, series.y - series.sd, series.y + series.sd, color=colour, alpha=0.2, linewidth=0)
 
 
 DOTTED = (0, (1.5, 1.5))  # the style of every theory line
-
-
-def _prediction_handle(label: str = "mean-field prediction") -> matplotlib.lines.Line2D:
-    """A legend entry for draw_prediction's lines."""
-    return matplotlib.lines.Line2D([], [], color="black", linestyle=DOTTED, marker="x", label=label)
 
 
 ANNOTATED_CELLS = 400  # a heatmap panel prints its values up to this many cells (beyond, the colour says it)
@@ -220,50 +201,41 @@ def gradient_flow(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     if start.empty:
         return None
     inits = sorted(start.setup.unique())
-    palette = dict(zip(inits, sns.color_palette(n_colors=len(inits))))
+    palette = dict(zip(inits, hexes(sns.color_palette(n_colors=len(inits)))))
     activations = sorted(start.activation.unique())
-    fig, axes = plt.subplots(2, len(activations), figsize=(3.1 * len(activations) + 2.6, 5.4), squeeze=False,
-                             sharey="row", layout="constrained")
-    for col, activation in enumerate(activations):
-        rows = start[start.activation == activation]
-        for row, (column, name) in enumerate([("backprop_norm", "||dL/dh||"), ("weight_grad_norm", "||dL/dW||")]):
-            ax = axes[row][col]
-            mean_lines(ax, rows.assign(v=_log10(rows[column])), "layer", "v", "setup", palette, marker="o", markersize=4)
-            ax.set(title=f"{name} - {activation}", xlabel="layer" if row else "", ylabel="log10 norm" if col == 0 else "")
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    rows = []
+    for column, name in [("backprop_norm", "||dL/dh||"), ("weight_grad_norm", "||dL/dW||")]:
+        logs = start.assign(v=log10(start[column]))
+        rows.append(Row("log10 norm", [Cell(f"{name} - {activation}",
+                                            mean_series(logs[logs.activation == activation], "layer", "v", "setup", inits))
+                                       for activation in activations]))
     errors: dict[str, list[str]] = {}  # activation -> "init: error" notes, for the caption
-    for activation, ax in zip(activations, axes[0]):
+    for activation, cell in zip(activations, rows[0].cells):
         for init in inits:
-            rows = start[(start.activation == activation) & (start.setup == init)]
-            line = theory_line(rows, runs)
+            config_rows = start[(start.activation == activation) & (start.setup == init)]
+            line = theory_line(config_rows, runs)
             if line is None:
                 continue
-            draw_prediction(ax, *line, palette[init])
-            error = rows.groupby("run_id").slope_error.first().mean()  # the logged theory/slope_error
+            cell.predictions.append(Line(init, *line))
+            error = config_rows.groupby("run_id").slope_error.first().mean()  # the logged theory/slope_error
             if np.isfinite(error):
                 errors.setdefault(activation, []).append(f"{init} {error:+.2f}")
-    _legend(fig, palette, "init [+ norm, residual]", [_prediction_handle()], marker="o")
+    drawing = facets("gradient-flow", rows, "layer", palette, "init [+ norm, residual]",
+                     "log10 gradient norm per layer at step 0, measured and predicted", prediction="mean-field prediction")
     table = "; ".join(f"{activation}: {', '.join(notes)}" for activation, notes in errors.items())
     worst = f" Measured minus predicted slope of ln||dL/dh|| per layer: {table}." if errors else ""
     if silent:
         worst += (f" Left out: {', '.join(silent)}, whose residual blocks receive exactly zero gradient at step 0 "
                   "(alpha = 0 at init); their run pages show the later steps.")
-    return Figure("gradient-flow", f"Gradient flow at initialization (depth {depth})",
-                  "log10 norm of the error signal dL/dh (top) and of the weight gradient dL/dW (bottom) per layer "
-                  "at step 0, layer 0 next to the input, colour = init and, where a run has them, its normalization and "
-                  "residual remedies (Glorot & Bengio's picture); the mean over seeds (and widths), with a band of one "
-                  "standard deviation where there are several. A line that "
-                  "falls towards layer 0 is a vanishing gradient; one that rises is an exploding gradient; flat is "
-                  "what a good init achieves. Black dotted with crosses: the mean-field prediction "
-                  "(pipeline/theory.py) for the hidden layers, anchored at the last hidden layer's measured value."
-                  + worst, *_encode(fig))
-
-
-def draw_prediction(ax, x, y, colour) -> None:
-    """A prediction in black, dotted, with crosses in its measured line's colour: seen even where it
-    lies on the measurement."""
-    ax.plot(x, y, linestyle=DOTTED, color="black", linewidth=1.6, zorder=5)
-    ax.plot(x, y, linestyle="none", marker="x", color=colour, markersize=5, zorder=6)
+    return _svg_figure("gradient-flow", f"Gradient flow at initialization (depth {depth})",
+                       "log10 norm of the error signal dL/dh (top) and of the weight gradient dL/dW (bottom) per layer "
+                       "at step 0, layer 0 next to the input, colour = init and, where a run has them, its "
+                       "normalization and residual remedies (Glorot & Bengio's picture); the mean over seeds (and "
+                       "widths), with a band of one standard deviation where there are several. A line that "
+                       "falls towards layer 0 is a vanishing gradient; one that rises is an exploding gradient; flat "
+                       "is what a good init achieves. Black dotted with crosses: the mean-field prediction "
+                       "(pipeline/theory.py) for the hidden layers, anchored at the last hidden layer's measured "
+                       "value." + worst, drawing)
 
 
 def theory_line(rows: pd.DataFrame, runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
@@ -276,7 +248,7 @@ def theory_line(rows: pd.DataFrame, runs: pd.DataFrame) -> tuple[np.ndarray, np.
     values = {k: (v.item() if hasattr(v, "item") else v) for k, v in run.items() if k in FIELDS}
     prediction = theory.predict(from_dict(values))
     last_hidden = int(rows.layer.max()) - 1
-    anchor = _log10(rows[rows.layer == last_hidden].backprop_norm).mean()
+    anchor = log10(rows[rows.layer == last_hidden].backprop_norm).mean()
     profile = np.array(prediction.log_norms[: last_hidden + 1]) / np.log(10)
     if not np.isfinite(anchor) or len(profile) == 0 or not np.all(np.isfinite(profile)):
         return None
@@ -314,7 +286,7 @@ def remedies(runs: pd.DataFrame) -> Figure | None:
     deep["remedies"] = deep.setup + clip
     order = (deep.assign(key=list(zip(deep.remedy != "", deep["clip"] != "none", deep.setup)))
              .sort_values("key").remedies.unique().tolist())
-    deep["log10 first/last"] = _log10(deep.first_last_ratio)
+    deep["log10 first/last"] = log10(deep.first_last_ratio)
     fig, axes = plt.subplots(1, 2, figsize=(11, 1.4 + 0.3 * len(order)), sharey=True, layout="constrained")
     for ax, column in zip(axes, ["log10 first/last", "test_acc"]):
         sns.stripplot(data=deep, x=column, y="remedies", hue="activation", order=order, ax=ax, size=6, jitter=False,
@@ -351,24 +323,21 @@ def layer_step_heatmaps(picks: list[Pick]) -> Figure | None:
     picks = [p for p in picks if p.table is not None and not p.table.empty]
     if not picks:
         return None
-    fig, axes = plt.subplots(1, len(picks), figsize=(4.8 * len(picks), 3.4), squeeze=False, layout="constrained")
-    for ax, pick in zip(axes[0], picks):
-        label, run, rows = pick.label, pick.run, _thin(pick.table)
-        table = rows.assign(v=_log10(rows.backprop_norm)).pivot_table(index="layer", columns="step", values="v",
-                                                                      dropna=False)
-        ticks = max(1, len(table.columns) // 5)
-        sns.heatmap(table, cmap="magma", ax=ax, cbar_kws={"label": "log10 ||dL/dh||"}, xticklabels=ticks)
-        ax.tick_params(axis="x", rotation=0)
-        ax.invert_yaxis()
-        title = f"{label}:\n{run.run_name}"
-        if run.outcome == "diverged":
-            title += f" (diverged: last step {int(rows.step.max())})"
-        ax.set_title(title, fontsize=8)
-    return Figure("layer-step", "Where and when gradients vanish or explode",
-                  f"log10 norm of dL/dh for each layer (rows, 0 = input side) and step (columns), for the most "
-                  f"vanishing, the most exploding and the best healthy run among those that lasted at least "
-                  f"{MIN_STEPS} steps. A diverged run is shown up to its last recorded step (the first bad one). Dark "
-                  "bands at the bottom are layers that receive no learning signal.", *_encode(fig))
+    parts = []
+    for i, pick in enumerate(picks):
+        left, rows = 70 + 400 * i, thin(pick.table)
+        name = str(pick.run.run_name)
+        if pick.run.outcome == "diverged":
+            name += f" (diverged: last step {int(rows.step.max())})"
+        parts += [svg._text(left + 130, 18, f"{pick.label}:", weight="bold"), svg._text(left + 130, 34, name),
+                  *where_and_when(rows, left, 50, "")]
+    drawing = svg.document(70 + 400 * len(picks) - 20, 300, parts, "log10 ||dL/dh|| per layer and step of the telling runs")
+    return _svg_figure("layer-step", "Where and when gradients vanish or explode",
+                       f"log10 norm of dL/dh for each layer (rows, 0 = input side) and step (columns), for the most "
+                       f"vanishing, the most exploding and the best healthy run among those that lasted at least "
+                       f"{MIN_STEPS} steps, each on its own colour scale. A diverged run is shown up to its last "
+                       "recorded step (the first bad one). Dark bands at the bottom are layers that receive no "
+                       "learning signal.", drawing)
 
 
 def training_curves(layers: pd.DataFrame) -> Figure | None:
@@ -376,48 +345,41 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
         return None
     depth, deepest = _deepest(layers)
     per_step = deepest[deepest.layer == 0]
-    steps = _thin(per_step)
-    finite = steps[np.isfinite(steps.loss.astype(float))]
+    finite = thin(per_step)
+    finite = finite[np.isfinite(finite.loss.astype(float))].astype({"loss": float, "acc": float})
     setups = sorted(finite.setup.unique())
-    palette = dict(zip(setups, sns.color_palette(n_colors=len(setups))))
+    palette = dict(zip(setups, hexes(sns.color_palette(n_colors=len(setups)))))
     activations = sorted(finite.activation.unique())
-    fig, axes = plt.subplots(2, len(activations), figsize=(3.1 * len(activations) + 2.6, 4.9), squeeze=False,
-                             sharey="row", sharex=True, layout="constrained")
-    for col, activation in enumerate(activations):
-        for row, metric in enumerate(["loss", "acc"]):
-            ax = axes[row][col]
-            mean_lines(ax, finite[finite.activation == activation].astype({metric: float}), "step", metric, "setup",
-                       palette)
-            ax.set(title=f"{metric} - {activation}", xlabel="step" if row else "")
-    axes[0][0].set_ylabel("train loss")
-    axes[1][0].set_ylabel("train accuracy")
-    _legend(fig, palette, "init [+ norm, residual]")
     # the loss axis spans the runs that did not diverge; a diverged run's blow-up (1e18) would
-    # otherwise set it, and every other curve would be a flat line at its bottom
-    lasting = finite[finite.diagnosis != "diverged"].loss.astype(float)
+    # otherwise set it, and every other curve would be a flat line at its bottom (it is cut at the edge)
+    lasting = finite[finite.diagnosis != "diverged"].loss
     lasting = lasting[lasting > 0]
-    for ax in axes[0]:
-        loss_scale(ax, lasting)
-        if len(lasting):
-            ax.set_ylim(lasting.min() * 0.8, lasting.max() * 1.25)
-    # where each diverged run stopped: its last finite loss, at the top edge when beyond the panel
-    stopped = per_step[per_step.diagnosis == "diverged"]
-    marked = False
-    stopped = stopped[np.isfinite(stopped.loss.astype(float))]
+    log = bool(len(lasting)) and lasting.max() / lasting.min() > 10
+    shown = (lambda v: np.log10(np.maximum(v, 1e-30))) if log else (lambda v: v)
+    ylim = (float(shown(lasting.min() * 0.8)), float(shown(lasting.max() * 1.25))) if len(lasting) else None
+    # where each diverged run stopped: its last finite loss, on the top edge when beyond the panel
+    stopped = per_step[(per_step.diagnosis == "diverged") & np.isfinite(per_step.loss.astype(float))]
     last = stopped.loc[stopped.groupby("run_id").step.idxmax()] if len(stopped) else stopped
-    for activation, ax in zip(activations, axes[0]):
+    loss, accuracy = [], []
+    for activation in activations:
+        found = finite[finite.activation == activation]
         ends = last[last.activation == activation]
-        if len(ends):
-            ax.plot(ends.step, np.minimum(ends.loss.astype(float), ax.get_ylim()[1]), marker="X", color="#d1495b",
-                    markersize=8, linestyle="none", zorder=5, clip_on=False)
-            marked = True
+        loss.append(Cell(f"loss - {activation}", mean_series(found.assign(v=shown(found.loss)), "step", "v", "setup",
+                                                               setups),
+                         stops=(ends.step.to_numpy(dtype=float), shown(ends.loss.to_numpy(dtype=float)))))
+        accuracy.append(Cell(f"acc - {activation}", mean_series(found, "step", "acc", "setup", setups)))
+    marked = len(last) > 0
+    drawing = facets("training", [Row("train loss" + (" (log)" if log else ""), loss, log=log, ylim=ylim),
+                                  Row("train accuracy", accuracy)], "step", palette, "init [+ norm, residual]",
+                     "training loss and accuracy per step", dots=False,
+                     extra=[("diverged: last finite loss", "#d1495b", "none", "cross")] if marked else None)
     note = (" A red X marks where each diverged run stopped: its last finite loss, or the top edge of the "
             "panel when that loss is beyond it.") if marked else ""
-    return Figure("training", f"Training curves (depth {depth})",
-                  "Training loss (on a log scale where it spans more than a decade) and accuracy per step, colour "
-                  "= init [+ normalization, residual]; the band is one standard "
-                  "deviation over seeds where there are several. Flat curves at loss 2.3 are networks that never "
-                  "started to learn." + note, *_encode(fig))
+    return _svg_figure("training", f"Training curves (depth {depth})",
+                       "Training loss (on a log scale where it spans more than a decade) and accuracy per step, colour "
+                       "= init [+ normalization, residual]; the band is one standard "
+                       "deviation over seeds where there are several. Flat curves at loss 2.3 are networks that never "
+                       "started to learn." + note, drawing)
 
 
 def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
@@ -426,12 +388,12 @@ def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
         return None
     per_step = layers[layers.layer == 0]
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
-    norms = _thin(per_step[per_step["clip"] != "none"])
+    norms = thin(per_step[per_step["clip"] != "none"])
     modes = sorted(norms["clip"].unique())
     colours = dict(zip(modes, sns.color_palette(n_colors=len(modes))))
     styles = {"global_norm_pre_clip": ("-", "before clipping"), "global_norm_post_clip": ("--", "after clipping")}
     for column, (style, _) in styles.items():  # median and quartiles over runs, by pandas in one pass
-        quartiles = (norms.assign(v=_log10(norms[column])).groupby(["clip", "step"]).v
+        quartiles = (norms.assign(v=log10(norms[column])).groupby(["clip", "step"]).v
                      .quantile([0.25, 0.5, 0.75]).unstack().reset_index())
         for mode, rows in quartiles.groupby("clip"):
             axes[0].plot(rows.step, rows[0.5], color=colours[mode], linestyle=style)
@@ -480,56 +442,26 @@ def outcomes(runs: pd.DataFrame) -> Figure | None:
                   "factor of the grid. The rules and thresholds are in the README.", *_encode(fig))
 
 
-def histogram_shares(hist: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(shares, edges) of a run's gradients/histograms.npz: for each step and layer, the share of its
-    weight-gradient entries in each bin of log10|dL/dW|, cut to the bins where something fell."""
-    edges = hist["log10_abs_grad_edges"]
-    counts = hist["counts"].astype(float)  # (steps, layers, bins)
-    shares = counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)
-    used = np.flatnonzero(counts.sum(axis=(0, 1)))
-    lo, hi = (used.min(), used.max() + 1) if used.size else (0, len(edges) - 1)
-    return shares[:, :, lo:hi], edges[lo : hi + 1]
-
-
-def draw_histograms(axes, hist: dict[str, np.ndarray]):
-    """One panel per recorded step: for each layer (rows), the share of its weight-gradient entries
-    in each bin of log10|dL/dW| (columns), on one colour scale for the run's steps; the last image."""
-    shares, edges = histogram_shares(hist)
-    vmax = float(shares.max()) or 1.0
-    for ax, step, share in zip(axes, hist["steps"], shares):
-        image = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax,
-                          extent=(edges[0], edges[-1], -0.5, share.shape[0] - 0.5), interpolation="nearest")
-        ax.set_title(f"step {int(step)}", fontsize=9)
-        ax.set_xlabel("log10 |dL/dW|")
-        ax.set_ylabel("layer")
-        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    return image
-
-
 def histograms_over_time(picks: list[Pick]) -> Figure | None:
     picks = [p for p in picks if p.histograms is not None and len(p.histograms["steps"])]
     if not picks:
         return None
-    histograms = {p.run.run_id: p.histograms for p in picks}
-    picks = [(p.label, p.run) for p in picks]
-    n_steps = max(len(histograms[run.run_id]["steps"]) for _, run in picks)
-    fig, axes = plt.subplots(len(picks), n_steps, figsize=(3.6 * n_steps + 1, 2.5 * len(picks)), squeeze=False,
-                             layout="constrained")
-    for row, (label, run) in zip(axes, picks):
-        hist = histograms[run.run_id]
-        image = draw_histograms(row, hist)
-        row[0].set_ylabel(f"{label}\nlayer", fontsize=8)
-        for ax in row[len(hist["steps"]):]:
-            ax.set_axis_off()
-        fig.colorbar(image, ax=row, label="share of entries")
-    return Figure("histograms", "Gradient histograms over time",
-                  "For the most vanishing, the most exploding and the best healthy run (rows), the distribution of "
-                  "log10|dL/dW| of each layer (0 = input side) at the first, middle and last step (columns), on one "
-                  "colour scale per run (its bar on the right): "
-                  "what the MLflow UI cannot show (the leftmost bin holds everything below 1e-12, exact zeros "
-                  "included). A vanishing gradient is a layer whose mass sits far to the "
-                  "left of the output layer's; a spread that widens over steps is a layer whose units diverge.",
-                  *_encode(fig))
+    parts, top = [], 20
+    for pick in picks:
+        parts.append(svg._text(70, top + 12, f"{pick.label}: {pick.run.run_name}", anchor="start", weight="bold"))
+        parts += histogram_row(pick.histograms, 70, top + 42, xlabel=pick is picks[-1])
+        top += 262
+    n_steps = max(len(p.histograms["steps"]) for p in picks)
+    drawing = svg.document(70 + HISTOGRAM_STEP * n_steps + 40, top + 20, parts,
+                           "gradient histograms of the telling runs at three steps")
+    return _svg_figure("histograms", "Gradient histograms over time",
+                       "For the most vanishing, the most exploding and the best healthy run (rows), the distribution of "
+                       "log10|dL/dW| of each layer (0 = input side) at the first, middle and last step (columns), on "
+                       "one colour scale per run (its bar on the right): "
+                       "what the MLflow UI cannot show (the leftmost bin holds everything below 1e-12, exact zeros "
+                       "included). A vanishing gradient is a layer whose mass sits far to the "
+                       "left of the output layer's; a spread that widens over steps is a layer whose units diverge.",
+                       drawing)
 
 
 def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
@@ -540,34 +472,34 @@ def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
     if start.empty:
         return None
     setups = sorted(start.setup.unique())
-    palette = dict(zip(setups, sns.color_palette(n_colors=len(setups))))
+    palette = dict(zip(setups, hexes(sns.color_palette(n_colors=len(setups)))))
     activations = sorted(start.activation.unique())
-    fig, axes = plt.subplots(2, len(activations), figsize=(3.6 * len(activations) + 2.6, 5.4), squeeze=False,
-                             sharex=True, layout="constrained")
-    for col, activation in enumerate(activations):
-        for row, statistic in enumerate(["q", "c"]):
-            ax = axes[row][col]
-            rows = start[(start.activation == activation) & (start.statistic == statistic)]
-            value = _log10(rows.measured) if statistic == "q" else rows.measured
-            mean_lines(ax, rows.assign(v=value), "layer", "v", "setup", palette, band=False, marker="o", markersize=4)
-            predicted = rows.dropna(subset=["predicted"]).groupby(["setup", "layer"]).predicted.mean().reset_index()
+    rows = []
+    for statistic in ["q", "c"]:
+        cells = []
+        for activation in activations:
+            found = start[(start.activation == activation) & (start.statistic == statistic)]
+            value = log10(found.measured) if statistic == "q" else found.measured
+            cell = Cell(f"{'log10 q' if statistic == 'q' else 'c'} - {activation}",
+                        mean_series(found.assign(v=value), "layer", "v", "setup", setups, band=False))
+            predicted = found.dropna(subset=["predicted"]).groupby(["setup", "layer"]).predicted.mean().reset_index()
             for setup, line in predicted.groupby("setup"):
-                draw_prediction(ax, line.layer, _log10(line.predicted) if statistic == "q" else line.predicted,
-                                palette[setup])
-            ax.set(title=f"{'log10 q' if statistic == 'q' else 'c'} - {activation}", xlabel="layer" if row else "",
-                   ylabel="log10 q (mean z^2)" if statistic == "q" else "c (mean correlation)")
-            if statistic == "c":
-                ax.set_ylim(min(-0.05, float(rows.measured.min()) - 0.05), 1.05)
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    _legend(fig, palette, "init [+ norm, residual]", [_prediction_handle("q/c-map prediction")], marker="o")
-    return Figure("signal", f"Signal propagation at initialization (depth {depth})",
+                y = log10(line.predicted) if statistic == "q" else line.predicted
+                cell.predictions.append(Line(setup, line.layer.to_numpy(dtype=float), y.to_numpy(dtype=float)))
+            cells.append(cell)
+        c_low = float(start[start.statistic == "c"].measured.min()) if statistic == "c" else 0.0
+        rows.append(Row("log10 q (mean z^2)" if statistic == "q" else "c (mean correlation)", cells,
+                        ylim=None if statistic == "q" else (min(-0.05, c_low - 0.05), 1.05)))
+    drawing = facets("signal", rows, "layer", palette, "init [+ norm, residual]",
+                     "forward q and c per layer at step 0, measured and predicted", prediction="q/c-map prediction")
+    return _svg_figure("signal", f"Signal propagation at initialization (depth {depth})",
                   "Forward pass at step 0, per hidden layer (0 next to the input): top, q, the mean squared "
                   "pre-activation z (log10); bottom, c, the mean correlation between the z of two different "
                   "examples of the batch. Colour = init [+ normalization, residual]. Black dotted with crosses: "
                   "the q-map and c-map of mean-field theory (Poole et al. 2016, Schoenholz et al. 2017), "
                   "propagated from the batch's measured input (plain nets only: no prediction with "
                   "normalization or residual blocks). c rising to 1 is the ordered phase, where inputs become "
-                  "indistinguishable; c falling towards 0 the chaotic one.", *_encode(fig))
+                  "indistinguishable; c falling towards 0 the chaotic one.", drawing)
 
 
 def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
@@ -580,32 +512,27 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
     if nets.empty or not (nets.statistic == "gsnr").any():
         return None
     setups = sorted(nets.setup.unique())
-    palette = dict(zip(setups, sns.color_palette(n_colors=len(setups))))
+    palette = dict(zip(setups, hexes(sns.color_palette(n_colors=len(setups)))))
     activations = sorted(nets.activation.unique())
     # each run's first and last recorded histogram step (a diverged run's last is earlier)
     last = nets.groupby("run_id").step.transform("max")
-    lower = set(nets.setup[nets.precision != "fp32"])  # drawn dashed
+    lower = set(nets.setup[nets.precision != "fp32"])  # drawn dashed: it often lies on its fp32 twin
     panels = [("gsnr", nets.step == 0, "log10 GSNR, step 0"), ("gsnr", (nets.step == last) & (last > 0),
                                                                  "log10 GSNR, last step")]
     zeros = nets[nets.statistic == "zero_fraction"]
     if (zeros.measured > 0.01).any():
         panels.append(("zero_fraction", nets.step == 0, "zero fraction, step 0"))
-    fig, axes = plt.subplots(len(panels), len(activations), figsize=(3.6 * len(activations) + 2.6, 2.7 * len(panels)),
-                             squeeze=False, sharex=True, layout="constrained")
-    for col, activation in enumerate(activations):
-        for row, (statistic, when, label) in enumerate(panels):
-            ax = axes[row][col]
-            rows = nets[when & (nets.activation == activation) & (nets.statistic == statistic)]
-            value = _log10(rows.measured) if statistic == "gsnr" else rows.measured
-            # a lower precision dashed: it often lies on its fp32 twin
-            mean_lines(ax, rows.assign(v=value), "layer", "v", "setup", palette, band=False, dashed=lower, marker="o",
-                       markersize=4)
-            ax.set(title=f"{activation}", xlabel="layer" if row == len(panels) - 1 else "", ylabel=label)
-            if statistic == "zero_fraction":
-                ax.set_ylim(-0.05, 1.05)
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    _legend(fig, palette, "init [+ norm, residual]", dashed=lower, marker="o")
-    return Figure("gradient-signal", f"Gradient signal-to-noise per layer (depth {depth})",
+    rows = []
+    for statistic, when, label in panels:
+        found = nets[when & (nets.statistic == statistic)]
+        found = found.assign(v=log10(found.measured) if statistic == "gsnr" else found.measured)
+        rows.append(Row(label, [Cell(activation, mean_series(found[found.activation == activation], "layer", "v",
+                                                               "setup", setups, band=False, dashed=lower))
+                                for activation in activations],
+                        ylim=(-0.05, 1.05) if statistic == "zero_fraction" else None))
+    drawing = facets("gradient-signal", rows, "layer", palette, "init [+ norm, residual]",
+                     "gradient signal-to-noise ratio per layer")
+    return _svg_figure("gradient-signal", f"Gradient signal-to-noise per layer (depth {depth})",
                   "Per layer (0 next to the input) of the deepest nets, the GSNR of dL/dW over one batch "
                   "(log10; Cockpit's MeanGSNR: the mean over W's entries of the squared mean per-example "
                   "gradient over its variance): at step 0 and at the run's last histogram step. A high GSNR is "
@@ -614,8 +541,7 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
                   "than fp32 (often on its fp32 twin); seeds averaged; not "
                   "measured with BatchNorm (no per-example gradient)."
                   + (" Last row: the fraction of dL/dW's entries that are exactly 0 at step 0 (dead units, "
-                     "inputs that are 0 across the batch, fp16 underflow)." if len(panels) == 3 else ""),
-                  *_encode(fig))
+                     "inputs that are 0 across the batch, fp16 underflow)." if len(panels) == 3 else ""), drawing)
 
 
 def jacobian_spectrum(runs: pd.DataFrame) -> Figure | None:

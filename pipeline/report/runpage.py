@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
+from ..results import SUMMARY_POINTS, thin_steps
 from . import svg
-from .figures import _log10, _thin, histogram_shares
 
 
 def slug(name: str, limit: int = 80) -> str:
@@ -34,6 +34,30 @@ def page_names(runs: pd.DataFrame) -> dict[str, str]:
     return names
 
 
+def log10(values: pd.Series) -> pd.Series:
+    """log10 of the values, NaN where that is not finite (0, negative, inf)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log10(values.astype(float))
+    return out.replace([np.inf, -np.inf], np.nan)
+
+
+def thin(per_step: pd.DataFrame) -> pd.DataFrame:
+    """Keep at most SUMMARY_POINTS evenly spaced steps (the same steps for every run). Of a run's
+    summary table (results.summary_table): the steps at which it holds every layer."""
+    return per_step[per_step.step.isin(thin_steps(per_step.step.to_numpy(), SUMMARY_POINTS))]
+
+
+def histogram_shares(hist: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(shares, edges) of a run's gradients/histograms.npz: for each step and layer, the share of its
+    weight-gradient entries in each bin of log10|dL/dW|, cut to the bins where something fell."""
+    edges = hist["log10_abs_grad_edges"]
+    counts = hist["counts"].astype(float)  # (steps, layers, bins)
+    shares = counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)
+    used = np.flatnonzero(counts.sum(axis=(0, 1)))
+    lo, hi = (used.min(), used.max() + 1) if used.size else (0, len(edges) - 1)
+    return shares[:, :, lo:hi], edges[lo : hi + 1]
+
+
 @dataclass(frozen=True)
 class RunFigure:
     key: str
@@ -49,12 +73,12 @@ def run_figure(run: pd.Series, table: pd.DataFrame, hist: dict | None) -> RunFig
     """Top: gradient flow at the first, middle and last step; log10 ||dL/dh|| per layer and step;
     training curves. Bottom: the gradient histograms. Hand-drawn SVG (svg.py): a page per run must
     cost milliseconds, and matplotlib took 0.8 s of a core for these eight axes."""
-    thinned = _thin(table)  # of a summary table: the steps at which it has every layer
+    thinned = thin(table)  # of a summary table: the steps at which it has every layer
     top, bottom = 40, 340
-    parts = [_flow(thinned, top), *_where_and_when(thinned, top), *_training(thinned, top)]
+    parts = [_flow(thinned, top), *where_and_when(thinned, 400, top, "where and when"), *_training(thinned, top)]
     histograms = hist is not None and len(hist["steps"]) > 0
     if histograms:
-        parts += _histograms(hist, bottom)
+        parts += histogram_row(hist, 70, bottom)
     drawing = svg.document(WIDTH, HEIGHT if histograms else bottom - 40, parts,
                            f"gradient statistics of run {run.run_name}")
     return RunFigure(f"run-{slug(str(run.run_name))}",
@@ -70,7 +94,7 @@ def _flow(thinned: pd.DataFrame, top: float) -> str:
     recorded = np.unique(thinned.step)
     steps = sorted({int(recorded[0]), int(recorded[len(recorded) // 2]), int(recorded[-1])})
     lines = [thinned[thinned.step == step].sort_values("layer") for step in steps]
-    norms = [_log10(rows.backprop_norm) for rows in lines]
+    norms = [log10(rows.backprop_norm) for rows in lines]
     panel = svg.Panel(70, top, 250, 200, svg.limits(thinned.layer), svg.limits(pd.concat(norms)))
     # wide to narrow, so that coinciding lines stay seen
     for rows, norm, colour, width in zip(lines, norms, LINES, (4.5, 3.0, 1.6)):
@@ -81,16 +105,18 @@ def _flow(thinned: pd.DataFrame, top: float) -> str:
     return panel.svg()
 
 
-def _where_and_when(thinned: pd.DataFrame, top: float) -> list[str]:
-    matrix = thinned.assign(v=_log10(thinned.backprop_norm)).pivot_table(index="layer", columns="step", values="v",
-                                                                         dropna=False)
+def where_and_when(thinned: pd.DataFrame, left: float, top: float, title: str) -> list[str]:
+    """log10 ||dL/dh|| per layer (rows, 0 at the bottom) and step (columns) in magma, a 260 x 200 px
+    panel at (left, top), its colour bar on the right (together 340 px wide)."""
+    matrix = thinned.assign(v=log10(thinned.backprop_norm)).pivot_table(index="layer", columns="step", values="v",
+                                                                        dropna=False)
     cells = matrix.to_numpy(dtype=float)
     lo, hi = svg.limits(cells, pad=0)
     x0, x1 = matrix.columns.min() - 0.5, matrix.columns.max() + 0.5
-    panel = svg.Panel(400, top, 260, 200, (x0, x1), (-0.5, len(matrix) - 0.5))
+    panel = svg.Panel(left, top, 260, 200, (x0, x1), (-0.5, len(matrix) - 0.5))
     panel.image(cells, (x0, x1, -0.5, len(matrix) - 0.5), "magma", lo, hi)
-    panel.frame("where and when", "step", "layer", integer_x=True, integer_y=True)
-    return [panel.svg(), svg.colour_bar(672, top, 200, "magma", lo, hi, "log10 ||dL/dh||")]
+    panel.frame(title, "step", "layer", integer_x=True, integer_y=True)
+    return [panel.svg(), svg.colour_bar(left + 272, top, 200, "magma", lo, hi, "log10 ||dL/dh||")]
 
 
 def _training(thinned: pd.DataFrame, top: float) -> list[str]:
@@ -110,18 +136,22 @@ def _training(thinned: pd.DataFrame, top: float) -> list[str]:
     return [panel.svg(), accuracy.svg()]
 
 
-def _histograms(hist: dict, top: float) -> list[str]:
-    """One panel per recorded step: for each layer (rows), the share of its weight-gradient entries
-    in each bin of log10|dL/dW| (columns), on one colour scale."""
+HISTOGRAM_STEP = 310  # px from one histogram panel to the next
+
+
+def histogram_row(hist: dict, left: float, top: float, xlabel: bool = True) -> list[str]:
+    """One 230 x 180 px panel per recorded step from (left, top): for each layer (rows), the share of
+    its weight-gradient entries in each bin of log10|dL/dW| (columns), on one colour scale for the
+    run's steps, its bar after the last panel."""
     shares, edges = histogram_shares(hist)
     vmax = float(shares.max()) or 1.0
     parts = []
     for i, (step, share) in enumerate(zip(hist["steps"], shares)):
         extent = (float(edges[0]), float(edges[-1]), -0.5, share.shape[0] - 0.5)
-        panel = svg.Panel(70 + 310 * i, top, 230, 180, extent[:2], extent[2:])
+        panel = svg.Panel(left + HISTOGRAM_STEP * i, top, 230, 180, extent[:2], extent[2:])
         panel.image(share, extent, "viridis", 0.0, vmax)
-        panel.frame(f"step {int(step)}", "log10 |dL/dW|", "layer" if i == 0 else "", integer_y=True)
+        panel.frame(f"step {int(step)}", "log10 |dL/dW|" if xlabel else "", "layer" if i == 0 else "", integer_y=True)
         parts.append(panel.svg())
-    parts.append(svg.colour_bar(70 + 310 * len(hist["steps"]) - 60, top, 180, "viridis", 0.0, vmax,
+    parts.append(svg.colour_bar(left + HISTOGRAM_STEP * len(hist["steps"]) - 60, top, 180, "viridis", 0.0, vmax,
                                 "share of the layer's entries"))
     return parts
