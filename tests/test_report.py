@@ -227,6 +227,11 @@ def test_the_legibility_check_catches_overlaps_and_linear_decades():
     ax.set_yscale("log")
     figures.check_legible(fig)
     plt.close(fig)
+    fig, ax = plt.subplots(layout="constrained")  # not cropped when saved: what lies beyond the edge is lost
+    fig.text(0.98, 0.5, "past the edge")
+    with pytest.raises(figures.IllegibleFigure, match="cut off"):
+        figures.check_legible(fig)
+    plt.close(fig)
     panel = svg.Panel(0, 0, 100, 100, (0, 2), (0, 2e5))
     panel.line([0, 1, 2], [1.0, 10.0, 1e5], "red")
     with pytest.raises(figures.IllegibleFigure, match="not log"):

@@ -55,12 +55,13 @@ def _svg_figure(key: str, title: str, caption: str, drawing: str) -> Figure:
 FIGURE_CHECKS: list = []  # functions called on every figure before it is encoded (the tests add check_legible)
 
 
-def _encode(fig: plt.Figure, tight: bool = True) -> tuple[str, int]:
-    """The figure as a base64 PNG at 2x, and its width in CSS pixels. `tight` crops it to what is
-    drawn (one more draw; figures with a fixed layout do without)."""
+def _encode(fig: plt.Figure) -> tuple[str, int]:
+    """The figure as a base64 PNG at 2x, and its width in CSS pixels. One laid out by constrained
+    layout already fits what it draws; any other is cropped to it (bbox "tight": one more draw)."""
     for check in FIGURE_CHECKS:
         check(fig)
     buf = io.BytesIO()
+    tight = fig.get_layout_engine() is None
     fig.savefig(buf, format="png", dpi=2 * DPI, bbox_inches="tight" if tight else None)
     plt.close(fig)
     png = buf.getvalue()
@@ -92,15 +93,20 @@ def _texts(fig: plt.Figure) -> list:
 
 
 def check_legible(fig: plt.Figure) -> None:
-    """No two text elements overlap (from the extents matplotlib renders), and no axis whose data
-    spans more than 3 orders of magnitude is linear. Raises IllegibleFigure naming the culprits."""
+    """No two text elements overlap (from the extents matplotlib renders), none is cut off by the
+    edge of a figure that is not cropped, and no axis whose data spans more than 3 orders of
+    magnitude is linear. Raises IllegibleFigure naming the culprits."""
     fig.draw_without_rendering()  # lays the figure out (constrained layout) as saving it will
     renderer = fig.canvas.get_renderer()
+    # a figure that _encode does not crop to what it draws (constrained layout) must hold every text
+    uncropped, edge = fig.get_layout_engine() is not None, fig.bbox.padded(1)
     boxes = []
     for text in _texts(fig):
         box = text.get_window_extent(renderer)
         if box.width > 0 and box.height > 0:
             boxes.append((text, box.shrunk(0.96, 0.9)))  # touching edges are fine
+            if uncropped and not (edge.contains(box.x0, box.y0) and edge.contains(box.x1, box.y1)):
+                raise IllegibleFigure(f"text {text.get_text()!r} is cut off by the figure's edge")
     for i, (a, box_a) in enumerate(boxes):
         for b, box_b in boxes[i + 1 :]:
             if box_a.overlaps(box_b):
