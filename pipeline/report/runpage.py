@@ -90,48 +90,67 @@ def run_figure(run: pd.Series, table: pd.DataFrame, hist: dict | None) -> RunFig
                      "everything below 1e-12, exact zeros included.", Markup(drawing))
 
 
+def _log10_array(values) -> np.ndarray:
+    """log10 of the values as floats, NaN where that is not finite."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log10(np.asarray(values, dtype=float))
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+# A page is drawn from numpy arrays of its table's columns: pandas' selections and pivots cost more
+# than the drawing itself, a thousand pages over.
+
+
 def _flow(thinned: pd.DataFrame, top: float) -> str:
-    recorded = np.unique(thinned.step)
+    step, layer = thinned.step.to_numpy(), thinned.layer.to_numpy()
+    norm = _log10_array(thinned.backprop_norm)
+    recorded = np.unique(step)
     steps = sorted({int(recorded[0]), int(recorded[len(recorded) // 2]), int(recorded[-1])})
-    lines = [thinned[thinned.step == step].sort_values("layer") for step in steps]
-    norms = [log10(rows.backprop_norm) for rows in lines]
-    panel = svg.Panel(70, top, 250, 200, svg.limits(thinned.layer), svg.limits(pd.concat(norms)))
+    lines = []
+    for at in steps:
+        rows = np.flatnonzero(step == at)
+        rows = rows[np.argsort(layer[rows], kind="stable")]
+        lines.append((layer[rows], norm[rows]))
+    panel = svg.Panel(70, top, 250, 200, svg.limits(layer), svg.limits(np.concatenate([n for _, n in lines])))
     # wide to narrow, so that coinciding lines stay seen
-    for rows, norm, colour, width in zip(lines, norms, LINES, (4.5, 3.0, 1.6)):
-        panel.line(rows.layer, norm, colour, width=width, dots=True)
+    for (xs, ys), colour, width in zip(lines, LINES, (4.5, 3.0, 1.6)):
+        panel.line(xs, ys, colour, width=width, dots=True)
     panel.frame("log10 ||dL/dh|| per layer", "layer (0 = input side)", "log10 norm", integer_x=True)
-    panel.legend([(f"step {step}" + ("" if np.isfinite(norm).any() else " (no finite value)"), colour)
-                  for step, norm, colour in zip(steps, norms, LINES)])  # a diverged run's last step may have none
+    panel.legend([(f"step {at}" + ("" if np.isfinite(ys).any() else " (no finite value)"), colour)
+                  for at, (_, ys), colour in zip(steps, lines, LINES)])  # a diverged run's last step may have none
     return panel.svg()
 
 
 def where_and_when(thinned: pd.DataFrame, left: float, top: float, title: str) -> list[str]:
     """log10 ||dL/dh|| per layer (rows, 0 at the bottom) and step (columns) in magma, a 260 x 200 px
     panel at (left, top), its colour bar on the right (together 340 px wide)."""
-    matrix = thinned.assign(v=log10(thinned.backprop_norm)).pivot_table(index="layer", columns="step", values="v",
-                                                                        dropna=False)
-    cells = matrix.to_numpy(dtype=float)
+    layer = thinned.layer.to_numpy(dtype=int)
+    steps, column = np.unique(thinned.step.to_numpy(), return_inverse=True)
+    cells = np.full((layer.max() + 1, len(steps)), np.nan)
+    cells[layer, column] = _log10_array(thinned.backprop_norm)
     lo, hi = svg.limits(cells, pad=0)
-    x0, x1 = matrix.columns.min() - 0.5, matrix.columns.max() + 0.5
-    panel = svg.Panel(left, top, 260, 200, (x0, x1), (-0.5, len(matrix) - 0.5))
-    panel.image(cells, (x0, x1, -0.5, len(matrix) - 0.5), "magma", lo, hi)
+    x0, x1 = steps.min() - 0.5, steps.max() + 0.5
+    panel = svg.Panel(left, top, 260, 200, (x0, x1), (-0.5, len(cells) - 0.5))
+    panel.image(cells, (x0, x1, -0.5, len(cells) - 0.5), "magma", lo, hi)
     panel.frame(title, "step", "layer", integer_x=True, integer_y=True)
     return [panel.svg(), svg.colour_bar(left + 272, top, 200, "magma", lo, hi, "log10 ||dL/dh||")]
 
 
 def _training(thinned: pd.DataFrame, top: float) -> list[str]:
-    per_step = thinned[thinned.layer == 0]
-    finite = per_step[np.isfinite(per_step.loss.astype(float)) & (per_step.loss > 0)]
-    loss = finite.loss.to_numpy(dtype=float)
-    log = loss.size > 0 and loss.max() / loss.min() > 10  # a diverging run's 1e18 must not flatten the rest
-    shown = np.log10(loss) if log else loss
-    xlim = svg.limits(per_step.step)
+    first = thinned.layer.to_numpy() == 0  # layer 0's row carries the step's loss and accuracy
+    step = thinned.step.to_numpy()[first]
+    loss, acc = thinned.loss.to_numpy(dtype=float)[first], thinned.acc.to_numpy(dtype=float)[first]
+    finite = np.isfinite(loss) & (loss > 0)
+    log = finite.any() and loss[finite].max() / loss[finite].min() > 10  # a diverging run's 1e18 must not flatten the rest
+    shown = _log10_array(loss[finite]) if log else loss[finite]
+    xlim = svg.limits(step)
     panel = svg.Panel(850, top, 160, 200, xlim, svg.limits(shown))
-    panel.line(finite.step, shown, "#3b75af")
+    panel.line(step[finite], shown, "#3b75af")
     panel.frame("training", "step", "train loss" + (" (log)" if log else ""), integer_x=True, log_y=log,
                 ylabel_colour="#3b75af")
     accuracy = svg.Panel(850, top, 160, 200, xlim, (0.0, 1.0))
-    accuracy.line(per_step.step, per_step.acc, "#d1495b")
+    accuracy.line(step, acc, "#d1495b")
     accuracy.frame(ylabel="train accuracy", side="right", ylabel_colour="#d1495b", xaxis=False)
     return [panel.svg(), accuracy.svg()]
 
