@@ -17,6 +17,7 @@ misses) and are exact at ReLU's kink.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,12 +30,18 @@ from .config import RunConfig
 _GAUSS_LEGENDRE = {n: np.polynomial.legendre.leggauss(n) for n in (4, 8)}
 
 
+@functools.lru_cache(maxsize=4)
+def _unit(n: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, n)
+
+
 def _panels(q: float, n: int = 160, order: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights of a composite Gauss-Legendre rule on x in [-12 sd, 12 sd]: panels grow
     geometrically away from 0, so both a narrow Gaussian (q -> 0) and a narrow feature of phi
     (tanh' at large q) are resolved, and 0 (ReLU's kink) is a panel edge."""
     sd = math.sqrt(q)
-    edges = np.geomspace(1e-4 * min(sd, 1.0), 12 * max(sd, 1.0), n)
+    lo, hi = 1e-4 * min(sd, 1.0), 12 * max(sd, 1.0)
+    edges = lo * (hi / lo) ** _unit(n)  # np.geomspace(lo, hi, n), without its checks (~40% of a prediction)
     edges = np.concatenate([-edges[::-1], [0.0], edges])
     a, b = edges[:-1], edges[1:]
     nodes, weights = _GAUSS_LEGENDRE[order]

@@ -4,13 +4,16 @@
                                            #    reports/<grid>-<date>/, reports/index.html, and an
                                            #    artifact of the grid run
 
-The summary's figures are seaborn/matplotlib PNGs inlined as data: URIs, a run page's figure is
-inline SVG (svg.py); no page makes a network request, each opens from file:// offline. Figures and
-pages are drawn on every core (draw). Strings from MLflow go through Jinja's autoescaping.
+The summary's line and heatmap figures and each run page's figure are inline SVG (svg.py), its
+other figures seaborn PNGs inlined as data: URIs; no page makes a network request, each opens from
+file:// offline. Figures and pages are drawn on every core, by workers started before the report
+reads MLflow (drawing_pool), so that they import seaborn and matplotlib while it reads. Strings
+from MLflow go through Jinja's autoescaping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import multiprocessing
@@ -32,7 +35,6 @@ from ..config import FIELDS
 from ..runtime import die_with_parent, process_alive
 from .collect import ReportData, collect, read_histograms, read_summary
 from .figures import Figure, Pick, figure_tasks, telling_runs
-from .papers import section
 from .runpage import page_names, run_figure, slug
 
 SUMMARY_COLUMNS = ["run_name", "activation", "depth", "width", "init", "remedy", "clip", "clip_threshold", "seed", "outcome",
@@ -101,33 +103,49 @@ def runs_with_pages(runs: pd.DataFrame, limit: int | None) -> pd.DataFrame:
     return runs.loc[order.sort_values(["_telling", "_diverged", "_extreme"], kind="stable").index[:limit]]
 
 
-_TASKS: list[Callable[[], object]] = []  # what draw()'s forked workers call, by index
+def _paper_section(paper: str | None, runs: pd.DataFrame, layers: pd.DataFrame):
+    """papers.section, imported where it is drawn (it draws with seaborn)."""
+    from .papers import section
+
+    return section(paper, runs, layers)
 
 
-def _call(index: int) -> object:
-    return _TASKS[index]()
+def _ready() -> None:
+    """A drawing worker's start: die with the report (no page drawn on for a killed report), then
+    import seaborn and matplotlib and draw a first figure, while the report reads MLflow."""
+    die_with_parent()
+    from . import papers, seaborn_figures  # noqa: F401  (papers: for a grid that reproduces one)
+
+    seaborn_figures.warm_up()
 
 
-def draw(tasks: list[Callable[[], object]]) -> list:
-    """Call every task on every core; the results in order. The workers are forked after the data
-    is read, so they inherit the tasks with the tables they hold (and the imported modules, and
-    FIGURE_CHECKS): only an index goes to a worker, only the result comes back. They die with the
-    report (no page drawn on for a killed report)."""
-    global _TASKS
-    workers = min(os.cpu_count() or 1, len(tasks))
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return [task() for task in tasks]
-    _TASKS = tasks
+@contextlib.contextmanager
+def drawing_pool():
+    """A process per core, forked now (the first submit starts them all), for draw() and collect;
+    None where there is one core or no fork."""
+    if (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield None
+        return
+    pool = ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("fork"), initializer=_ready)
+    pool.submit(int)
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=die_with_parent) as pool:
-            try:
-                return list(pool.map(_call, range(len(tasks))))
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    finally:
-        _TASKS = []
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _call(task: Callable[[], object]) -> object:
+    return task()
+
+
+def draw(tasks: list[Callable[[], object]], pool: ProcessPoolExecutor | None) -> list:
+    """Call every task (a picklable call: a function of a module and its arguments), on the pool's
+    workers where there is a pool; the results in order."""
+    if pool is None:
+        return [task() for task in tasks]
+    return list(pool.map(_call, tasks))
 
 
 def build_report(experiment: str = tracking.EXPERIMENT, grid_run_id: str | None = None,
@@ -136,11 +154,13 @@ def build_report(experiment: str = tracking.EXPERIMENT, grid_run_id: str | None 
     <out_dir>/index.html, and log the report to the grid's parent run. Each file appears whole or
     not at all (written aside, then renamed). File names are slugs of the grid's name: a name never
     leaves out_dir. `run_pages`: at most that many run pages (None: one for every run)."""
-    with tempfile.TemporaryDirectory(prefix="gradbench-report-") as downloads:  # artifacts of a remote store
-        return _build(collect(experiment, grid_run_id, downloads), Path(out_dir), run_pages)
+    # the pool's workers start now, so that they import seaborn while the report reads MLflow; they
+    # read the runs' tables too, where there are enough of them. downloads: a remote store's artifacts
+    with drawing_pool() as pool, tempfile.TemporaryDirectory(prefix="gradbench-report-") as downloads:
+        return _build(collect(experiment, grid_run_id, downloads, pool), Path(out_dir), run_pages, pool)
 
 
-def _build(data: ReportData, out_dir: Path, run_pages: int | None) -> Path:
+def _build(data: ReportData, out_dir: Path, run_pages: int | None, pool: ProcessPoolExecutor | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{slug(data.grid)}-{dt.date.today().isoformat()}"
     path = out_dir / f"{stem}.html"
@@ -148,12 +168,12 @@ def _build(data: ReportData, out_dir: Path, run_pages: int | None) -> Path:
     picks = [Pick(label, run, data.table(run.run_id), data.histograms(run.run_id))
              for label, run in telling_runs(data.runs)]
     figures = [*figure_tasks(data.runs, data.layers, data.signal, picks),
-               functools.partial(section, data.reproduces, data.runs, data.layers)]
+               functools.partial(_paper_section, data.reproduces, data.runs, data.layers)]
     names = page_names(data.runs)
     paged = runs_with_pages(data.runs, run_pages)
     pages = dict(zip(paged.run_id, paged.run_id.map(names)))
     drawn = draw(figures + [functools.partial(_run_page, run, data.artifacts, data.grid, path.name, names[run.run_id])
-                            for _, run in paged.iterrows()])
+                            for _, run in paged.iterrows()], pool)
     *summary_figures, paper = drawn[: len(figures)]
     if len(pages) < len(data.runs):
         data.missing.insert(0, f"run pages for {len(data.runs) - len(pages)} of {len(data.runs)} runs: drawn for "

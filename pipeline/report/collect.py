@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import zipfile
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,7 +144,8 @@ JACOBIAN_COLUMNS = {"jac_sv_max": "jacobian/sv_max", "jac_sv_min": "jacobian/sv_
                     "jac_mean_sq_pred": "theory/jacobian_mean_sq"}
 
 
-def collect(experiment: str, grid_run_id: str | None = None, folder: str | None = None) -> ReportData:
+def collect(experiment: str, grid_run_id: str | None = None, folder: str | None = None,
+            pool: Executor | None = None) -> ReportData:
     """The grid's runs and what the summary figures draw. Artifacts that have to be downloaded (a
     server, an object store) land in `folder`, which must outlive the ReportData."""
     client = tracking.get_client()
@@ -180,12 +181,12 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
                                                    runs.precision)]
     artifacts = tracking.ArtifactFiles({r.info.run_id: r.info.artifact_uri for r in found.values()}, folder)
     points = max(SUMMARY_POINTS, ROW_BUDGET // max(len(runs), 1))
-    read = in_processes(_layer_rows, [(artifacts, run_id, points) for run_id in runs.run_id])
+    read = in_processes(_layer_rows, [(artifacts, run_id, points) for run_id in runs.run_id], pool)
     tables = [table for table, _, _ in read if table is not None]
     missing += [f"{name}: {error}" for name, (_, _, error) in zip(runs.run_name, read) if error]
     runs["steps"] = [steps for _, steps, _ in read]
     layers = _joined(tables, runs, LAYER_KEYS) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
-    signal, without_signal = _signal(artifacts, runs[runs.depth == runs.depth.max()], missing)
+    signal, without_signal = _signal(artifacts, runs[runs.depth == runs.depth.max()], missing, pool)
     notices = []
     if parent.data.tags.get(TAG_SYNTHETIC) == "true":
         notices.append("SYNTHETIC DATA: this grid was written by benchmarks/perf/synthetic_store.py to time the "
@@ -215,27 +216,31 @@ def _chunk(job: tuple) -> list:
         return list(pool.map(lambda args: function(*args), jobs))
 
 
-def in_processes(function, jobs: list[tuple]) -> list:
-    """[function(*job) for job in jobs], on every core: a process per core (forked, so it starts at
-    once), each with a few threads. Reading a run's small tables is mostly Python and pyarrow
-    overhead (~5 ms), which threads alone cannot spread over cores."""
+def in_processes(function, jobs: list[tuple], pool: Executor | None = None) -> list:
+    """[function(*job) for job in jobs], on every core: in the processes of `pool` (the report's),
+    or of one forked for them, each with a few threads. Reading a run's small tables is mostly Python
+    and pyarrow overhead (~5 ms), which threads alone cannot spread over cores."""
     workers = min(os.cpu_count() or 1, max(1, len(jobs) // 200))  # a process is worth ~200 reads (~1 s)
-    if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers == 1 or (pool is None and "fork" not in multiprocessing.get_all_start_methods()):
         return _chunk((function, jobs))
     chunks = [(function, jobs[i::workers]) for i in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                             initializer=die_with_parent) as pool:  # not left reading when the report is killed
+    if pool is not None:
         parts = list(pool.map(_chunk, chunks))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=die_with_parent) as own:  # not left reading when the report is killed
+            parts = list(own.map(_chunk, chunks))
     out = [None] * len(jobs)
     for i, part in enumerate(parts):
         out[i::workers] = part
     return out
 
 
-def _signal(artifacts: tracking.ArtifactFiles, runs: pd.DataFrame, missing: list[str]) -> tuple[pd.DataFrame, int]:
+def _signal(artifacts: tracking.ArtifactFiles, runs: pd.DataFrame, missing: list[str],
+            pool: Executor | None = None) -> tuple[pd.DataFrame, int]:
     """signal/propagation.parquet of `runs` (the signal figures draw the deepest nets), joined to
     their configs; and how many runs have none."""
-    read_all = in_processes(_read_signal, [(artifacts, run_id) for run_id in runs.run_id])
+    read_all = in_processes(_read_signal, [(artifacts, run_id) for run_id in runs.run_id], pool)
     signals = [s for s in read_all if isinstance(s, pa.Table)]
     missing += [f"{name}: {s}" for name, s in zip(runs.run_name, read_all) if isinstance(s, str)]
     columns = ["step", "layer", "statistic", "measured", "predicted", "run_id"]

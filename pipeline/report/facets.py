@@ -116,7 +116,3 @@ def facets(key: str, rows: list[Row], xlabel: str, palette: dict, legend_title: 
     width = right + max(svg.text_width(text) for text, *_ in [(legend_title,), *entries]) + 40
     return Markup(svg.document(int(width), int(max(top - 10, TOP + height + 10)), parts, description))
 
-
-def hexes(colours) -> list[str]:
-    """matplotlib/seaborn RGB tuples as #rrggbb."""
-    return ["#{:02x}{:02x}{:02x}".format(*(round(255 * v) for v in colour[:3])) for colour in colours]

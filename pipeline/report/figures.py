@@ -1,40 +1,35 @@
-"""The report's summary figures. Each function returns a Figure (title, caption, and an inline SVG
-or PNG), or None when the grid has nothing to show for it (e.g. no clipped runs). The line-panel
-and heatmap figures are hand-drawn SVG (facets.py, svg.py): sharp at any zoom, and milliseconds
-where matplotlib's layout of fifteen axes took seconds; the others are seaborn/matplotlib PNGs at 2x."""
+"""The report's summary figures, in page order (figure_tasks). Each returns a Figure (title,
+caption, and an inline SVG or PNG), or None when the grid has nothing to show for it (e.g. no
+clipped runs). The line-panel and heatmap figures here are hand-drawn SVG (facets.py, svg.py):
+sharp at any zoom, and milliseconds where matplotlib's layout of fifteen axes took seconds. The
+others are seaborn PNGs (seaborn_figures.py), which this module does not import: a report's
+drawing workers import seaborn while the report itself reads MLflow."""
 
 from __future__ import annotations
 
-import base64
-import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import matplotlib
-import matplotlib.lines
-import matplotlib.pyplot as plt
-import matplotlib.text
-import matplotlib.ticker
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from markupsafe import Markup
 
 from .. import theory
-from ..config import FIELDS, from_dict, pair_keys
+from ..config import FIELDS, from_dict
 from ..diagnosis import LABELS
 from . import svg
-from .facets import Cell, Line, Row, facets, hexes, mean_series
+from .facets import Cell, Line, Row, facets, mean_series
 from .runpage import HISTOGRAM_STEP, histogram_row, log10, thin, where_and_when
 
-DIAGNOSIS_COLORS = dict(zip(LABELS, ["#4c9a2a", "#3b75af", "#d1495b", "#6a3d9a", "#7f7f7f", "#edae49"]))
-# A clipped run and "the same configuration but for clipping"
-CLIP_PAIR_KEYS = pair_keys("clip", "clip_threshold")
+# matplotlib's and seaborn's default colours (tab10), the same in the SVG and the PNG figures
+TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-DPI = 80  # CSS pixels per inch of figure; PNGs are drawn at twice that, so they stay sharp when zoomed
+def palette(keys) -> dict:
+    """A colour per key, in order, tab10's ten over again beyond ten keys (as seaborn's palette)."""
+    return {key: TAB10[i % len(TAB10)] for i, key in enumerate(keys)}
 
 
 @dataclass(frozen=True)
@@ -52,71 +47,8 @@ def _svg_figure(key: str, title: str, caption: str, drawing: str) -> Figure:
     return Figure(key, title, caption, "", width, Markup(drawing))
 
 
-FIGURE_CHECKS: list = []  # functions called on every figure before it is encoded (the tests add check_legible)
-
-
-def _encode(fig: plt.Figure) -> tuple[str, int]:
-    """The figure as a base64 PNG at 2x, and its width in CSS pixels. One laid out by constrained
-    layout already fits what it draws; any other is cropped to it (bbox "tight": one more draw)."""
-    for check in FIGURE_CHECKS:
-        check(fig)
-    buf = io.BytesIO()
-    tight = fig.get_layout_engine() is None
-    fig.savefig(buf, format="png", dpi=2 * DPI, bbox_inches="tight" if tight else None)
-    plt.close(fig)
-    png = buf.getvalue()
-    width = int.from_bytes(png[16:20], "big")  # the IHDR chunk
-    return base64.b64encode(png).decode("ascii"), width // 2
-
-
 class IllegibleFigure(AssertionError):
     """Two text elements of a figure overlap, or an axis spans decades on a linear scale."""
-
-
-def _texts(fig: plt.Figure) -> list:
-    """Every text element that is drawn: titles, axis labels, the tick labels in view, legends,
-    annotations (not findobj's: that also returns the labels of ticks outside the view)."""
-    found = list(fig.texts)
-    for legend in fig.legends:
-        found += [legend.get_title(), *legend.get_texts()]
-    for ax in fig.axes:
-        found += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
-        for axis in (ax.xaxis, ax.yaxis):
-            lo, hi = sorted(axis.get_view_interval())
-            slack = 1e-9 * max(abs(lo), abs(hi), 1.0)
-            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
-                if lo - slack <= tick.get_loc() <= hi + slack:
-                    found += [tick.label1, tick.label2]
-        if ax.get_legend() is not None:
-            found += [ax.get_legend().get_title(), *ax.get_legend().get_texts()]
-    return [t for t in found if t.get_visible() and t.get_text().strip()]
-
-
-def check_legible(fig: plt.Figure) -> None:
-    """No two text elements overlap (from the extents matplotlib renders), none is cut off by the
-    edge of a figure that is not cropped, and no axis whose data spans more than 3 orders of
-    magnitude is linear. Raises IllegibleFigure naming the culprits."""
-    fig.draw_without_rendering()  # lays the figure out (constrained layout) as saving it will
-    renderer = fig.canvas.get_renderer()
-    # a figure that _encode does not crop to what it draws (constrained layout) must hold every text
-    uncropped, edge = fig.get_layout_engine() is not None, fig.bbox.padded(1)
-    boxes = []
-    for text in _texts(fig):
-        box = text.get_window_extent(renderer)
-        if box.width > 0 and box.height > 0:
-            boxes.append((text, box.shrunk(0.96, 0.9)))  # touching edges are fine
-            if uncropped and not (edge.contains(box.x0, box.y0) and edge.contains(box.x1, box.y1)):
-                raise IllegibleFigure(f"text {text.get_text()!r} is cut off by the figure's edge")
-    for i, (a, box_a) in enumerate(boxes):
-        for b, box_b in boxes[i + 1 :]:
-            if box_a.overlaps(box_b):
-                raise IllegibleFigure(f"text {a.get_text()!r} overlaps {b.get_text()!r}")
-    for ax in fig.axes:
-        for axis in ("y", "x"):
-            scale = ax.get_yscale() if axis == "y" else ax.get_xscale()
-            values = _data_values(ax, axis)
-            if scale == "linear" and values.size and (values > 0).all() and values.max() / values.min() > 1e3:
-                raise IllegibleFigure(f"{ax.get_title()!r}: {axis} spans {values.max() / values.min():.0e}, not log")
 
 
 def check_panel(panel: svg.Panel, log_y: bool) -> None:
@@ -130,69 +62,12 @@ def check_panel(panel: svg.Panel, log_y: bool) -> None:
                               "not log")
 
 
-def _data_values(ax, axis: str) -> np.ndarray:
-    """The finite data values in view on an axis, from its lines and scatter points."""
-    values = []
-    for line in ax.get_lines():
-        data = line.get_ydata() if axis == "y" else line.get_xdata()
-        values.append(np.asarray(data, dtype=float).ravel())
-    for collection in ax.collections:
-        offsets = np.asarray(collection.get_offsets(), dtype=float)
-        if offsets.ndim == 2 and offsets.shape[1] == 2 and len(offsets):
-            values.append(offsets[:, 1 if axis == "y" else 0])
-    if not values:
-        return np.array([])
-    flat = np.concatenate(values)
-    lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
-    return flat[np.isfinite(flat) & (flat >= lo) & (flat <= hi)]  # what is in view
-
-
 def _deepest(layers: pd.DataFrame) -> tuple[int, pd.DataFrame]:
     """The deepest nets of the grid, at one clip setting (none where there is one): the rows the
     gradient-flow, signal and training-curve figures compare across activations and inits."""
     clip = "none" if (layers["clip"] == "none").any() else layers["clip"].iloc[0]
     depth = layers.depth.max()
     return depth, layers[(layers.depth == depth) & (layers["clip"] == clip)]
-
-
-def mean_lines(ax, frame: pd.DataFrame, x: str, y: str, hue: str, palette: dict, **line) -> None:
-    """facets.mean_series drawn by matplotlib: a line per hue, a band of one standard deviation
-    where several rows share an x."""
-    for series in mean_series(frame, x, y, hue, palette):
-        colour = palette[series.key]
-        ax.plot(series.x, series.y, color=colour, label=series.key, **line)
-        if series.sd is not None:
-            ax.fill_between(series.x, series.y - series.sd, series.y + series.sd, color=colour, alpha=0.2, linewidth=0)
-
-
-DOTTED = (0, (1.5, 1.5))  # the style of every theory line
-
-
-ANNOTATED_CELLS = 400  # a heatmap panel prints its values up to this many cells (beyond, the colour says it)
-
-
-def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
-    if runs.empty:
-        return None
-    clips = sorted(runs["clip"].unique(), key=lambda c: (c != "none", c))
-    rows = runs.groupby(["activation", "setup"]).ngroups
-    fig, axes = plt.subplots(1, len(clips), figsize=(2.4 + 2.6 * len(clips), 1.2 + 0.32 * rows), squeeze=False,
-                             layout="constrained")
-    index = runs.groupby(["activation", "setup"]).size().index  # the same rows in every panel
-    depths = sorted(runs.depth.unique())
-    for i, (ax, clip) in enumerate(zip(axes[0], clips)):
-        table = runs[runs["clip"] == clip].pivot_table(index=["activation", "setup"], columns="depth", values="test_acc")
-        table = table.reindex(index=index, columns=depths)
-        # the row labels once, on the first panel: drawn on every panel they overlap the neighbour's cells
-        sns.heatmap(table, annot=table.size <= ANNOTATED_CELLS, fmt=".2f", vmin=0, vmax=1, cmap="viridis", cbar=False, ax=ax,
-                    annot_kws={"fontsize": 7}, yticklabels=i == 0)
-        ax.set_title(f"clip = {clip}")
-        ax.set_ylabel("activation - init [+ norm, residual]" if i == 0 else "")
-    return Figure("accuracy", "Final test accuracy",
-                  "Mean final test accuracy over seeds, per activation and init with its normalization and "
-                  "residual remedies if any (rows), and depth (columns), one panel per clip setting; a blank cell "
-                  "is not in the grid. Look for the cells that fall to chance (0.10) as depth grows, and for the "
-                  "remedy that brings them back.", *_encode(fig))
 
 
 def gradient_flow(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
@@ -207,7 +82,7 @@ def gradient_flow(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     if start.empty:
         return None
     inits = sorted(start.setup.unique())
-    palette = dict(zip(inits, hexes(sns.color_palette(n_colors=len(inits)))))
+    colours = palette(inits)
     activations = sorted(start.activation.unique())
     rows = []
     for column, name in [("backprop_norm", "||dL/dh||"), ("weight_grad_norm", "||dL/dW||")]:
@@ -226,7 +101,7 @@ def gradient_flow(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
             error = config_rows.groupby("run_id").slope_error.first().mean()  # the logged theory/slope_error
             if np.isfinite(error):
                 errors.setdefault(activation, []).append(f"{init} {error:+.2f}")
-    drawing = facets("gradient-flow", rows, "layer", palette, "init [+ norm, residual]",
+    drawing = facets("gradient-flow", rows, "layer", colours, "init [+ norm, residual]",
                      "log10 gradient norm per layer at step 0, measured and predicted", prediction="mean-field prediction")
     table = "; ".join(f"{activation}: {', '.join(notes)}" for activation, notes in errors.items())
     worst = f" Measured minus predicted slope of ln||dL/dh|| per layer: {table}." if errors else ""
@@ -282,39 +157,6 @@ def telling_runs(runs: pd.DataFrame) -> list[tuple[str, pd.Series]]:
     return picks
 
 
-def remedies(runs: pd.DataFrame) -> Figure | None:
-    """The four families side by side on the deepest nets: init, clipping, normalization, residual."""
-    if runs.empty or not (runs.remedy != "").any():
-        return None
-    depth = runs.depth.max()
-    deep = runs[runs.depth == depth].copy()
-    clip = np.where(deep["clip"] == "none", "", ", clip " + deep["clip"] + " " + deep.clip_threshold.map("{:g}".format))
-    deep["remedies"] = deep.setup + clip
-    order = (deep.assign(key=list(zip(deep.remedy != "", deep["clip"] != "none", deep.setup)))
-             .sort_values("key").remedies.unique().tolist())
-    deep["log10 first/last"] = log10(deep.first_last_ratio)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 1.4 + 0.3 * len(order)), sharey=True, layout="constrained")
-    for ax, column in zip(axes, ["log10 first/last", "test_acc"]):
-        sns.stripplot(data=deep, x=column, y="remedies", hue="activation", order=order, ax=ax, size=6, jitter=False,
-                      dodge=False, legend=ax is axes[-1])
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].axvline(0, color="black", linewidth=0.8)
-    for x in (-2, 2):  # the diagnosis thresholds (vanishing_ratio 1e-2, exploding_ratio 1e2)
-        axes[0].axvline(x, color="#d1495b", linewidth=0.8, linestyle="--")
-    axes[0].set(xlabel="log10 ||dL/dh|| first layer / last layer, step 0", ylabel="")
-    axes[1].set(xlabel="final test accuracy", xlim=(0, 1))
-    if axes[1].get_legend() is not None:
-        sns.move_legend(axes[1], "center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    return Figure("remedies", f"Remedies side by side (depth {depth})",
-                  "Each row is one combination of remedies on the deepest nets of the grid: the init, with "
-                  "normalization (BatchNorm, LayerNorm) and residual blocks (fixed scale or SkipInit) where a run "
-                  "has them, and gradient clipping. Left: how much larger the error signal is at the first layer "
-                  "than at the last at initialization (0: level; beyond the red dashed lines at -2 and +2 the run "
-                  "is diagnosed vanishing or exploding). Right: final test accuracy. Colour = activation; one dot "
-                  "per seed. Runs without a finite ratio (diverged at step 0) are left out of the left panel.",
-                  *_encode(fig))
-
-
 @dataclass(frozen=True)
 class Pick:
     """A telling run with what the over-time figures draw of it."""
@@ -354,7 +196,7 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
     finite = thin(per_step)
     finite = finite[np.isfinite(finite.loss.astype(float))].astype({"loss": float, "acc": float})
     setups = sorted(finite.setup.unique())
-    palette = dict(zip(setups, hexes(sns.color_palette(n_colors=len(setups)))))
+    colours = palette(setups)
     activations = sorted(finite.activation.unique())
     # the loss axis spans the runs that did not diverge; a diverged run's blow-up (1e18) would
     # otherwise set it, and every other curve would be a flat line at its bottom (it is cut at the edge)
@@ -376,7 +218,7 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
         accuracy.append(Cell(f"acc - {activation}", mean_series(found, "step", "acc", "setup", setups)))
     marked = len(last) > 0
     drawing = facets("training", [Row("train loss" + (" (log)" if log else ""), loss, log=log, ylim=ylim),
-                                  Row("train accuracy", accuracy)], "step", palette, "init [+ norm, residual]",
+                                  Row("train accuracy", accuracy)], "step", colours, "init [+ norm, residual]",
                      "training loss and accuracy per step", dots=False,
                      extra=[("diverged: last finite loss", "#d1495b", "none", "cross")] if marked else None)
     note = (" A red X marks where each diverged run stopped: its last finite loss, or the top edge of the "
@@ -386,66 +228,6 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
                        "= init [+ normalization, residual]; the band is one standard "
                        "deviation over seeds where there are several. Flat curves at loss 2.3 are networks that never "
                        "started to learn." + note, drawing)
-
-
-def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
-    clipped = runs[runs["clip"] != "none"]
-    if clipped.empty:
-        return None
-    per_step = layers[layers.layer == 0]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
-    norms = thin(per_step[per_step["clip"] != "none"])
-    modes = sorted(norms["clip"].unique())
-    colours = dict(zip(modes, sns.color_palette(n_colors=len(modes))))
-    styles = {"global_norm_pre_clip": ("-", "before clipping"), "global_norm_post_clip": ("--", "after clipping")}
-    for column, (style, _) in styles.items():  # median and quartiles over runs, by pandas in one pass
-        quartiles = (norms.assign(v=log10(norms[column])).groupby(["clip", "step"]).v
-                     .quantile([0.25, 0.5, 0.75]).unstack().reset_index())
-        for mode, rows in quartiles.groupby("clip"):
-            axes[0].plot(rows.step, rows[0.5], color=colours[mode], linestyle=style)
-            axes[0].fill_between(rows.step, rows[0.25], rows[0.75], color=colours[mode], alpha=0.2, linewidth=0)
-    axes[0].legend(handles=[matplotlib.lines.Line2D([], [], color=c, label=m) for m, c in colours.items()]
-                   + [matplotlib.lines.Line2D([], [], color="black", linestyle=st, label=label)
-                      for st, label in styles.values()], fontsize=8, title="clip mode", title_fontsize=8)
-    axes[0].set(title="global gradient norm (median, IQR band)", xlabel="step", ylabel="log10 global norm")
-    active = per_step[per_step["clip"] != "none"].groupby(["run_id", "clip", "activation"]).clip_active.mean().reset_index()
-    sns.barplot(data=active, x="activation", y="clip_active", hue="clip", errorbar=("pi", 100), ax=axes[1])
-    axes[1].set(title="fraction of steps clipped", ylabel="fraction", ylim=(0, 1))
-    if active.activation.nunique() > 4:  # eight names side by side run into each other
-        axes[1].tick_params(axis="x", rotation=45)
-    pairs = clipped.merge(runs[runs["clip"] == "none"], on=CLIP_PAIR_KEYS, suffixes=("", "_none"))
-    if not pairs.empty:
-        sns.scatterplot(data=pairs, x="test_acc_none", y="test_acc", hue="clip", style="activation", ax=axes[2])
-        axes[2].plot([0, 1], [0, 1], "k--", lw=0.8)
-        sns.move_legend(axes[2], "center left", bbox_to_anchor=(1.02, 0.5), frameon=False, fontsize=7)
-    axes[2].set(title="test accuracy: clipped vs not", xlabel="without clipping", ylabel="with clipping",
-                xlim=(0, 1), ylim=(0, 1))
-    return Figure("clipping", "Gradient clipping",
-                  "Left: global gradient norm before (solid) and after (dashed) clipping, colour = clip mode "
-                  "(norm: the global L2 norm is clipped; value: each element; agc: each unit). Middle: how often the "
-                  "clip was active, the mean over runs (the black line: from the least to the most clipped run). Right: each clipped run against the same configuration without clipping; points "
-                  "above the diagonal are runs that clipping helped.", *_encode(fig))
-
-
-def outcomes(runs: pd.DataFrame) -> Figure | None:
-    if runs.empty:
-        return None
-    factors = [f for f in ("activation", "init", "depth", "clip") if runs[f].nunique() > 0]
-    if (runs.remedy != "").any():
-        factors.append("remedy")
-        runs = runs.assign(remedy=runs.remedy.replace("", "none"))
-    fig, axes = plt.subplots(1, len(factors), figsize=(4.2 * len(factors), 3.6), squeeze=False)
-    for i, (ax, factor) in enumerate(zip(axes[0], factors)):
-        counts = pd.crosstab(runs[factor], runs.diagnosis).reindex(columns=[l for l in LABELS if l in set(runs.diagnosis)])
-        counts.plot.bar(stacked=True, ax=ax, color=[DIAGNOSIS_COLORS.get(c, "#999") for c in counts.columns],
-                        legend=i == len(factors) - 1, width=0.8)
-        ax.set(title=f"by {factor}", xlabel="", ylabel="runs")
-        ax.tick_params(axis="x", rotation=45)
-    if len(factors):
-        axes[0][-1].legend(title="diagnosis", bbox_to_anchor=(1.02, 1), loc="upper left")
-    return Figure("outcomes", "Outcomes",
-                  "How many runs were diagnosed healthy, vanishing, exploding, diverged, dead or saturated, by each "
-                  "factor of the grid. The rules and thresholds are in the README.", *_encode(fig))
 
 
 def histograms_over_time(picks: list[Pick]) -> Figure | None:
@@ -478,7 +260,7 @@ def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
     if start.empty:
         return None
     setups = sorted(start.setup.unique())
-    palette = dict(zip(setups, hexes(sns.color_palette(n_colors=len(setups)))))
+    colours = palette(setups)
     activations = sorted(start.activation.unique())
     rows = []
     for statistic in ["q", "c"]:
@@ -496,7 +278,7 @@ def signal_propagation(signal: pd.DataFrame | None) -> Figure | None:
         c_low = float(start[start.statistic == "c"].measured.min()) if statistic == "c" else 0.0
         rows.append(Row("log10 q (mean z^2)" if statistic == "q" else "c (mean correlation)", cells,
                         ylim=None if statistic == "q" else (min(-0.05, c_low - 0.05), 1.05)))
-    drawing = facets("signal", rows, "layer", palette, "init [+ norm, residual]",
+    drawing = facets("signal", rows, "layer", colours, "init [+ norm, residual]",
                      "forward q and c per layer at step 0, measured and predicted", prediction="q/c-map prediction")
     return _svg_figure("signal", f"Signal propagation at initialization (depth {depth})",
                   "Forward pass at step 0, per hidden layer (0 next to the input): top, q, the mean squared "
@@ -518,7 +300,7 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
     if nets.empty or not (nets.statistic == "gsnr").any():
         return None
     setups = sorted(nets.setup.unique())
-    palette = dict(zip(setups, hexes(sns.color_palette(n_colors=len(setups)))))
+    colours = palette(setups)
     activations = sorted(nets.activation.unique())
     # each run's first and last recorded histogram step (a diverged run's last is earlier)
     last = nets.groupby("run_id").step.transform("max")
@@ -536,7 +318,7 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
                                                                "setup", setups, band=False, dashed=lower))
                                 for activation in activations],
                         ylim=(-0.05, 1.05) if statistic == "zero_fraction" else None))
-    drawing = facets("gradient-signal", rows, "layer", palette, "init [+ norm, residual]",
+    drawing = facets("gradient-signal", rows, "layer", colours, "init [+ norm, residual]",
                      "gradient signal-to-noise ratio per layer")
     return _svg_figure("gradient-signal", f"Gradient signal-to-noise per layer (depth {depth})",
                   "Per layer (0 next to the input) of the deepest nets, the GSNR of dL/dW over one batch "
@@ -550,40 +332,102 @@ def gradient_signal(signal: pd.DataFrame | None) -> Figure | None:
                      "inputs that are 0 across the batch, fp16 underflow)." if len(panels) == 3 else ""), drawing)
 
 
+DIAGNOSIS_COLORS = dict(zip(LABELS, ["#4c9a2a", "#3b75af", "#d1495b", "#6a3d9a", "#7f7f7f", "#edae49"]))
+
+
+def outcomes(runs: pd.DataFrame) -> Figure | None:
+    if runs.empty:
+        return None
+    factors = [f for f in ("activation", "init", "depth", "clip") if runs[f].nunique() > 0]
+    if (runs.remedy != "").any():
+        factors.append("remedy")
+        runs = runs.assign(remedy=runs.remedy.replace("", "none"))
+    found = set(runs.diagnosis)
+    labels = [label for label in LABELS if label in found] + sorted(found - set(LABELS))
+    tables = [pd.crosstab(runs[factor], runs.diagnosis).reindex(columns=labels, fill_value=0) for factor in factors]
+    longest = max(svg.text_width(str(value)) for table in tables for value in table.index)
+    parts, left, top, height = [], 60.0, 34.0, 180.0
+    for i, (factor, table) in enumerate(zip(factors, tables)):
+        # slanted labels' boxes must not overlap their neighbours' (Chromium's check): wide enough columns
+        column = max(30.0, 0.77 * max(svg.text_width(str(value)) for value in table.index) + 8)
+        width = max(110.0, column * len(table))
+        panel = svg.Panel(left, top, width, height, (-0.5, len(table) - 0.5), (0.0, 1.05 * table.sum(axis=1).max()))
+        for column, (value, row) in enumerate(table.iterrows()):
+            base = 0
+            for label in labels:
+                if row[label]:
+                    panel.bar(column - 0.4, column + 0.4, base, base + row[label], DIAGNOSIS_COLORS.get(label, "#999"),
+                              name=f"{factor} {value}: {row[label]} {label}")
+                    base += row[label]
+        panel.frame(f"by {factor}", "", "runs" if i == 0 else "", integer_y=True, slant=True,
+                    xticks=[(column, str(value)) for column, value in enumerate(table.index)])
+        parts.append(panel.svg())
+        left += width + 48
+    drawn, legend_height = svg.legend(left - 20, top, "diagnosis",
+                                      [(label, DIAGNOSIS_COLORS.get(label, "#999"), "none", "dot") for label in labels])
+    parts.append(drawn)
+    bottom = top + max(height + 0.64 * longest + 30, legend_height + 10)
+    drawing = svg.document(int(left + 100), int(bottom), parts, "diagnosis counts by each factor of the grid")
+    return _svg_figure("outcomes", "Outcomes",
+                       "How many runs were diagnosed healthy, vanishing, exploding, diverged, dead or saturated, by "
+                       "each factor of the grid. The rules and thresholds are in the README.", drawing)
+
+
 def jacobian_spectrum(runs: pd.DataFrame) -> Figure | None:
     """The input-output Jacobian at step 0: its mean squared singular value against the theory's,
     run by run, and the spread of its singular values against depth."""
     runs = runs[np.isfinite(runs.jac_mean_sq.astype(float)) & (runs.jac_mean_sq > 0)]
     if runs.empty:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
     paired = runs[np.isfinite(runs.jac_mean_sq_pred.astype(float)) & (runs.jac_mean_sq_pred > 0)]
-    activations = sorted(runs.activation.unique())
-    colours = dict(zip(activations, sns.color_palette(n_colors=len(activations))))
-    for activation, rows in paired.groupby("activation"):
-        axes[0].scatter(rows.jac_mean_sq_pred, rows.jac_mean_sq, s=16, color=colours[activation], label=activation)
-    if len(paired):
-        low = float(min(paired.jac_mean_sq_pred.min(), paired.jac_mean_sq.min())) / 2
-        high = float(max(paired.jac_mean_sq_pred.max(), paired.jac_mean_sq.max())) * 2
-        axes[0].plot([low, high], [low, high], color="black", linestyle=DOTTED, linewidth=1,
-                     label="measured = predicted")
-        axes[0].legend(fontsize=7, loc="upper left")
-    axes[0].set(xscale="log", yscale="log", xlabel="predicted (product of chi_l)", ylabel="measured",
-                title="mean squared singular value of J")
+    parts, left, top = [], 70.0, 34.0
+    if len(paired):  # left: measured against predicted, log-log, one dot per run
+        activations = sorted(paired.activation.unique())
+        colours = palette(activations)
+        predicted = np.log10(paired.jac_mean_sq_pred.to_numpy(dtype=float))
+        measured = np.log10(paired.jac_mean_sq.to_numpy(dtype=float))
+        lo, hi = svg.limits(np.concatenate([predicted, measured]), pad=0.08)
+        panel = svg.Panel(left, top, 240, 220, (lo, hi), (lo, hi))
+        panel.line([lo, hi], [lo, hi], "black", width=1.2, style="dotted", name="measured = predicted")
+        for activation in activations:
+            mine = (paired.activation == activation).to_numpy()
+            panel.points(predicted[mine], measured[mine], colours[activation], name=activation)
+        panel.frame("mean squared singular value of J", "predicted (product of chi_l)", "measured", log_x=True,
+                    log_y=True)
+        parts.append(panel.svg())
+        entries = [(a, colours[a], "none", "dot") for a in activations] + [("measured = predicted", "black", "dotted", "")]
+        drawn, _ = svg.legend(left + 252, top + 4, "activation", entries)
+        parts.append(drawn)
+        # past the legend, room for the right panel's tick labels and axis label
+        left += 252 + 30 + max(svg.text_width(text) for text, *_ in entries) + 80
+    # right: the spread of the singular values against depth, a line per setup over seeds and widths
     setups = sorted(runs.setup.unique())
-    palette = dict(zip(setups, sns.color_palette(n_colors=len(setups))))
-    mean_lines(axes[1], runs.astype({"jac_log10_sd": float}), "depth", "jac_log10_sd", "setup", palette, marker="o",
-               markersize=4)
-    axes[1].set(title="spread of J's singular values", xlabel="depth", ylabel="sd of log10 singular value")
+    colours = palette(setups)
     depths = sorted(runs.depth.unique())
-    if depths[-1] > 10 * depths[0]:
-        axes[1].set_xscale("log")
-        axes[1].minorticks_off()
-    axes[1].set_xticks(depths, labels=[str(d) for d in depths])
-    axes[1].legend(fontsize=7, title="init [+ norm, residual]", title_fontsize=7, loc="center left",
-                   bbox_to_anchor=(1.02, 0.5), frameon=False)
+    log_depth = depths[-1] > 10 * depths[0]
+    spread = runs.astype({"jac_log10_sd": float}).assign(x=np.log10(runs.depth.astype(float)) if log_depth
+                                                         else runs.depth.astype(float))
+    lines = mean_series(spread, "x", "jac_log10_sd", "setup", setups)
+    xs = np.log10(np.array(depths, dtype=float)) if log_depth else np.array(depths, dtype=float)
+    reach = [line.y if line.sd is None else np.append(line.y - line.sd, line.y + line.sd) for line in lines]
+    panel = svg.Panel(left, top, 260, 220, svg.limits(xs, pad=0.08), svg.limits(np.concatenate([[0.0], *reach]),
+                                                                                 pad=0.06))
+    for line in lines:
+        if line.sd is not None:
+            panel.band(line.x, line.y - line.sd, line.y + line.sd, colours[line.key])
+    for line in lines:
+        panel.line(line.x, line.y, colours[line.key], width=1.8, dots=True, name=line.key)
+    panel.frame("spread of J's singular values", "depth", "sd of log10 singular value",
+                xticks=[(x, str(d)) for x, d in zip(xs, depths)])
+    parts.append(panel.svg())
+    drawn, legend_height = svg.legend(left + 272, top + 4, "init [+ norm, residual]",
+                                      [(s, colours[s], "solid", "dot") for s in setups])
+    parts.append(drawn)
+    width = left + 272 + max(svg.text_width(s) for s in [*setups, "init [+ norm, residual]"]) + 50
+    drawing = svg.document(int(width), int(max(top + 220 + 50, top + legend_height + 10)), parts,
+                           "the input-output Jacobian's singular values, measured and predicted")
     without = len(paired) < len(runs)
-    return Figure("jacobian", "Input-output Jacobian at initialization",
+    return _svg_figure("jacobian", "Input-output Jacobian at initialization",
                   "J = dz_{H-1}/dz_0, the last hidden layer's pre-activation against the first's, at 8 inputs of "
                   "the step-0 batch. Left: its mean squared singular value, measured against mean-field theory's "
                   "prediction (the product over layers of chi_l = sigma_w^2 E[phi'(z_l)^2]; Pennington et al. "
@@ -593,7 +437,14 @@ def jacobian_spectrum(runs: pd.DataFrame) -> Figure | None:
                   "deviation, against depth: a wide spread is what dynamical isometry (orthogonal weights at "
                   "chi = 1) avoids, even where the mean is right."
                   + (" Runs without a prediction (normalization, residual blocks) are on the right only." if without
-                     else ""), *_encode(fig))
+                     else ""), drawing)
+
+
+def _seaborn(name: str, *args) -> Figure | None:
+    """seaborn_figures.<name>(*args), imported where it is drawn."""
+    from . import seaborn_figures
+
+    return getattr(seaborn_figures, name)(*args)
 
 
 def figure_tasks(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame | None = None,
@@ -602,15 +453,15 @@ def figure_tasks(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame 
     every core); `picks`: the telling runs (telling_runs) with their tables."""
     picks = list(picks)
     return [
-        partial(accuracy_heatmaps, runs),
+        partial(_seaborn, "accuracy_heatmaps", runs),
         partial(gradient_flow, layers, runs),
         partial(signal_propagation, signal),
         partial(gradient_signal, signal),
         partial(jacobian_spectrum, runs),
-        partial(remedies, runs),
+        partial(_seaborn, "remedies", runs),
         partial(layer_step_heatmaps, picks),
         partial(histograms_over_time, picks),
         partial(training_curves, layers),
-        partial(clipping, layers, runs),
+        partial(_seaborn, "clipping", layers, runs),
         partial(outcomes, runs),
     ]

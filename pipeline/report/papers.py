@@ -11,7 +11,8 @@ import pandas as pd
 import seaborn as sns
 
 from .. import theory
-from .figures import Figure, _encode
+from .figures import Figure
+from .seaborn_figures import _encode
 
 # Glorot & Bengio 2010, Table 1, MNIST column: test error (%) after training; "N" (normalized
 # init) is xavier_uniform, the plain rows used U(+-1/sqrt(fan_in)), PyTorch's default.

@@ -77,8 +77,10 @@ def text_width(text: str, size: int = FONT) -> float:
 
 
 def _text(x: float, y: float, text: str, size: int = FONT, anchor: str = "middle", colour: str = "#222",
-          rotate: bool = False, weight: str = "normal") -> str:
-    turn = f' transform="rotate(-90 {x:.1f} {y:.1f})"' if rotate else ""
+          rotate: bool = False, weight: str = "normal", angle: float = 0) -> str:
+    """`rotate`: upright (-90 degrees, an axis label); `angle`: any other turn about (x, y)."""
+    angle = -90 if rotate else angle
+    turn = f' transform="rotate({angle:g} {x:.1f} {y:.1f})"' if angle else ""
     return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" fill="{colour}" '
             f'font-weight="{weight}"{turn}>{escape(text)}</text>')
 
@@ -156,6 +158,22 @@ class Panel:
             points = " ".join(f"{a:.1f},{b:.1f}" for a, b in edge)
             self.data.append(f'<polygon points="{points}" fill="{colour}" fill-opacity="{opacity}" stroke="none"/>')
 
+    def points(self, xs, ys, colour: str, radius: float = 3.0, name: str = "") -> None:
+        """A dot at each finite point (a scatter plot); `name` shows on hovering one."""
+        px, py, runs = self._runs(xs, ys)
+        tip = f"<title>{escape(name)}</title>" if name else ""
+        self.data += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="{radius}" fill="{colour}">{tip}</circle>'
+                      for run in runs for a, b in zip(px[run], py[run])]
+
+    def bar(self, x0: float, x1: float, y0: float, y1: float, colour: str, name: str = "") -> None:
+        """A rectangle from (x0, y0) to (x1, y1) in data coordinates (a bar, or a stacked bar's part)."""
+        left, right = sorted(self.px([x0, x1]))
+        top, bottom = sorted(self.py([y0, y1]))
+        self.ys.append(np.array([y0, y1], dtype=float))
+        tip = f"<title>{escape(name)}</title>" if name else ""
+        self.data.append(f'<rect x="{left:.1f}" y="{top:.1f}" width="{right - left:.1f}" height="{bottom - top:.1f}" '
+                         f'fill="{colour}">{tip}</rect>')
+
     def crosses(self, xs, ys, colour: str, size: float = 3.5, width: float = 1.4, edge: bool = False) -> None:
         """An x at each finite point. `edge`: drawn over the frame, unclipped (a mark on the panel's edge)."""
         px, py, runs = self._runs(xs, ys)
@@ -178,11 +196,13 @@ class Panel:
 
     def frame(self, title: str = "", xlabel: str = "", ylabel: str = "", integer_x: bool = False,
               integer_y: bool = False, log_y: bool = False, side: str = "left",
-              ylabel_colour: str = "#222", xaxis: bool = True, x_labels: bool = True, y_labels: bool = True) -> None:
-        """The box, the ticks and their labels, the title above, the axis labels. `log_y`: the y values
-        are log10 of what the labels say. `side`: where the y ticks go (a second y axis on the same
-        rectangle takes the right). `x_labels`, `y_labels`: False leaves the ticks unlabelled (panels
-        in a row or column that share the axis)."""
+              ylabel_colour: str = "#222", xaxis: bool = True, x_labels: bool = True, y_labels: bool = True,
+              log_x: bool = False, xticks: list[tuple[float, str]] | None = None, slant: bool = False) -> None:
+        """The box, the ticks and their labels, the title above, the axis labels. `log_y`, `log_x`: the
+        values are log10 of what the labels say. `side`: where the y ticks go (a second y axis on the
+        same rectangle takes the right). `x_labels`, `y_labels`: False leaves the ticks unlabelled
+        (panels in a row or column that share the axis). `xticks`: (value, label) pairs instead of
+        round values (categories); `slant`: their labels turned 40 degrees, for long names."""
         for check in CHECKS:
             check(self, log_y)
         x, y, w, h = self.x, self.y, self.w, self.h
@@ -190,12 +210,20 @@ class Panel:
         if xaxis:
             out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" fill="none" stroke="#444" '
                        'stroke-width="0.8"/>')
-            for value, at in zip(xs := ticks(*self.xlim, integer=integer_x), self.px(xs)):
+            if xticks is None:
+                xs = log_ticks(*self.xlim) if log_x else ticks(*self.xlim, integer=integer_x)
+                xticks = [(value, power_label(value) if log_x else label(value)) for value in xs]
+            drop = 33  # from the frame's bottom to the axis label's baseline
+            for (_, name), at in zip(xticks, self.px([value for value, _ in xticks])):
                 out.append(f'<line x1="{at:.1f}" y1="{y + h:.1f}" x2="{at:.1f}" y2="{y + h + 4:.1f}" stroke="#444"/>')
-                if x_labels:
-                    out.append(_text(at, y + h + 16, label(value)))
+                if x_labels and slant:  # the label ends under its tick, coming up from the lower left (low
+                    # enough that its box clears the y axis's lowest tick label)
+                    out.append(_text(at + 3, y + h + 18, name, anchor="end", angle=-40))
+                    drop = max(drop, 0.64 * text_width(name) + 36)
+                elif x_labels:
+                    out.append(_text(at, y + h + 16, name))
             if xlabel:
-                out.append(_text(x + w / 2, y + h + 33, xlabel, size=FONT + 1))
+                out.append(_text(x + w / 2, y + h + drop, xlabel, size=FONT + 1))
             if title:
                 out.append(_text(x + w / 2, y - 8, title, size=FONT + 2, weight="bold"))
         edge, step = (x, -1) if side == "left" else (x + w, 1)
