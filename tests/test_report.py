@@ -1,8 +1,10 @@
 """The report stage, from a real MLflow store, and the report and MLflow UI in headless Chromium."""
 
 import base64
+import functools
 import io
 import json
+import operator
 import os
 import re
 from pathlib import Path
@@ -20,6 +22,7 @@ from pipeline.config import GridSpec
 from pipeline.grid import run_grid
 from pipeline.report import figures, seaborn_figures, svg
 from pipeline.report.runpage import slug
+from pipeline.report.workers import Seaborn, draw, workers
 from tests.conftest import MlflowServer
 
 TINY_BASE = {"depth": 4, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 8, "log_every": 2}
@@ -210,6 +213,19 @@ def test_gradient_flow_lines_are_the_logged_step0_norms(tiny_report):
     slope, offset = np.polyfit(v, y, 1)
     assert slope < 0  # larger values are drawn higher up, at smaller y
     np.testing.assert_allclose(y, slope * v + offset, atol=0.15)  # drawn to 0.1 px
+
+
+def test_draw_returns_results_in_task_order_from_both_kinds_of_worker_and_raises_a_tasks_error():
+    tasks = [Seaborn(operator.add, 1, 2), functools.partial(operator.mul, 3, 4), Seaborn(str.upper, "a"),
+             functools.partial(pow, 2, 5)]
+    with workers() as drawing:
+        if drawing is None:
+            pytest.skip("one core or no fork: everything is drawn in the report's process")
+        assert draw(tasks, drawing) == [3, 12, "A", 32]
+        assert draw([Seaborn(os.getpid), functools.partial(os.getpid)], drawing)[0] != os.getpid()  # elsewhere
+    for failing in (Seaborn(operator.truediv, 1, 0), functools.partial(operator.truediv, 1, 0)):
+        with pytest.raises(ZeroDivisionError), workers() as drawing:
+            draw([failing, functools.partial(abs, -1)], drawing)
 
 
 def test_the_legibility_check_catches_overlaps_and_linear_decades():

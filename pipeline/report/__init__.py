@@ -6,24 +6,20 @@
 
 The summary's line and heatmap figures and each run page's figure are inline SVG (svg.py), its
 other figures seaborn PNGs inlined as data: URIs; no page makes a network request, each opens from
-file:// offline. Figures and pages are drawn on every core, by workers started before the report
-reads MLflow (drawing_pool), so that they import seaborn and matplotlib while it reads. Strings
-from MLflow go through Jinja's autoescaping.
+file:// offline. Figures and pages are drawn on every core by processes started before the report
+reads MLflow (workers.py): the one that draws with seaborn imports it while the report reads.
+Strings from MLflow go through Jinja's autoescaping.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
-import multiprocessing
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import jinja2
@@ -32,10 +28,11 @@ import pandas as pd
 
 from .. import tracking
 from ..config import FIELDS
-from ..runtime import die_with_parent, process_alive
+from ..runtime import process_alive
 from .collect import ReportData, collect, read_histograms, read_summary
-from .figures import Figure, Pick, figure_tasks, telling_runs
+from .figures import Figure, Pick, figure_tasks, paper_section, telling_runs
 from .runpage import page_names, run_figure, slug
+from .workers import Seaborn, Workers, draw, workers
 
 SUMMARY_COLUMNS = ["run_name", "activation", "depth", "width", "init", "remedy", "clip", "clip_threshold", "seed", "outcome",
                    "diagnosis", "test_acc", "first_last_ratio"]
@@ -103,64 +100,20 @@ def runs_with_pages(runs: pd.DataFrame, limit: int | None) -> pd.DataFrame:
     return runs.loc[order.sort_values(["_telling", "_diverged", "_extreme"], kind="stable").index[:limit]]
 
 
-def _paper_section(paper: str | None, runs: pd.DataFrame, layers: pd.DataFrame):
-    """papers.section, imported where it is drawn (it draws with seaborn)."""
-    from .papers import section
-
-    return section(paper, runs, layers)
-
-
-def _ready() -> None:
-    """A drawing worker's start: die with the report (no page drawn on for a killed report), then
-    import seaborn and matplotlib and draw a first figure, while the report reads MLflow."""
-    die_with_parent()
-    from . import papers, seaborn_figures  # noqa: F401  (papers: for a grid that reproduces one)
-
-    seaborn_figures.warm_up()
-
-
-@contextlib.contextmanager
-def drawing_pool():
-    """A process per core, forked now (the first submit starts them all), for draw() and collect;
-    None where there is one core or no fork."""
-    if (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        yield None
-        return
-    pool = ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("fork"), initializer=_ready)
-    pool.submit(int)
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-
-
-def _call(task: Callable[[], object]) -> object:
-    return task()
-
-
-def draw(tasks: list[Callable[[], object]], pool: ProcessPoolExecutor | None) -> list:
-    """Call every task (a picklable call: a function of a module and its arguments), on the pool's
-    workers where there is a pool; the results in order."""
-    if pool is None:
-        return [task() for task in tasks]
-    return list(pool.map(_call, tasks))
-
-
 def build_report(experiment: str = tracking.EXPERIMENT, grid_run_id: str | None = None,
                  out_dir: str | os.PathLike = "reports", run_pages: int | None = RUN_PAGES) -> Path:
     """Write <out_dir>/<grid>-<date>.html with a page per run in <out_dir>/<grid>-<date>/, refresh
     <out_dir>/index.html, and log the report to the grid's parent run. Each file appears whole or
     not at all (written aside, then renamed). File names are slugs of the grid's name: a name never
     leaves out_dir. `run_pages`: at most that many run pages (None: one for every run)."""
-    # the pool's workers start now, so that they import seaborn while the report reads MLflow; they
-    # read the runs' tables too, where there are enough of them. downloads: a remote store's artifacts
-    with drawing_pool() as pool, tempfile.TemporaryDirectory(prefix="gradbench-report-") as downloads:
-        return _build(collect(experiment, grid_run_id, downloads, pool), Path(out_dir), run_pages, pool)
+    # the drawing processes start now, to import seaborn while the report reads MLflow; the pool reads
+    # a big grid's tables too. downloads: where a remote store's artifacts land
+    with workers() as drawing, tempfile.TemporaryDirectory(prefix="gradbench-report-") as downloads:
+        return _build(collect(experiment, grid_run_id, downloads, drawing.pool if drawing else None), Path(out_dir),
+                      run_pages, drawing)
 
 
-def _build(data: ReportData, out_dir: Path, run_pages: int | None, pool: ProcessPoolExecutor | None = None) -> Path:
+def _build(data: ReportData, out_dir: Path, run_pages: int | None, drawing: Workers | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{slug(data.grid)}-{dt.date.today().isoformat()}"
     path = out_dir / f"{stem}.html"
@@ -168,12 +121,12 @@ def _build(data: ReportData, out_dir: Path, run_pages: int | None, pool: Process
     picks = [Pick(label, run, data.table(run.run_id), data.histograms(run.run_id))
              for label, run in telling_runs(data.runs)]
     figures = [*figure_tasks(data.runs, data.layers, data.signal, picks),
-               functools.partial(_paper_section, data.reproduces, data.runs, data.layers)]
+               Seaborn(paper_section, data.reproduces, data.runs, data.layers)]
     names = page_names(data.runs)
     paged = runs_with_pages(data.runs, run_pages)
     pages = dict(zip(paged.run_id, paged.run_id.map(names)))
     drawn = draw(figures + [functools.partial(_run_page, run, data.artifacts, data.grid, path.name, names[run.run_id])
-                            for _, run in paged.iterrows()], pool)
+                            for _, run in paged.iterrows()], drawing)
     *summary_figures, paper = drawn[: len(figures)]
     if len(pages) < len(data.runs):
         data.missing.insert(0, f"run pages for {len(data.runs) - len(pages)} of {len(data.runs)} runs: drawn for "

@@ -22,6 +22,7 @@ from ..diagnosis import LABELS
 from . import svg
 from .facets import Cell, Line, Row, facets, mean_series
 from .runpage import HISTOGRAM_STEP, histogram_row, log10, thin, where_and_when
+from .workers import Seaborn
 
 # matplotlib's and seaborn's default colours (tab10), the same in the SVG and the PNG figures
 TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -441,10 +442,17 @@ def jacobian_spectrum(runs: pd.DataFrame) -> Figure | None:
 
 
 def _seaborn(name: str, *args) -> Figure | None:
-    """seaborn_figures.<name>(*args), imported where it is drawn."""
+    """seaborn_figures.<name>(*args), imported where it is drawn (the report's seaborn process)."""
     from . import seaborn_figures
 
     return getattr(seaborn_figures, name)(*args)
+
+
+def paper_section(paper: str | None, runs: pd.DataFrame, layers: pd.DataFrame):
+    """papers.section (a grid's reproduction of a paper, drawn with seaborn), imported where it is drawn."""
+    from .papers import section
+
+    return section(paper, runs, layers)
 
 
 def figure_tasks(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame | None = None,
@@ -453,15 +461,15 @@ def figure_tasks(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame 
     every core); `picks`: the telling runs (telling_runs) with their tables."""
     picks = list(picks)
     return [
-        partial(_seaborn, "accuracy_heatmaps", runs),
+        Seaborn(_seaborn, "accuracy_heatmaps", runs),
         partial(gradient_flow, layers, runs),
         partial(signal_propagation, signal),
         partial(gradient_signal, signal),
         partial(jacobian_spectrum, runs),
-        partial(_seaborn, "remedies", runs),
+        Seaborn(_seaborn, "remedies", runs),
         partial(layer_step_heatmaps, picks),
         partial(histograms_over_time, picks),
         partial(training_curves, layers),
-        partial(_seaborn, "clipping", layers, runs),
+        Seaborn(_seaborn, "clipping", layers, runs),
         partial(outcomes, runs),
     ]
