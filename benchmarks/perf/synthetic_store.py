@@ -167,18 +167,27 @@ def time_report(experiment: str, out_dir: Path) -> tuple[float, float | None]:
               help="Steps of each run's layer table (a quick-grid run has 300).")
 @click.option("--report/--no-report", default=True, show_default=True, help="Time `gradbench report` on it.")
 @click.option("--keep", type=click.Path(file_okay=False), default=None,
-              help="Build the store in this folder and keep it (default: a temporary one).")
+              help="Build the store in this folder and keep it (default: a temporary one); a folder that "
+                   "already holds the store of --runs is reused.")
 def main(runs: int, steps: int, report: bool, keep: str | None) -> None:
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gradbench-synthetic-"))
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder.resolve()}/mlflow.db"
     experiment = "synthetic"
-    tracking.get_client().create_experiment(experiment, artifact_location=(folder / "artifacts").resolve().as_uri())
+    client = tracking.get_client()
     try:
-        spec, seconds = build(runs, steps, experiment)
-        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
-        click.echo(f"{runs} synthetic runs of {steps} steps written in {seconds:.0f} s; store {size:,.0f} MB "
-                   f"({folder})")
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=(folder / "artifacts").resolve().as_uri())
+            spec, seconds = build(runs, steps, experiment)
+            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+            click.echo(f"{runs} synthetic runs of {steps} steps written in {seconds:.0f} s; store {size:,.0f} MB "
+                       f"({folder})")
+        else:
+            held = tracking.grid_spec_of(client, tracking.find_grid_run(client, experiment, None)).name
+            if held != f"synthetic-{runs}":
+                raise click.UsageError(f"{folder} holds the store of grid {held}, not synthetic-{runs}: "
+                                       "pass another --keep folder")
+            click.echo(f"reusing the store of {held} in {folder}")
         if report:
             wall, peak = time_report(experiment, folder / "reports")
             click.echo(f"gradbench report on {runs} runs: {wall:.0f} s, peak RSS "

@@ -36,7 +36,7 @@ class Cell:
     title: str
     lines: list[Line]
     predictions: list[Line] = field(default_factory=list)  # black dotted, crosses in the key's colour
-    stops: tuple[np.ndarray, np.ndarray] | None = None  # red X marks at (x, y), on the top edge beyond it
+    stops: tuple[np.ndarray, np.ndarray] | None = None  # red X marks at (x, y), on the panel's edge beyond it
 
 
 @dataclass
@@ -99,8 +99,7 @@ def facets(key: str, rows: list[Row], xlabel: str, palette: dict, legend_title: 
                 panel.line(line.x, line.y, "black", width=1.6, style="dotted", name=f"{line.key}: {prediction}")
                 panel.crosses(line.x, line.y, palette[line.key])
             if cell.stops is not None and len(cell.stops[0]):
-                panel.crosses(cell.stops[0], np.minimum(cell.stops[1], ylim[1]), "#d1495b", size=5, width=2.4,
-                              edge=True)
+                panel.crosses(cell.stops[0], np.clip(cell.stops[1], *ylim), "#d1495b", size=5, width=2.4, edge=True)
             panel.frame(cell.title, xlabel if last else "", row.ylabel if c == 0 else "", integer_x=integer_x,
                         log_y=row.log, x_labels=last, y_labels=c == 0)
             parts.append(panel.svg())

@@ -206,7 +206,7 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
     log = bool(len(lasting)) and lasting.max() / lasting.min() > 10
     shown = (lambda v: np.log10(np.maximum(v, 1e-30))) if log else (lambda v: v)
     ylim = (float(shown(lasting.min() * 0.8)), float(shown(lasting.max() * 1.25))) if len(lasting) else None
-    # where each diverged run stopped: its last finite loss, on the top edge when beyond the panel
+    # where each diverged run stopped: its last finite loss, on the panel's edge when beyond it
     stopped = per_step[(per_step.diagnosis == "diverged") & np.isfinite(per_step.loss.astype(float))]
     last = stopped.loc[stopped.groupby("run_id").step.idxmax()] if len(stopped) else stopped
     loss, accuracy = [], []
@@ -222,7 +222,7 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
                                   Row("train accuracy", accuracy)], "step", colours, "init [+ norm, residual]",
                      "training loss and accuracy per step", dots=False,
                      extra=[("diverged: last finite loss", "#d1495b", "none", "cross")] if marked else None)
-    note = (" A red X marks where each diverged run stopped: its last finite loss, or the top edge of the "
+    note = (" A red X marks where each diverged run stopped: its last finite loss, or the edge of the "
             "panel when that loss is beyond it.") if marked else ""
     return _svg_figure("training", f"Training curves (depth {depth})",
                        "Training loss (on a log scale where it spans more than a decade) and accuracy per step, colour "
