@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -158,8 +159,19 @@ def autocast(device: torch.device, precision: str):
 # and the run and grid code between tracking writes (check_stop), and inside a tracking write
 # (shielded) it waits for the write's end. Outside training and tracking writes (waiting on
 # workers, loading data) it also raises at once, and the flag stays set in case that raise was
-# swallowed. A second signal stops the process at once, wherever it is but inside a write.
+# swallowed; a swallowed one is not printed either (_quiet_unraisable: its "Exception ignored ...
+# Traceback" on stderr reads as a crash). A second signal stops the process at once, wherever it is
+# but inside a write.
 _state: dict = {"shield": 0, "defer": 0, "signum": None, "parent": None}
+
+
+def _quiet_unraisable(unraisable) -> None:
+    """sys.unraisablehook: say nothing of our own stop interrupt where a finalizer or weakref
+    callback swallowed it (the flag stays set; check_stop raises it again); anything else as Python
+    would."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _state["signum"] is not None:
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def stop_on_signals(sigint: bool = True, parent_pid: int | None = None) -> None:
@@ -173,6 +185,7 @@ def stop_on_signals(sigint: bool = True, parent_pid: int | None = None) -> None:
     signal.signal(signal.SIGTERM, _handler)
     if sigint:
         signal.signal(signal.SIGINT, _handler)
+    sys.unraisablehook = _quiet_unraisable
     if parent_pid is not None:
         die_with_parent()
 
@@ -190,7 +203,6 @@ def die_with_parent() -> None:
     """prctl(PR_SET_PDEATHSIG, SIGTERM) on Linux: this process is sent SIGTERM when its parent dies
     (killed outright included); elsewhere a grid worker's check_stop parent check does it."""
     import ctypes
-    import sys
 
     if not sys.platform.startswith("linux"):
         return

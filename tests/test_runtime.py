@@ -3,6 +3,8 @@ the current step inside it, never inside a shielded tracking write, and never lo
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -12,10 +14,12 @@ from pipeline import runtime
 @pytest.fixture
 def stop_handler():
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    hook = sys.unraisablehook
     runtime.stop_on_signals()
     yield
     for s, handler in previous.items():
         signal.signal(s, handler)
+    sys.unraisablehook = hook
     runtime._state.update(signum=None, parent=None)
 
 
@@ -76,3 +80,42 @@ def test_a_swallowed_interrupt_still_stops_at_the_next_check(stop_handler):
         pass  # swallowed
     with pytest.raises(KeyboardInterrupt, match="signal 15"):
         runtime.check_stop()
+
+
+FINALIZER_SWALLOWS = """
+import gc, os, signal, sys
+from pipeline import runtime
+
+runtime.stop_on_signals()
+
+class Slow:
+    def __del__(self):  # a finalizer that a stop signal lands in
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(2_000_000):
+            pass
+
+class Broken:
+    def __del__(self):
+        raise ValueError("a real error in a finalizer")
+
+Slow()
+gc.collect()
+print("went on", file=sys.stderr)
+Broken()
+try:
+    runtime.check_stop()
+except KeyboardInterrupt as exc:
+    print("check_stop raised:", exc, file=sys.stderr)
+"""
+
+
+def test_a_stop_signal_swallowed_by_a_finalizer_prints_no_traceback_and_still_stops():
+    """A finalizer swallows the interrupt (Python would print "Exception ignored ... Traceback",
+    which reads as a crash): nothing is printed, the process goes on to its next check, which
+    raises; any other exception a finalizer swallows is printed as before."""
+    run = subprocess.run([sys.executable, "-c", FINALIZER_SWALLOWS], capture_output=True, text=True, timeout=60)
+    lines = run.stderr.splitlines()
+    assert lines[0] == "went on", run.stderr  # nothing about the swallowed interrupt before it
+    assert "ValueError: a real error in a finalizer" in run.stderr
+    assert lines[-1] == "check_stop raised: signal 15"
+    assert "KeyboardInterrupt" not in run.stderr
