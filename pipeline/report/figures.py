@@ -2,8 +2,8 @@
 caption, and an inline SVG or PNG), or None when the grid has nothing to show for it (e.g. no
 clipped runs). The line-panel and heatmap figures here are hand-drawn SVG (facets.py, svg.py):
 sharp at any zoom, and milliseconds where matplotlib's layout of fifteen axes took seconds. The
-others are seaborn PNGs (seaborn_figures.py), which this module does not import: a report's
-drawing workers import seaborn while the report itself reads MLflow."""
+others are seaborn PNGs (seaborn_figures.py), which this module does not import: the report's
+seaborn process (workers.py) imports seaborn while the report itself reads MLflow."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def _svg_figure(key: str, title: str, caption: str, drawing: str) -> Figure:
 
 
 class IllegibleFigure(AssertionError):
-    """Two text elements of a figure overlap, or an axis spans decades on a linear scale."""
+    """Two text elements of a figure overlap, one is cut off by its edge, or an axis spans decades on
+    a linear scale."""
 
 
 def check_panel(panel: svg.Panel, log_y: bool) -> None:

@@ -1,7 +1,7 @@
 """The summary figures that seaborn and matplotlib draw, as PNGs at 2x: final accuracy heatmaps,
-remedies side by side, clipping; and the legibility check
-every figure passes in the tests. A report imports this module only where it draws (its drawing
-workers import it while the report is reading MLflow: seaborn, scipy and pyplot take ~2 s)."""
+remedies side by side, clipping (papers.py draws a reproduction's); and the legibility check that
+every such figure passes in the tests. A report imports this module only in its seaborn process
+(workers.py), which imports it while the report reads MLflow: seaborn, scipy and pyplot take ~2 s."""
 
 from __future__ import annotations
 
