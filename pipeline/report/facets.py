@@ -63,15 +63,23 @@ def mean_series(frame: pd.DataFrame, x: str, y: str, hue: str, keys, band: bool 
     return lines
 
 
-def _values(row: Row) -> np.ndarray:
-    values = [np.array([np.nan])]
-    for cell in row.cells:
-        for line in cell.lines:
-            values.append(line.y)
-            if line.sd is not None:
-                values += [line.y - line.sd, line.y + line.sd]
-        values += [line.y for line in cell.predictions]
-    return np.concatenate(values).astype(float)
+def reach(lines: list[Line]) -> np.ndarray:
+    """Every y the lines reach, their bands included (for a panel's y range)."""
+    found = [np.array([np.nan])]
+    for line in lines:
+        found.append(line.y)
+        if line.sd is not None:
+            found += [line.y - line.sd, line.y + line.sd]
+    return np.concatenate(found).astype(float)
+
+
+def draw_lines(panel: svg.Panel, lines: list[Line], palette: dict, dots: bool = True) -> None:
+    """The bands first, then the lines over them, each named by its key (hovering shows it)."""
+    for line in lines:
+        if line.sd is not None:
+            panel.band(line.x, line.y - line.sd, line.y + line.sd, palette[line.key])
+    for line in lines:
+        panel.line(line.x, line.y, palette[line.key], width=1.8, dots=dots, style=line.style, name=line.key)
 
 
 def facets(key: str, rows: list[Row], xlabel: str, palette: dict, legend_title: str, description: str,
@@ -85,16 +93,13 @@ def facets(key: str, rows: list[Row], xlabel: str, palette: dict, legend_title: 
     parts = []
     top = TOP
     for r, row in enumerate(rows):
-        ylim = row.ylim or svg.limits(_values(row), pad=0.06)
+        ylim = row.ylim or svg.limits(reach([line for cell in row.cells for line in cell.lines + cell.predictions]),
+                                      pad=0.06)
         last = r == len(rows) - 1
         for c, cell in enumerate(row.cells):
             x = LEFT + c * (PANEL_W + GAP_X)
             panel = svg.Panel(x, top, PANEL_W, PANEL_H, xlim, ylim, clip=f"{key}-{r}-{c}")
-            for line in cell.lines:
-                if line.sd is not None:
-                    panel.band(line.x, line.y - line.sd, line.y + line.sd, palette[line.key])
-            for line in cell.lines:
-                panel.line(line.x, line.y, palette[line.key], width=1.8, dots=dots, style=line.style, name=line.key)
+            draw_lines(panel, cell.lines, palette, dots)
             for line in cell.predictions:
                 panel.line(line.x, line.y, "black", width=1.6, style="dotted", name=f"{line.key}: {prediction}")
                 panel.crosses(line.x, line.y, palette[line.key])

@@ -20,7 +20,7 @@ from .. import theory
 from ..config import FIELDS, from_dict
 from ..diagnosis import LABELS
 from . import svg
-from .facets import Cell, Line, Row, facets, mean_series
+from .facets import Cell, Line, Row, draw_lines, facets, mean_series, reach
 from .runpage import HISTOGRAM_STEP, histogram_row, log10, thin, where_and_when
 from .workers import Seaborn
 
@@ -411,14 +411,9 @@ def jacobian_spectrum(runs: pd.DataFrame) -> Figure | None:
                                                          else runs.depth.astype(float))
     lines = mean_series(spread, "x", "jac_log10_sd", "setup", setups)
     xs = np.log10(np.array(depths, dtype=float)) if log_depth else np.array(depths, dtype=float)
-    reach = [line.y if line.sd is None else np.append(line.y - line.sd, line.y + line.sd) for line in lines]
-    panel = svg.Panel(left, top, 260, 220, svg.limits(xs, pad=0.08), svg.limits(np.concatenate([[0.0], *reach]),
+    panel = svg.Panel(left, top, 260, 220, svg.limits(xs, pad=0.08), svg.limits(np.append(reach(lines), 0.0),
                                                                                  pad=0.06))
-    for line in lines:
-        if line.sd is not None:
-            panel.band(line.x, line.y - line.sd, line.y + line.sd, colours[line.key])
-    for line in lines:
-        panel.line(line.x, line.y, colours[line.key], width=1.8, dots=True, name=line.key)
+    draw_lines(panel, lines, colours)
     panel.frame("spread of J's singular values", "depth", "sd of log10 singular value",
                 xticks=[(x, str(d)) for x, d in zip(xs, depths)])
     parts.append(panel.svg())

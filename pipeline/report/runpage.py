@@ -34,11 +34,17 @@ def page_names(runs: pd.DataFrame) -> dict[str, str]:
     return names
 
 
-def log10(values: pd.Series) -> pd.Series:
-    """log10 of the values, NaN where that is not finite (0, negative, inf)."""
+def log10_array(values) -> np.ndarray:
+    """log10 of the values as floats, NaN where that is not finite (0, negative, inf)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.log10(values.astype(float))
-    return out.replace([np.inf, -np.inf], np.nan)
+        out = np.log10(np.asarray(values, dtype=float))
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def log10(values: pd.Series) -> pd.Series:
+    """log10_array of a column, as a column (same index)."""
+    return pd.Series(log10_array(values), index=values.index, name=values.name)
 
 
 def thin(per_step: pd.DataFrame) -> pd.DataFrame:
@@ -90,21 +96,13 @@ def run_figure(run: pd.Series, table: pd.DataFrame, hist: dict | None) -> RunFig
                      "everything below 1e-12, exact zeros included.", Markup(drawing))
 
 
-def _log10_array(values) -> np.ndarray:
-    """log10 of the values as floats, NaN where that is not finite."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.log10(np.asarray(values, dtype=float))
-    out[~np.isfinite(out)] = np.nan
-    return out
-
-
 # A page is drawn from numpy arrays of its table's columns: pandas' selections and pivots cost more
 # than the drawing itself, a thousand pages over.
 
 
 def _flow(thinned: pd.DataFrame, top: float) -> str:
     step, layer = thinned.step.to_numpy(), thinned.layer.to_numpy()
-    norm = _log10_array(thinned.backprop_norm)
+    norm = log10_array(thinned.backprop_norm)
     recorded = np.unique(step)
     steps = sorted({int(recorded[0]), int(recorded[len(recorded) // 2]), int(recorded[-1])})
     lines = []
@@ -128,7 +126,7 @@ def where_and_when(thinned: pd.DataFrame, left: float, top: float, title: str) -
     layer = thinned.layer.to_numpy(dtype=int)
     steps, column = np.unique(thinned.step.to_numpy(), return_inverse=True)
     cells = np.full((layer.max() + 1, len(steps)), np.nan)
-    cells[layer, column] = _log10_array(thinned.backprop_norm)
+    cells[layer, column] = log10_array(thinned.backprop_norm)
     lo, hi = svg.limits(cells, pad=0)
     x0, x1 = steps.min() - 0.5, steps.max() + 0.5
     panel = svg.Panel(left, top, 260, 200, (x0, x1), (-0.5, len(cells) - 0.5))
@@ -143,7 +141,7 @@ def _training(thinned: pd.DataFrame, top: float) -> list[str]:
     loss, acc = thinned.loss.to_numpy(dtype=float)[first], thinned.acc.to_numpy(dtype=float)[first]
     finite = np.isfinite(loss) & (loss > 0)
     log = finite.any() and loss[finite].max() / loss[finite].min() > 10  # a diverging run's 1e18 must not flatten the rest
-    shown = _log10_array(loss[finite]) if log else loss[finite]
+    shown = log10_array(loss[finite]) if log else loss[finite]
     xlim = svg.limits(step)
     panel = svg.Panel(850, top, 160, 200, xlim, svg.limits(shown))
     panel.line(step[finite], shown, "#3b75af")

@@ -11,8 +11,6 @@ import io
 import matplotlib
 import matplotlib.lines
 import matplotlib.pyplot as plt
-import matplotlib.text
-import matplotlib.ticker
 import numpy as np
 import pandas as pd
 import seaborn as sns

@@ -270,7 +270,7 @@ def legend(x: float, y: float, title: str, entries: list[tuple[str, str, str, st
         if style != "none":
             key.line([0.0, 1.0], [0.5, 0.5], colour, width=1.8, style=style)
         if marker == "dot":
-            key.data.append(f'<circle cx="{x + 12:.1f}" cy="{at - 9:.1f}" r="2.6" fill="{colour}"/>')
+            key.points([0.5], [0.5], colour, radius=2.6)
         elif marker == "cross":
             key.crosses([0.5], [0.5], "#222" if colour == "black" else colour,
                         **({} if style != "none" else {"size": 5, "width": 2.4}))
