@@ -21,6 +21,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(os.environ.get("GRADBENCH_TEST_MNIST", REPO.parent / "shared" / "data" / "mnist"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--e2e", action="store_true", help="run the end-to-end tier too (tests marked e2e), as CI does")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest` runs the fast tier; `pytest --e2e` (or an explicit -m) runs what it asks for."""
+    if config.getoption("--e2e") or config.getoption("markexpr"):
+        return
+    kept = [item for item in items if "e2e" not in item.keywords]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "e2e" in item.keywords])
+        items[:] = kept
+
+
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> str:
     """Write a uint8 IDX file (gzipped or not); return the MD5 of its uncompressed content."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
@@ -48,11 +62,19 @@ def idx_source(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return folder, checksums
 
 
+def require_mnist() -> None:
+    """Skip without the offline MNIST copy, except under CI, where its absence fails the test."""
+    if not SHARED_MNIST.is_dir():
+        message = f"offline MNIST not found at {SHARED_MNIST} (set GRADBENCH_TEST_MNIST)"
+        if os.environ.get("CI"):
+            pytest.fail(f"tests that read MNIST must run in CI: {message}")
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory) -> Path:
     """The real MNIST, prepared once per session from the offline copy beside the repo."""
-    if not SHARED_MNIST.is_dir():
-        pytest.skip(f"offline MNIST not found at {SHARED_MNIST} (set GRADBENCH_TEST_MNIST)")
+    require_mnist()
     from pipeline import data
 
     data_dir = tmp_path_factory.mktemp("data")

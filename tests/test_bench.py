@@ -14,7 +14,7 @@ RATIOS = ["speedup_vs_seed_loop", "engine_vs_plain_loop", "monitor_overhead", "e
 KEYS = [*RATIOS, "quick_run_d5", "quick_run_d20", "peak_fraction_w256", "peak_fraction_w1024", "peak_rss_mb", "device"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bench_quick_from_a_fresh_directory_with_the_default_data_dir(tmp_path, monkeypatch):
     """As a new user runs it: a relative --data-dir (the default), no source in the environment.
     The bench's subprocesses run in a temporary folder and must still find the data."""

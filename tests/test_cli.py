@@ -166,7 +166,7 @@ def test_python_dash_m_pipeline_is_the_same_command():
     assert "--clip-threshold" in out and "Usage: gradbench train" in out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_mlflow_run_train_entry_point(store, mnist_dir, tmp_path):
     """`mlflow run . -e train` with a tiny budget: the project run itself holds the results, and
     the -P spellings MLflow logged first (1e-2) do not clash with the canonical ones (0.01)."""

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from pipeline import data
 from pipeline.cli import cli
-from tests.conftest import SHARED_MNIST, write_idx
+from tests.conftest import SHARED_MNIST, require_mnist, write_idx
 
 
 def test_prepare_from_folder_decompresses_and_verifies(idx_source, tmp_path):
@@ -68,8 +68,8 @@ def test_read_idx_rejects_a_bad_header(tmp_path):
         data.read_idx(tmp_path / "f")
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="offline MNIST not available")
 def test_cli_prepare_real_mnist_from_offline_copy(tmp_path):
+    require_mnist()
     result = CliRunner().invoke(cli, ["prepare", "--data-dir", str(tmp_path), "--source", str(SHARED_MNIST)])
     assert result.exit_code == 0, result.output
     raw = tmp_path / "MNIST" / "raw"

@@ -16,7 +16,7 @@ import yaml
 from pipeline.config import GridSpec
 from tests.conftest import REPO, runs_of
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 BASE = {"depth": 3, "width": 64, "train_subset": 2560, "batch_size": 64, "max_steps": 40, "log_every": 10}
 

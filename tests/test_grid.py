@@ -241,7 +241,7 @@ def test_two_workers_produce_every_run_exactly_once(store, mnist_dir, tmp_path):
     assert all(len(k.inputs.dataset_inputs) == 1 for k in children(store))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_grid_killed_outright_resumes_without_duplicates(store, mnist_dir, tmp_path, tracking_uri):
     spec = {"name": "killme", "base": {**TINY_BASE, "width": 64, "max_steps": 40},
             "axes": {"activation": ["relu", "tanh", "elu", "gelu"], "init": ["default", "he_normal"]}}
@@ -276,7 +276,7 @@ def test_an_axis_of_mappings_sets_keys_together():
         (3, "agc", 0.01), (3, "none", 1.0), (4, "none", 1.0)]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_mlflow_run_main_runs_a_grid_under_the_project_run(store, mnist_dir, tmp_path):
     """`mlflow run .` (main): the project run becomes the grid's parent; children nest under it."""
     path = write_spec(tmp_path, {"name": "tiny", "base": TINY_BASE, "axes": {"activation": ["relu", "tanh"]}})
@@ -300,7 +300,7 @@ def test_a_spec_rebuilds_from_its_logged_source():
     assert again.spec_hash == spec.spec_hash and again.name == "x"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_marks_the_open_run_killed_and_the_grid_resumes(store, mnist_dir, tmp_path, tracking_uri):
     # Runs of several seconds, so that the signal lands inside one (a short run may end before it arrives).
     spec = {"name": "term", "base": {**TINY_BASE, "width": 128, "max_steps": 1500, "train_subset": 12800,

@@ -420,7 +420,7 @@ def mlflow_server(tracking_uri, tmp_path):
     server.stop()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_mlflow_ui_lists_the_grid_and_offers_layer_metrics(tiny_report, browser, mlflow_server, tmp_path):
     _, grid, client = tiny_report
     parent = client.get_run(grid.parent_run_id)
