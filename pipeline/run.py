@@ -44,6 +44,12 @@ class RunSummary:
         )
 
 
+def predict(config: RunConfig, result: RunResult) -> theory.Prediction:
+    """The mean-field gradient prediction from the run's measured input moments (the one prediction
+    a run logs: its slope as theory/slope_pred, its profile as theory/profile.parquet)."""
+    return theory.predict(config, result.input_sq_mean, result.input_var_mean)
+
+
 def forward_maps(config: RunConfig, result: RunResult) -> theory.ForwardMaps | None:
     """The q/c-map prediction from the input of the run's first step (None where there is none)."""
     signal = result.signal
@@ -109,11 +115,22 @@ def stepped_metrics(result: RunResult) -> list[tuple[str, float, int]]:
             for layer, value in enumerate(values)]
 
 
-def summary_metrics(config: RunConfig, result: RunResult, maps: theory.ForwardMaps | None = None) -> dict[str, float]:
+def profile_table(prediction: theory.Prediction) -> pd.DataFrame | None:
+    """theory/profile.parquet: the predicted ln||dL/dz|| of each hidden layer (0 next to the input,
+    the last 0) that theory/slope_pred is fitted on: what the report draws, never a recomputation.
+    None where there is no prediction (no hidden layer, or a NaN: SkipInit, see theory.predict)."""
+    log_norms = np.asarray(prediction.log_norms, dtype=float)
+    if log_norms.size == 0 or not np.isfinite(log_norms).all():
+        return None
+    return pd.DataFrame({"layer": np.arange(log_norms.size, dtype=np.int64), "log_norm": log_norms})
+
+
+def summary_metrics(config: RunConfig, result: RunResult, maps: theory.ForwardMaps | None = None,
+                    prediction: theory.Prediction | None = None) -> dict[str, float]:
     """One number each: the final test metrics, the gradient ratio at init, the mean-field
     prediction against the slope measured at step 0, and the forward q/c maps against the measured
-    q and c at step 0 (NaN where unknown: not logged)."""
-    prediction = theory.predict(config, result.input_sq_mean, result.input_var_mean)
+    q and c at step 0 (NaN where unknown: not logged). `prediction`: predict(config, result)."""
+    prediction = prediction or predict(config, result)
     init = result.table[result.table.step == 0].sort_values("layer")
     measured = theory.measured_slope(init.backprop_norm.to_numpy()) if len(init) else math.nan
     forward = {"theory/q_error": math.nan, "theory/c_error": math.nan, "theory/xi_c": math.nan,
@@ -167,8 +184,13 @@ def analyse(config: RunConfig, result: RunResult) -> Analysis:
     tables = {"signal/propagation.parquet": signal_table(result, maps)} if result.signal else {}
     if result.jacobian:
         tables["signal/jacobian.parquet"] = jacobian_table(result, maps, config)
+    prediction = predict(config, result)
+    profile = profile_table(prediction)
+    if profile is not None:
+        tables["theory/profile.parquet"] = profile
     tags = {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}
-    return Analysis(diagnosis, summary_metrics(config, result, maps), tags, figures, tables, stepped_metrics(result))
+    return Analysis(diagnosis, summary_metrics(config, result, maps, prediction), tags, figures, tables,
+                    stepped_metrics(result))
 
 
 def run_group(
