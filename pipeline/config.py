@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from . import activations
+from .norms import NORMS as NORM_REGISTRY
 
 ACTIVATIONS = activations.NAMES
 INITS = (
@@ -35,12 +36,12 @@ INITS = (
 CLIPS = ("none", "norm", "value", "agc")
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
-NORMS = ("none", "batch", "layer")
+NORMS = tuple(NORM_REGISTRY)
 RESIDUALS = ("none", "plain", "skipinit")
 MNIST_TRAIN_SIZE = 60_000
 # Bounds that keep a typo from exhausting the machine: the papers go to depth 300 and width 2,048,
 # the standard grid has 7,680 configurations. What a run needs in memory is checked on top
-# (runtime.check_memory), against what the device has.
+# (model.check_memory), against what the device has.
 MAX_DEPTH = 1_000
 MAX_WIDTH = 16_384
 MAX_GRID_CONFIGS = 100_000
@@ -192,7 +193,7 @@ def run_name(config: RunConfig) -> str:
     precision other than fp32,] seed."""
     clip = "noclip" if config.clip == "none" else f"{config.clip}{config.clip_threshold:g}"
     init = f"normal{config.init_std:g}" if config.init == "normal" else config.init
-    remedies = {"batch": "-bn", "layer": "-ln"}.get(config.norm, "")
+    remedies = NORM_REGISTRY[config.norm].tag
     if config.residual == "plain":
         remedies += f"-res{config.residual_scale:g}"
     elif config.residual == "skipinit":

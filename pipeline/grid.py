@@ -328,8 +328,9 @@ def run_grid(
 
 
 def _split_to_fit(group: list[RunConfig]) -> list[list[RunConfig]]:
-    """A group split so that each part fits in what its device has free (runtime.members_that_fit)."""
-    from .runtime import get_device, members_that_fit
+    """A group split so that each part fits in what its device has free (model.members_that_fit)."""
+    from .model import members_that_fit
+    from .runtime import get_device
 
     if len(group) == 1:
         return [group]

@@ -21,7 +21,8 @@ from torch import nn
 
 from .activations import ACTIVATIONS
 from .config import RunConfig
-from .runtime import set_seed
+from .norms import NORMS
+from .runtime import available_memory, set_seed
 
 IN_FEATURES, CLASSES = 784, 10
 
@@ -166,9 +167,9 @@ class MLP(nn.Module):
     def hidden_map(self, member: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """z_0 -> z_{H-1} of one member for one example, (width,) -> (width,): the first hidden
         layer's pre-activation to the last one's, computed as forward computes it (weights detached:
-        for Jacobians). Not for BatchNorm, which couples the examples of a batch."""
-        if self.norms is not None and self.norms[0].kind == "batch":
-            raise ValueError("the hidden map of a BatchNorm net depends on the whole batch")
+        for Jacobians). Not for a norm that mixes the examples of a batch (norms.py)."""
+        if self.norms is not None and NORMS[self.norms[0].kind].mixes_examples:
+            raise ValueError(f"the hidden map of a {NORMS[self.norms[0].kind].label} net depends on the whole batch")
         last = len(self.layers) - 2  # the last hidden layer
 
         def f(z: torch.Tensor) -> torch.Tensor:
@@ -210,3 +211,49 @@ def build_model(
     ]
     model = MLP(layers, first.activation, first.norm, first.residual, [c.residual_scale for c in configs])
     return model.to(device=device, dtype=dtype)
+
+
+# What a run needs on its device, beside the nets it sizes: grid.py splits groups to fit, the CLI
+# refuses what cannot fit before any run exists.
+
+
+def memory_estimate(depth: int, width: int, batch_size: int, optimizer: str, precision: str,
+                    members: int = 1) -> int:
+    """Bytes a group of `members` runs of this architecture needs on its device, roughly: the
+    parameters four times over (weights, gradients, the monitor's copy for the update ratio, the
+    optimizer's momentum; Adam twice), the activations kept for backward (about four per unit and
+    example: z, phi(z), dL/dz, the norm's output), an evaluation batch of 2,000 images, the Jacobian
+    snapshot (8 inputs x width^2, three buffers), and MNIST itself (70,000 x 784)."""
+    nbytes = 8 if precision == "fp64" else 4
+    params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in layer_sizes(depth, width))
+    copies = 4 + (optimizer == "adam")
+    per_member = (copies * params + 4 * batch_size * width * depth + 2 * 2000 * width + 3 * 8 * width * width) * nbytes
+    return members * per_member + _mnist_bytes(precision)
+
+
+def _mnist_bytes(precision: str) -> int:
+    """MNIST on the device: 70,000 images of 784 pixels and their labels."""
+    return 70_000 * 785 * (8 if precision == "fp64" else 4)
+
+
+def members_that_fit(config: RunConfig, device: torch.device) -> int | None:
+    """How many runs of this architecture can train together in what the device has free (at
+    least 1; None if unknown)."""
+    free = available_memory(device)
+    if free is None:
+        return None
+    data = _mnist_bytes(config.precision)  # shared by the members
+    one = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision) - data
+    return max(1, int((0.8 * free - data) // one))
+
+
+def check_memory(config: RunConfig, device: torch.device, members: int = 1) -> None:
+    """Raise ValueError, with the figures, when a run (a group of `members`) cannot fit in what the
+    device has free: refused before any run exists, not after minutes of swapping."""
+    need = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision, members)
+    free = available_memory(device)
+    if free is not None and need > 0.9 * free:
+        weights = sum(fan_in * fan_out for fan_in, fan_out in layer_sizes(config.depth, config.width))
+        raise ValueError(f"depth {config.depth} x width {config.width} ({weights:,} weights"
+                         f"{f', {members} runs together' if members > 1 else ''}) needs about {need / 2**30:,.1f} GiB "
+                         f"on {device.type}, which has {free / 2**30:,.1f} GiB free")

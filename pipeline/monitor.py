@@ -38,6 +38,7 @@ import torch
 
 from .activations import ACTIVATIONS
 from .model import MLP
+from .norms import NORMS
 from .results import LAYER_STATS, STEP_STATS, Chunk
 
 # Gradient histograms: log10|dL/dW| in fixed bins so that layers and runs compare directly.
@@ -178,18 +179,17 @@ class Monitor:
                                   dtype=dtype)
         self._input = torch.full((len(self.hist_steps), 2, E), float("nan"), device=device, dtype=dtype)
         # zero fraction and GSNR of each layer's dL/dW at the histogram steps; GSNR from each layer's
-        # input and dL/dz (not with BatchNorm: its batch statistics couple the examples, so a
-        # per-example gradient is not defined)
+        # input and dL/dz (not with a norm that mixes the examples: no per-example gradient, norms.py)
         self._grad_signal = torch.full((len(self.hist_steps), len(GRAD_SIGNAL_STATS), L, E), float("nan"),
                                        device=device, dtype=dtype)
-        batch_norm = model.norms is not None and model.norms[0].kind == "batch"
-        self._gsnr_on = "gsnr" in self.instruments and not batch_norm
+        mixed = model.norms is not None and NORMS[model.norms[0].kind].mixes_examples
+        self._gsnr_on = "gsnr" in self.instruments and not mixed
         self._layer_inputs: dict[int, torch.Tensor] = {}  # this histogram step's a and dL/dz, per layer
         self._layer_grads: dict[int, torch.Tensor] = {}
-        # the input-output Jacobian's singular values at the histogram steps (not with BatchNorm,
-        # whose hidden map couples the examples; not below 3 layers, where J is the identity)
+        # the input-output Jacobian's singular values at the histogram steps (not where the norm mixes
+        # the examples: no per-input hidden map; not below 3 layers, where J is the identity)
         self.model = model
-        self._jacobian_on = "jacobian" in self.instruments and self.n_layers >= 3 and not batch_norm
+        self._jacobian_on = "jacobian" in self.instruments and self.n_layers >= 3 and not mixed
         self._jacobian_x: torch.Tensor | None = None  # the histogram step's first inputs
         self._jacobian: dict[int, torch.Tensor] = {}  # slot -> (members, inputs, width)
         if full:

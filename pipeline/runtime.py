@@ -48,27 +48,6 @@ def check_precision(device: torch.device, precision: str) -> None:
                          "use fp32 or bf16 there")
 
 
-def memory_estimate(depth: int, width: int, batch_size: int, optimizer: str, precision: str,
-                    members: int = 1) -> int:
-    """Bytes a group of `members` runs of this architecture needs on its device, roughly: the
-    parameters four times over (weights, gradients, the monitor's copy for the update ratio, the
-    optimizer's momentum; Adam twice), the activations kept for backward (about four per unit and
-    example: z, phi(z), dL/dz, the norm's output), an evaluation batch of 2,000 images, the Jacobian
-    snapshot (8 inputs x width^2, three buffers), and MNIST itself (70,000 x 784)."""
-    from .model import layer_sizes
-
-    nbytes = 8 if precision == "fp64" else 4
-    params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in layer_sizes(depth, width))
-    copies = 4 + (optimizer == "adam")
-    per_member = (copies * params + 4 * batch_size * width * depth + 2 * 2000 * width + 3 * 8 * width * width) * nbytes
-    return members * per_member + _mnist_bytes(precision)
-
-
-def _mnist_bytes(precision: str) -> int:
-    """MNIST on the device: 70,000 images of 784 pixels and their labels."""
-    return 70_000 * 785 * (8 if precision == "fp64" else 4)
-
-
 def available_memory(device: torch.device) -> int | None:
     """Bytes free on the device: CUDA's free memory, or the host's MemAvailable (Linux); None if unknown."""
     import torch
@@ -83,31 +62,6 @@ def available_memory(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
-
-
-def members_that_fit(config, device: torch.device) -> int | None:
-    """How many runs of this architecture can train together in what the device has free (at
-    least 1; None if unknown)."""
-    free = available_memory(device)
-    if free is None:
-        return None
-    data = _mnist_bytes(config.precision)  # shared by the members
-    one = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision) - data
-    return max(1, int((0.8 * free - data) // one))
-
-
-def check_memory(config, device: torch.device, members: int = 1) -> None:
-    """Raise ValueError, with the figures, when a run (a group of `members`) cannot fit in what the
-    device has free: refused before any run exists, not after minutes of swapping."""
-    need = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision, members)
-    free = available_memory(device)
-    if free is not None and need > 0.9 * free:
-        from .model import layer_sizes
-
-        weights = sum(fan_in * fan_out for fan_in, fan_out in layer_sizes(config.depth, config.width))
-        raise ValueError(f"depth {config.depth} x width {config.width} ({weights:,} weights"
-                         f"{f', {members} runs together' if members > 1 else ''}) needs about {need / 2**30:,.1f} GiB "
-                         f"on {device.type}, which has {free / 2**30:,.1f} GiB free")
 
 
 def configure() -> None:

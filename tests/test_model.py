@@ -86,3 +86,48 @@ def test_init_gain_scales_the_std_and_bias_std_sets_the_biases(init):
     weight, bias = _init(init, init_gain=1.5, bias_std=0.3)
     assert weight.double().var().item() == pytest.approx(1.5**2 * EXPECTED_VAR[init], rel=0.03)
     assert bias.double().std().item() == pytest.approx(0.3, rel=0.25)  # 400 samples
+
+
+def test_memory_estimate_counts_each_member_and_mnist_once():
+    from pipeline.model import memory_estimate
+
+    weights = 784 * 8 + 8 * 8 + 8 * 10  # depth 3, width 8
+    params = weights + 8 + 8 + 10
+    mnist = 70_000 * 785 * 4
+    # parameters four times (weight, gradient, update-ratio copy, momentum), activations kept for
+    # backward, the evaluation batch, the Jacobian snapshot
+    per_member = (4 * params + 4 * 32 * 8 * 3 + 2 * 2000 * 8 + 3 * 8 * 8 * 8) * 4
+    assert memory_estimate(3, 8, 32, "sgd", "fp32") == per_member + mnist
+    assert memory_estimate(3, 8, 32, "sgd", "fp32", members=5) == 5 * per_member + mnist
+    assert memory_estimate(3, 8, 32, "adam", "fp32") == per_member + 4 * params + mnist  # Adam's second moment
+    assert memory_estimate(3, 8, 32, "sgd", "fp64") == 2 * (per_member + mnist)
+
+
+def test_members_that_fit_is_what_check_memory_accepts(monkeypatch):
+    from pipeline import model
+
+    config = RunConfig(depth=20, width=512)
+    monkeypatch.setattr(model, "available_memory", lambda device: 2 * 2**30)  # a device with 2 GiB free
+    fit = model.members_that_fit(config, torch.device("cpu"))
+    assert fit > 1
+    model.check_memory(config, torch.device("cpu"), members=fit)
+    with pytest.raises(ValueError, match="GiB free"):
+        model.check_memory(config, torch.device("cpu"), members=2 * fit)
+    monkeypatch.setattr(model, "available_memory", lambda device: None)  # unknown: no split, no refusal
+    assert model.members_that_fit(config, torch.device("cpu")) is None
+    model.check_memory(config, torch.device("cpu"), members=10_000)
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "layer"])
+def test_a_norm_mixes_the_examples_exactly_where_the_registry_says(norm):
+    """NORMS[norm].mixes_examples, against the net itself: does one example's output (training mode)
+    change when another example of its batch changes?"""
+    from pipeline.norms import NORMS
+
+    model = build_model([RunConfig(depth=3, width=16, norm=norm)])
+    x = torch.randn(4, 784, generator=torch.Generator().manual_seed(0))
+    other = x.clone()
+    other[1:] = torch.randn(3, 784, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        moved = not torch.allclose(model(x)[0, 0], model(other)[0, 0])
+    assert moved == NORMS[norm].mixes_examples
