@@ -1,6 +1,6 @@
 """The perf suite: how fast gradbench trains, and what its instrumentation costs.
 
-    gradbench bench [--quick] [--out reports/perf.json]      (the CLI loads this file)
+    gradbench bench [--quick] [--out reports/perf.json]
 
 Two kinds of cost, never mixed:
 - per step, in the steady state: a StepClock synchronizes the device after a few warm-up steps
@@ -52,18 +52,19 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from pipeline.activations import ACTIVATIONS
-from pipeline.config import RunConfig
-from pipeline.data import MEAN, STD, Mnist, load
-from pipeline.model import layer_sizes
-from pipeline.monitor import INSTRUMENTS
-from pipeline.runtime import get_device
-from pipeline.train import train
+from .activations import ACTIVATIONS
+from .config import RunConfig
+from .data import MEAN, STD, Mnist, load
+from .model import layer_sizes
+from .monitor import INSTRUMENTS
+from .runtime import get_device
+from .train import train
 
 REFERENCE_BATCH = 64
 # what a run does only because it is tracked: every RunLogger entry point (the MLflow calls and
 # the logger's own work: metric objects, artifact files)
 TRACKING_METHODS = ("start", "log_dataset", "on_chunk", "on_eval", "finish")
+QUICK_SPEC = Path(__file__).resolve().parents[1] / "benchmarks" / "quick.yaml"  # in a source checkout
 QUICK_RUN = dict(width=128, max_steps=300, train_subset=38400)  # a quick-grid run (benchmarks/quick.yaml)
 INSTRUMENT_NOTES = {
     "set": "all four against none, paired: tanh, depth 20, width 128, 300 steps, untracked; target <= 1.05",
@@ -280,8 +281,8 @@ def _quick_run_rss_mb(data_dir: str) -> float:
     where there is no /proc, which holds the figure)."""
     if not Path("/proc/self/status").exists():
         return float("nan")
-    args = ["--activation", "sigmoid", "--depth", "20", "--width", "128", "--max-steps", "300",
-            "--train-subset", "38400", "--data-dir", data_dir, "--experiment", "bench"]
+    args = ["--activation", "sigmoid", "--depth", "20", *(f"--{k.replace('_', '-')}={v}" for k, v in QUICK_RUN.items()),
+            "--data-dir", data_dir, "--experiment", "bench"]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         env.pop("MLFLOW_RUN_ID", None)
@@ -300,12 +301,11 @@ def _quick_run_rss_mb(data_dir: str) -> float:
 
 
 def _quick_grid_seconds(data_dir: str) -> float:
-    spec = Path(__file__).resolve().parents[1] / "quick.yaml"
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         env.pop("MLFLOW_RUN_ID", None)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline", "grid", str(spec), "--data-dir", data_dir, "--no-progress"],
+        subprocess.run([sys.executable, "-m", "pipeline", "grid", str(QUICK_SPEC), "--data-dir", data_dir, "--no-progress"],
                        env=env, cwd=tmp, check=True, capture_output=True)
     return time.perf_counter() - start
 
@@ -342,8 +342,8 @@ def run_costs(config: RunConfig, data: Mnist, device: torch.device, pairs: int) 
     MLflow's share: (tracked - untracked) / tracked. The monitoring's fixed cost: the analysis, plus
     what monitoring adds to the run's fixed cost (fixed = run - steps x steady-state step), as a
     share of the tracked run."""
-    from pipeline import tracking
-    from pipeline.run import analyse, run_group
+    from . import tracking
+    from .run import analyse, run_group
 
     steps = config.total_steps - WARMUP
 
@@ -438,8 +438,8 @@ def instrument_costs(config: RunConfig, data: Mnist, device: torch.device, pairs
     (timed around its functions), as a share of the run; with `each`, also each instrument as
     Cockpit prints them: the run with every instrument against the run without that one, paired.
     Every round runs each variant once."""
-    from pipeline import monitor
-    from pipeline.run import analyse
+    from . import monitor
+    from .run import analyse
 
     variants = {"all": INSTRUMENTS, "none": frozenset()}
     if each:
@@ -540,7 +540,7 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
     results["peak_rss_mb"] = _quick_run_rss_mb(data_dir)
     if device.type == "cuda":
         results["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if budget.full:
+    if budget.full and QUICK_SPEC.is_file():  # the spec is beside the package in a source checkout
         section("   and the quick grid end to end")
         results["quick_grid_seconds"] = _quick_grid_seconds(data_dir)
     section("done")

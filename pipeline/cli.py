@@ -82,7 +82,8 @@ def _config_from(kwargs: dict[str, Any]) -> RunConfig:
 def _check_memory(configs: list[RunConfig], hint: str) -> None:
     """Each architecture fits in what its device has free (a usage error, with the figures)."""
     from .config import group_key
-    from .runtime import check_memory, get_device
+    from .model import check_memory
+    from .runtime import get_device
 
     seen = set()
     for config in configs:
@@ -331,27 +332,9 @@ def bench(quick: bool, out: str, device: str, data_dir: str, source: str | None)
     peak memory. Prints a markdown table and writes JSON to --out."""
     _check_folder(str(Path(out).parent), "--out")
     _check_device(device)
-    suite = perf_suite()
+    from . import bench as suite
+
     _prepare(data_dir, source)
     results = suite.run_bench(data_dir, source, quick, device, echo=lambda s: click.echo(s, err=True), out=out)
     click.echo(suite.markdown(results))
     click.echo(f"\nwritten to {out}", err=True)
-
-
-PERF_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "suite.py"
-
-
-def perf_suite():
-    """The perf suite lives with the other benchmarks (benchmarks/perf/suite.py), in a checkout."""
-    import importlib.util
-    import sys
-
-    if "gradbench_perf_suite" in sys.modules:
-        return sys.modules["gradbench_perf_suite"]
-    if not PERF_SUITE.is_file():
-        raise click.ClickException(f"gradbench bench needs a source checkout: {PERF_SUITE} is not there")
-    spec = importlib.util.spec_from_file_location("gradbench_perf_suite", PERF_SUITE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
