@@ -155,7 +155,7 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
     check_precision(device, first.precision)
     # fp16: the standard recipe's dynamic loss scale (a step whose scaled gradients overflow is skipped
     # and the scale halved); one scale for the whole group, so fp16 runs train alone (config.group_key)
-    scaler = torch.amp.GradScaler(device.type) if first.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=first.precision == "fp16")
     n_train = first.train_subset or len(data.x_train)
     x_train, y_train = data.x_train[:n_train], data.y_train[:n_train]
     # each member's batches come from its own generator on the CPU (like its init, model.build_model), so
@@ -180,21 +180,15 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
                 losses = member_losses(logits, yb)
                 optimizer.zero_grad(set_to_none=True)
                 accs = (logits.argmax(dim=2) == yb).float().mean(dim=1)
-                if scaler is None:
-                    losses.sum().backward()  # each member's gradient is its own loss's
-                    pre_norm = monitor.gradients()
-                    post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
-                    optimizer.step()
-                    monitor.step_end(losses, accs, post_norm, active)
-                else:
-                    loss_scale = scaler.get_scale()
-                    scaler.scale(losses.sum()).backward()
-                    scaler.unscale_(optimizer)  # monitoring and clipping see the true gradients
-                    pre_norm = monitor.gradients(loss_scale)
-                    post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
-                    scaler.step(optimizer)  # skipped if the gradients overflowed
-                    scaler.update()
-                    monitor.step_end(losses, accs, post_norm, active, loss_scale)
+                # one path for every precision: the scaler does nothing unless it is enabled (fp16)
+                loss_scale = scaler.get_scale()
+                scaler.scale(losses.sum()).backward()  # each member's gradient is its own loss's
+                scaler.unscale_(optimizer)  # monitoring and clipping see the true gradients
+                pre_norm = monitor.gradients(loss_scale)
+                post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
+                scaler.step(optimizer)  # fp16: skipped if the scaled gradients overflowed
+                scaler.update()
+                monitor.step_end(losses, accs, post_norm, active, loss_scale)
                 step += 1
                 if clock is not None:
                     clock(step)
