@@ -97,7 +97,7 @@ class RunConfig:
         default=0.0, metadata=_spec(
             "Biases ~ N(0, bias_std^2) for every init but default (0: zero; ignored with default).", member=True, min=0.0)
     )
-    clip: str = field(default="none", metadata=_spec("Gradient clipping mode.", choices=CLIPS))
+    clip: str = field(default="none", metadata=_spec("Gradient clipping mode.", member=True, choices=CLIPS))
     clip_threshold: float = field(
         default=1.0, metadata=_spec(
             "Max global norm (norm), max |g| (value) or max ratio (agc); ignored with --clip none.", member=True, gt=0.0)
@@ -111,8 +111,9 @@ class RunConfig:
     residual_scale: float = field(default=1.0, metadata=_spec(
         "alpha of --residual plain (ignored otherwise).", member=True, gt=0.0))
     optimizer: str = field(default="sgd", metadata=_spec("Optimizer.", choices=OPTIMIZERS))
-    lr: float = field(default=0.01, metadata=_spec("Learning rate.", gt=0.0))
-    momentum: float = field(default=0.9, metadata=_spec("SGD momentum (beta1 for adam).", min=0.0, lt=1.0))
+    lr: float = field(default=0.01, metadata=_spec("Learning rate.", member=True, gt=0.0))
+    momentum: float = field(default=0.9, metadata=_spec("SGD momentum (beta1 for adam).", member=True, min=0.0,
+                                                        lt=1.0))
     batch_size: int = field(default=128, metadata=_spec("Mini-batch size.", min=1, max=MNIST_TRAIN_SIZE))
     epochs: int = field(default=1, metadata=_spec("Passes over the training data.", min=1))
     max_steps: int = field(default=0, metadata=_spec("Stop after this many optimizer steps (0: no limit).", min=0))
@@ -181,10 +182,16 @@ def pair_keys(*varied: str) -> list[str]:
     return [n for n, f in FIELDS.items() if f.metadata["hashed"] and n not in varied]
 
 
+ADAM_KEYS = ("lr", "momentum")  # member fields for SGD (train.MemberSGD); one torch.optim.Adam for a group
+
+
 def group_key(config: RunConfig) -> tuple:
-    """Configs with equal keys can train together as members of one group (see train.py). fp16
-    runs train alone: the loss scaler skips a step for every member when one overflows."""
+    """Configs with equal keys can train together as members of one group (see train.py). Adam's lr
+    and betas are shared by the group. fp16 runs train alone: the loss scaler skips a step for
+    every member when one overflows."""
     key = tuple(getattr(config, k) for k in GROUP_KEYS)
+    if config.optimizer == "adam":
+        key += tuple(getattr(config, k) for k in ADAM_KEYS)
     return (*key, config.config_hash()) if config.precision == "fp16" else key
 
 

@@ -32,7 +32,7 @@ from .run import RunSummary
 from .runtime import check_stop, configure, process_alive, shielded, stop_on_signals
 
 Outcome = tuple[RunConfig, "RunSummary | None", "str | None"]  # a config, its summary or its error
-MAX_GROUP = 32  # members trained together at most
+MAX_GROUP = 32  # members trained together at most on a CPU (on CUDA: as many as fit, _split_to_fit)
 
 
 @dataclass
@@ -72,22 +72,24 @@ _DATA: dict[tuple[str, str, str], object] = {}  # per process: (data_dir, device
 CPU_ENSEMBLE_MAX_WIDTH = 512
 
 
-def plan_groups(configs: list[RunConfig], ensemble: bool, max_size: int = MAX_GROUP) -> list[list[RunConfig]]:
+def plan_groups(configs: list[RunConfig], ensemble: bool, max_size: int | None = MAX_GROUP) -> list[list[RunConfig]]:
     """What trains together: with ensembles, configs of one group key in groups of at most
-    max_size; without, each config alone."""
+    max_size (None: no limit); without, each config alone."""
     if not ensemble:
         return [[c] for c in configs]
     by_key: dict[tuple, list[RunConfig]] = {}
     for config in configs:
         by_key.setdefault(group_key(config), []).append(config)
-    return [group[i : i + max_size] for group in by_key.values() for i in range(0, len(group), max_size)]
+    size = max_size or len(configs)
+    return [group[i : i + size] for group in by_key.values() for i in range(0, len(group), size)]
 
 
 def auto_groups(configs: list[RunConfig], cuda: bool) -> list[list[RunConfig]]:
-    """--ensemble auto: groups on CUDA, where small nets leave the device idle; on a CPU only for the
-    nets up to CPU_ENSEMBLE_MAX_WIDTH, where it was measured faster; the wider ones one by one."""
+    """--ensemble auto: on CUDA, where small nets leave the device idle, every config of a group key
+    in one group, as many as fit (_split_to_fit); on a CPU only the nets up to CPU_ENSEMBLE_MAX_WIDTH,
+    where it was measured faster, MAX_GROUP at a time; the wider ones one by one."""
     if cuda:
-        return plan_groups(configs, True)
+        return plan_groups(configs, True, max_size=None)
     narrow = [c for c in configs if c.width <= CPU_ENSEMBLE_MAX_WIDTH]
     return plan_groups(narrow, True) + plan_groups([c for c in configs if c.width > CPU_ENSEMBLE_MAX_WIDTH], False)
 

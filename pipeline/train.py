@@ -52,31 +52,41 @@ class _Discard:
         pass
 
 
-def clip_gradients(model: MLP, mode: str, thresholds: torch.Tensor,
+def clip_modes(modes: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Each clip mode a group's members use (none aside): which members use it, (members,) bool."""
+    return {mode: torch.tensor([m == mode for m in modes], device=device) for mode in sorted(set(modes) - {"none"})}
+
+
+def clip_gradients(model: MLP, modes: dict[str, torch.Tensor], thresholds: torch.Tensor,
                    pre_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Clip each member's gradients in place with its own threshold. Returns each member's global
-    norm after clipping and whether clipping changed something (None when mode is none)."""
-    if mode == "none":
+    """Clip each member's gradients in place by its own mode (clip_modes) and threshold; a member of
+    another mode is left exactly as it is (multiplied by 1, clamped to +-inf, never triggered).
+    Returns each member's global norm after clipping and whether clipping changed something (None
+    when no member clips)."""
+    if not modes:
         return pre_norm, None
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in model.parameters()]
+    active = torch.zeros_like(pre_norm, dtype=torch.bool)
 
     def per_member(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
-    if mode == "norm":  # the arithmetic of torch.nn.utils.clip_grad_norm_, per member
-        coef = (thresholds / (pre_norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, [per_member(coef, g) for g in grads])
-        active = pre_norm > thresholds
-    elif mode == "value":
-        active = torch.stack([g.reshape(g.shape[0], -1).abs().amax(dim=1) for g in grads]).amax(dim=0) > thresholds
-        for g in grads:
-            limit = per_member(thresholds, g)
-            torch.clamp(g, -limit, limit, out=g)
-    elif mode == "agc":
-        active = _adaptive_clip(model, thresholds, per_member)
-    else:
-        raise ValueError(f"unknown clip mode {mode!r}")
+    for mode, mine in modes.items():
+        if mode == "norm":  # the arithmetic of torch.nn.utils.clip_grad_norm_, per member
+            coef = torch.where(mine, (thresholds / (pre_norm + 1e-6)).clamp(max=1.0), 1.0)
+            torch._foreach_mul_(grads, [per_member(coef, g) for g in grads])
+            active |= mine & (pre_norm > thresholds)
+        elif mode == "value":
+            largest = torch.stack([g.reshape(g.shape[0], -1).abs().amax(dim=1) for g in grads]).amax(dim=0)
+            active |= mine & (largest > thresholds)
+            limits = torch.where(mine, thresholds, torch.inf)
+            for g in grads:
+                limit = per_member(limits, g)
+                torch.clamp(g, -limit, limit, out=g)
+        elif mode == "agc":
+            active |= mine & _adaptive_clip(model, torch.where(mine, thresholds, torch.inf), per_member)
+        else:
+            raise ValueError(f"unknown clip mode {mode!r}")
     return torch.linalg.vector_norm(member_norms(grads), dim=0), active
 
 
@@ -101,10 +111,40 @@ def _adaptive_clip(model: MLP, ratios: torch.Tensor, per_member) -> torch.Tensor
     return active
 
 
-def make_optimizer(model: MLP, config: RunConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.momentum, 0.999))
+class MemberSGD(torch.optim.Optimizer):
+    """torch.optim.SGD's update (no dampening, Nesterov or weight decay) with each member's own lr
+    and momentum, tensors over the member axis (the stacked parameters' first dimension):
+    buf = momentum * buf + grad (buf = grad at the first step), p -= lr * buf."""
+
+    def __init__(self, params, lr: torch.Tensor, momentum: torch.Tensor) -> None:
+        super().__init__(params, {})
+        self.lr, self.momentum = lr, momentum
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        bufs, steps = [], []
+        for p in params:
+            member = (-1, *([1] * (p.dim() - 1)))  # each member's value over its slice of p
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = p.grad.clone()
+            else:
+                state["momentum_buffer"].mul_(self.momentum.view(member)).add_(p.grad)
+            bufs.append(state["momentum_buffer"])
+            steps.append(self.lr.view(member))
+        torch._foreach_sub_(params, torch._foreach_mul(bufs, steps))
+
+
+def make_optimizer(model: MLP, configs: Sequence[RunConfig]) -> torch.optim.Optimizer:
+    """SGD with each member's lr and momentum; Adam with the group's (config.group_key)."""
+    first = configs[0]
+    if first.optimizer == "sgd":
+        param = next(model.parameters())
+        lr, momentum = (torch.tensor([getattr(c, k) for c in configs], device=param.device, dtype=param.dtype)
+                        for k in ("lr", "momentum"))
+        return MemberSGD(model.parameters(), lr, momentum)
+    return torch.optim.Adam(model.parameters(), lr=first.lr, betas=(first.momentum, 0.999))
 
 
 def member_losses(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -147,8 +187,9 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
     device = data.x_train.device
     dtype = param_dtype(first.precision)
     model = build_model(configs, device, dtype)
-    optimizer = make_optimizer(model, first)
+    optimizer = make_optimizer(model, configs)
     thresholds = torch.tensor([c.clip_threshold for c in configs], device=device, dtype=dtype)
+    modes = clip_modes([c.clip for c in configs], device)
     total = first.total_steps
     monitor = Monitor(model, first.activation, total, chunk_steps=min(total, 64), full=full_monitor,
                       instruments=instruments)
@@ -185,7 +226,7 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
                 scaler.scale(losses.sum()).backward()  # each member's gradient is its own loss's
                 scaler.unscale_(optimizer)  # monitoring and clipping see the true gradients
                 pre_norm = monitor.gradients(loss_scale)
-                post_norm, active = clip_gradients(model, first.clip, thresholds, pre_norm)
+                post_norm, active = clip_gradients(model, modes, thresholds, pre_norm)
                 scaler.step(optimizer)  # fp16: skipped if the scaled gradients overflowed
                 scaler.update()
                 monitor.step_end(losses, accs, post_norm, active, loss_scale)

@@ -14,13 +14,15 @@ from mlflow import MlflowClient
 
 from pipeline.cli import cli
 from pipeline.config import (
-    GROUP_KEYS,
+    CLIPS,
+    INITS,
     NUMBERS_VERSION,
     PAPERS,
     ConfigError,
     GridSpec,
     RunConfig,
     SpecError,
+    group_key,
     reduce_spec,
 )
 from pipeline.grid import auto_groups, plan_groups
@@ -72,11 +74,13 @@ def test_exclude_matches_the_validated_configuration():
 def test_plan_groups_keeps_only_compatible_configs_together():
     base = RunConfig(depth=5, width=48)
     configs = [base.replace(seed=s, init=i) for s in range(3) for i in ("default", "he_normal")]
-    configs += [base.replace(width=64), base.replace(clip="norm"), base.replace(clip="norm", clip_threshold=2.0)]
+    # clip mode and threshold, lr and momentum are a member's own with SGD; Adam shares its lr and betas
+    configs += [base.replace(clip="norm"), base.replace(clip="value", clip_threshold=2.0, lr=0.1, momentum=0.0)]
+    configs += [base.replace(width=64), base.replace(optimizer="adam", lr=1e-3), base.replace(optimizer="adam", lr=1e-2)]
     found = plan_groups(configs, ensemble=True, max_size=4)
-    assert sorted(len(g) for g in found) == [1, 2, 2, 4]
+    assert sorted(len(g) for g in found) == [1, 1, 1, 4, 4]
     for group in found:
-        assert len({tuple(getattr(c, k) for k in GROUP_KEYS) for c in group}) == 1
+        assert len({group_key(c) for c in group}) == 1
     assert sorted(c.config_hash() for g in found for c in g) == sorted(c.config_hash() for c in configs)
     assert plan_groups(configs, ensemble=False) == [[c] for c in configs]
 
@@ -86,6 +90,9 @@ def test_auto_ensembles_group_narrow_nets_on_a_cpu_and_everything_on_cuda():
     wide = [RunConfig(width=1024, seed=s) for s in range(2)]
     assert sorted(map(len, auto_groups(narrow + wide, cuda=False))) == [1, 1, 3]
     assert sorted(map(len, auto_groups(narrow + wide, cuda=True))) == [2, 3]
+    cell = [RunConfig(width=128, init=i, clip=c, seed=s) for i in INITS for c in CLIPS for s in range(3)]
+    assert [len(g) for g in auto_groups(cell, cuda=True)] == [96]  # a cell of the standard grid: one group
+    assert [len(g) for g in auto_groups(cell, cuda=False)] == [32, 32, 32]
 
 
 def test_exclude_and_include_make_irregular_grids():

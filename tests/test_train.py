@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pipeline.config import RunConfig
 from pipeline.model import build_model
 from pipeline.monitor import member_norms
-from pipeline.train import AGC_EPS, clip_gradients, train
+from pipeline.train import AGC_EPS, clip_gradients, clip_modes, train
 
 
 def train_one(config, data):
@@ -27,7 +27,7 @@ def _model_with_grads(seed=0, depth=4, width=16, scale=1.0):
 
 def _clip(model, mode, threshold):
     pre = torch.linalg.vector_norm(member_norms([p.grad for p in model.parameters()]), dim=0)
-    return clip_gradients(model, mode, torch.tensor([threshold]), pre)
+    return clip_gradients(model, clip_modes([mode], pre.device), torch.tensor([threshold]), pre)
 
 
 def test_a_member_trains_on_the_batches_its_seed_draws_on_the_cpu(mnist):

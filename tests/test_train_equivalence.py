@@ -252,3 +252,21 @@ def test_normalization_and_residual_blocks_match_torch_modules(mnist64, norm, re
         np.testing.assert_allclose([e[1:] for e in result.evals], [e[1:] for e in ref["evals"]], rtol=1e-9)
         bites.append(any(ref["active"]))
     assert any(bites)
+
+
+def test_a_group_mixing_clip_modes_lrs_and_momenta_matches_each_member_alone(mnist64):
+    """Everything a member holds on its own slice of the stack: its clip mode and threshold, and
+    (SGD) its lr and momentum, 0 included. One group; each member against its own reference."""
+    from pipeline.config import group_key
+
+    settings = [("none", 1.0, 0.05, 0.9), ("norm", 0.5, 0.1, 0.0), ("value", 0.01, 0.02, 0.5), ("agc", 0.025, 0.05, 0.9),
+                ("norm", 2.0, 0.03, 0.95)]
+    configs = [c.replace(clip=clip, clip_threshold=threshold, lr=lr, momentum=momentum)
+               for c, (clip, threshold, lr, momentum) in zip([*members(4), members(1)[0].replace(seed=4)], settings)]
+    assert len({group_key(c) for c in configs}) == 1
+    for config, start, result in zip(configs, initial_parameters(configs), train(configs, mnist64)):
+        ref = reference(config, start, mnist64)
+        assert result.outcome == "completed"
+        assert_matches(result, ref, config)
+        np.testing.assert_allclose([e[1:] for e in result.evals], [e[1:] for e in ref["evals"]], rtol=1e-9)
+        assert any(ref["active"]) == (config.clip != "none"), config.clip  # each member's own mode bites
