@@ -59,7 +59,9 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #    theirs from the GPU's generator: another sequence, measured 13-34% apart in step 0's layer norms);
 #    theory.fixed_point accelerated, so critical inits' predictions reach chi = 1 (plain iteration
 #    stopped 2,000 steps short of it, at 0.9995).
-NUMBERS_VERSION = 4
+# 5: SGD steps each member with its own lr and momentum (train.MemberSGD): p - lr * buf rounds
+#    twice where torch.optim.SGD's p.add_(buf, alpha=-lr) rounds once, 1 ulp a step apart.
+NUMBERS_VERSION = 5
 
 
 class ConfigError(ValueError):
