@@ -232,6 +232,7 @@ def test_grid_makes_one_parent_and_a_child_per_config_and_resumes(store, mnist_d
     assert rerun.exit_code == 0 and len(children(store)) == 6
 
 
+@pytest.mark.e2e
 def test_two_workers_produce_every_run_exactly_once(store, mnist_dir, tmp_path):
     spec = {"name": "pair", "base": TINY_BASE, "axes": {"activation": ["relu", "tanh", "elu"], "init": ["default", "he_normal"]}}
     path = write_spec(tmp_path, spec)
@@ -337,6 +338,7 @@ ENSEMBLE_SPEC = {"name": "ens", "base": {"depth": 4, "width": 32, "train_subset"
                  "axes": {"init": ["default", "xavier_normal", "he_normal"]}, "seeds": 2}
 
 
+@pytest.mark.e2e
 def test_grid_with_ensembles_logs_each_member_as_its_own_run(store, mnist_dir, tmp_path):
     path = write_spec(tmp_path, ENSEMBLE_SPEC)
     for mode, experiment in (("on", store), ("off", store + "-seq")):
@@ -355,6 +357,7 @@ def test_grid_with_ensembles_logs_each_member_as_its_own_run(store, mnist_dir, t
         assert run.data.metrics["train/loss"] == pytest.approx(theirs[h].data.metrics["train/loss"], rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_two_workers_train_groups(store, mnist_dir, tmp_path):
     spec = {**ENSEMBLE_SPEC, "axes": {**ENSEMBLE_SPEC["axes"], "activation": ["relu", "tanh"]}}
     path = write_spec(tmp_path, spec)
@@ -386,6 +389,7 @@ def test_a_name_with_quotes_and_slashes_is_data_not_syntax(store, mnist_dir, tmp
     assert written and all(out in p.parents and ".." not in p.name for p in written)
 
 
+@pytest.mark.e2e
 def test_runs_of_another_numbers_version_are_not_reused(store, mnist_dir, tmp_path):
     """A FINISHED run made by code that computed differently (another NUMBERS_VERSION) is run again,
     and the grid says so; this version's runs are reused."""

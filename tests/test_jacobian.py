@@ -68,6 +68,7 @@ def test_training_records_the_spectrum_of_the_initial_weights_at_the_first_input
     assert bn.jacobian == {}
 
 
+@pytest.mark.e2e  # Monte Carlo on wide nets: tens of seconds each
 @pytest.mark.parametrize("init, activation", [("xavier_normal", "tanh"), ("he_normal", "relu"), ("default", "tanh")])
 def test_mean_squared_singular_value_matches_the_product_of_chi_on_a_wide_net(mnist, init, activation):
     """Width 1024, depth 6, at init: tr(J J^T)/width against prod_l chi_l at the q-map's lengths,
@@ -83,6 +84,7 @@ def test_mean_squared_singular_value_matches_the_product_of_chi_on_a_wide_net(mn
     assert len(table) == JACOBIAN_INPUTS * 1024 and (table.predicted_mean_sq == found["theory/jacobian_mean_sq"]).all()
 
 
+@pytest.mark.e2e
 def test_orthogonal_weights_keep_the_spectrum_concentrated_where_gaussian_ones_spread_it(mnist):
     """Pennington et al. 2017 at the same chi: tanh, sigma_w^2 = 1.05, depth 32. The means agree with
     the theory for both; the spread of log singular values is several times wider for Gaussian."""

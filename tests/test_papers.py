@@ -7,8 +7,9 @@ import yaml
 from pipeline.config import PAPERS, GridSpec
 from pipeline.grid import run_grid
 from pipeline.report import build_report
-from pipeline.report.papers import GLOROT_TABLE1_MNIST
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e  # real grids
 
 TINY = {"max_steps": 3, "train_subset": 256, "batch_size": 64, "width": 16, "log_every": 1, "epochs": 1}
 TITLES = {"glorot2010": "Glorot &amp; Bengio 2010", "he2015": "He et al. 2015", "pascanu2013": "Pascanu et al. 2013",
@@ -28,8 +29,3 @@ def test_paper_spec_runs_and_reports_side_by_side(paper, store, mnist_dir, tmp_p
     html = build_report(store, out_dir=tmp_path).read_text()
     assert f"Reproduction: {TITLES[paper]}" in html
     assert html.count("<tr>") > len({(c.activation, c.init, c.depth) for c in spec.configs})
-
-
-def test_glorot_table_is_the_papers_mnist_column():
-    assert GLOROT_TABLE1_MNIST[("tanh", "xavier_uniform")] == 1.64
-    assert GLOROT_TABLE1_MNIST[("sigmoid", "default")] == 2.21

@@ -21,6 +21,7 @@ def _step0(result, column):
     return table[table.step == 0].sort_values("layer")[column].to_numpy()
 
 
+@pytest.mark.e2e
 def test_fp16_turns_a_vanishing_gradient_into_zeros_where_fp32_keeps_it(mnist):
     """Sigmoid at depth 20 (default init): dL/dz shrinks about 7x per layer from the output down.
     Where fp32 measures a layer gradient below ~1e-12 (below fp16's smallest number, 6e-8, even
@@ -38,6 +39,7 @@ def test_fp16_turns_a_vanishing_gradient_into_zeros_where_fp32_keeps_it(mnist):
     assert (_step0(fp16, "loss_scale") == 65536).all() and (_step0(fp32, "loss_scale") == 1).all()
 
 
+@pytest.mark.e2e
 def test_fp16_skipped_steps_are_not_divergence_until_the_scale_is_down_to_1(mnist):
     """An exploding tanh net (sigma_w = 0.5 x sqrt(width), depth 30): its scaled gradients overflow,
     each such step is skipped and the scale halved (not a divergence); once the scale is 1 the

@@ -14,6 +14,7 @@ from pipeline.config import GridSpec
 from pipeline.grid import run_grid
 from tests.conftest import MlflowServer
 
+pytestmark = pytest.mark.e2e  # a real Ray cluster and tracking server
 ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ray")
 
 SPEC = {"name": "raygrid", "base": {"depth": 4, "width": 32, "train_subset": 1280, "batch_size": 64, "max_steps": 20},

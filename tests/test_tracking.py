@@ -126,6 +126,7 @@ def test_the_summary_table_keeps_layer_0_at_every_step_and_every_layer_at_evenly
     pd.testing.assert_frame_equal(summary_table(short), short)  # a short run: every row
 
 
+@pytest.mark.e2e  # starts a tracking server
 def test_artifact_files_read_a_local_store_in_place_and_download_from_a_server(tmp_path, monkeypatch):
     """The report reads artifacts through ArtifactFiles: a server's are downloaded once into the
     folder, where the artifact's own path says (a file left elsewhere would read as missing)."""

@@ -110,7 +110,7 @@ def test_same_config_and_seed_give_identical_statistics(mnist):
     assert not a.table.loss.equals(c.table.loss)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.e2e)])
 def test_training_learns(mnist, optimizer):
     lr = 0.05 if optimizer == "sgd" else 1e-3
     cfg = RunConfig(activation="relu", depth=3, width=128, init="he_normal", optimizer=optimizer, lr=lr,

@@ -189,6 +189,7 @@ def assert_matches(result, ref: dict, config: RunConfig, until: int | None = Non
             assert diff.max() <= 2, f"histogram at step {step}"  # float32 log10 at a bin edge
 
 
+@pytest.mark.e2e  # every mode alone, 1 and 4 members (the fast tier's mixed group has them all)
 @pytest.mark.parametrize("n_members", [1, 4])
 @pytest.mark.parametrize("clip", ["none", "norm", "value", "agc"])
 def test_every_member_matches_the_plain_reference(mnist64, n_members, clip):
@@ -205,7 +206,7 @@ def test_every_member_matches_the_plain_reference(mnist64, n_members, clip):
     assert any(bites) == (clip != "none")  # each mode's thresholds bite somewhere
 
 
-@pytest.mark.parametrize("n_members", [1, 4])
+@pytest.mark.parametrize("n_members", [pytest.param(1, marks=pytest.mark.e2e), 4])
 def test_adam_and_a_rectifier_match_too(mnist64, n_members):
     configs = members(n_members, "norm", activation="relu", optimizer="adam", momentum=0.9)
     configs = [c.replace(lr=1e-3) for c in configs]
@@ -233,10 +234,11 @@ def test_a_diverging_member_stops_while_the_others_go_on(mnist64):
 
 
 @pytest.mark.parametrize("norm, residual, clip", [
-    ("batch", "none", "norm"), ("layer", "skipinit", "value"), ("none", "plain", "norm"),
-    ("none", "skipinit", "agc"), ("batch", "skipinit", "norm"), ("layer", "plain", "agc"),
+    pytest.param("batch", "none", "norm", marks=pytest.mark.e2e), pytest.param("layer", "skipinit", "value", marks=pytest.mark.e2e),
+    pytest.param("none", "plain", "norm", marks=pytest.mark.e2e), pytest.param("none", "skipinit", "agc", marks=pytest.mark.e2e),
+    ("batch", "skipinit", "norm"), ("layer", "plain", "agc"),
 ])
-@pytest.mark.parametrize("n_members", [1, 3])
+@pytest.mark.parametrize("n_members", [pytest.param(1, marks=pytest.mark.e2e), 3])
 def test_normalization_and_residual_blocks_match_torch_modules(mnist64, norm, residual, clip, n_members):
     """BatchNorm (batch statistics in training, running ones in the evaluations, each member its
     own), LayerNorm, and residual blocks: the same numbers as nn.BatchNorm1d and nn.LayerNorm."""
