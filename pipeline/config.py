@@ -218,6 +218,13 @@ def validate(config: RunConfig) -> None:
         _check_field(name, value, f.type, f.metadata)
     if not _DEVICE_RE.match(config.device):
         raise ConfigError("device", f"{config.device!r} is not one of auto, cpu, mps, cuda, cuda:N")
+    norm = NORM_REGISTRY[config.norm]
+    if norm.mixes_examples:  # its batch statistics are undefined for one example (a variance of 0)
+        n_train = config.train_subset or MNIST_TRAIN_SIZE
+        if config.batch_size < 2 or n_train % config.batch_size == 1:
+            batch = "batch_size 1" if config.batch_size < 2 else (
+                f"{n_train} training images in batches of {config.batch_size} leave a last batch of 1")
+            raise ConfigError("batch_size", f"{norm.label} needs at least 2 examples in every batch: {batch}")
 
 
 def _check_field(name: str, value: Any, type_name: str, meta: Any) -> None:

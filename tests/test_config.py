@@ -87,3 +87,16 @@ def test_vocabulary_matches_design():
     assert "orthogonal" in INITS and "default" in INITS
     for name in ("init_std", "clip_threshold", "batch_size", "max_steps", "train_subset", "log_every"):
         assert name in FIELDS
+
+
+@pytest.mark.parametrize("fields, says", [
+    (dict(batch_size=1), "batch_size 1"),
+    (dict(batch_size=64, train_subset=641), "641 training images in batches of 64 leave a last batch of 1"),
+])
+def test_batchnorm_refuses_a_batch_of_one_example(fields, says):
+    """A norm that mixes the examples (norms.NORMS) has no batch statistics for one example."""
+    with pytest.raises(ConfigError) as found:
+        RunConfig(norm="batch", **fields)
+    assert found.value.key == "batch_size" and says in str(found.value)
+    RunConfig(norm="layer", **fields)  # LayerNorm normalizes each example alone
+    RunConfig(norm="batch", **{**fields, "batch_size": fields["batch_size"] + 1})
