@@ -370,7 +370,15 @@ class GridSpec:
         if not configs:
             raise ConfigError("axes", "the grid is empty (every configuration was excluded)")
         source = source or yaml.safe_dump(raw, sort_keys=False)  # what is logged must rebuild this spec
-        return cls(str(raw.get("name", default_name)), tuple(configs.values()), source, reproduces)
+        return cls(_name(raw, default_name), tuple(configs.values()), source, reproduces)
+
+
+def _name(raw: dict, default: str) -> str:
+    """The spec's name: a non-empty string (`name: null` made a grid called "None")."""
+    name = raw.get("name", default)
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("name", f"must be a non-empty string, got {name!r}")
+    return name
 
 
 def _values_over(raw: Any, limit: int) -> bool:
@@ -398,11 +406,17 @@ def reduce_spec(raw: Any, default_name: str = "grid") -> dict[str, Any]:
     if not raw.get("reduced"):
         raise ConfigError("reduced", "this spec has no reduced: budget to run")
     overrides = dict(_mapping(raw, "reduced"))
+    for key, value in overrides.items():  # each value checked here, so that an error names reduced.<key>
+        if key in FIELDS:
+            try:
+                from_dict({key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"reduced.{key}", exc.message) from None
     out = {k: v for k, v in raw.items() if k != "reduced"}
     if "seeds" in overrides:
         out["seeds"] = overrides.pop("seeds")
     out["base"] = {**_mapping(raw, "base"), **overrides}
-    out["name"] = f"{raw.get('name', default_name)}-reduced"
+    out["name"] = f"{_name(raw, default_name)}-reduced"
     return out
 
 

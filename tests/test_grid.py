@@ -129,6 +129,11 @@ def test_duplicate_configs_are_run_once():
         ({"name": "nothing", "seeds": 3}, "spec"),
         ({"base": {"lr": float("inf")}}, "base.lr"),
         ({"axes": {"bias_std": [0.1, float("nan")]}}, "axes.bias_std"),
+        ({"name": None, "base": {"depth": 3}}, "name"),  # was a grid called "None"
+        ({"name": ["a"], "base": {"depth": 3}}, "name"),
+        ({"name": " ", "base": {"depth": 3}}, "name"),
+        ({"base": {"depth": 3, 1: 2}}, "base.1"),  # a key that is not a string
+        ({"base": {"norm": "batch", "batch_size": 1}}, "base.batch_size"),
     ],
 )
 def test_spec_errors_name_the_key(raw, key):
@@ -180,6 +185,9 @@ def test_reduced_overrides_base_and_seeds():
     with pytest.raises(ConfigError) as err:
         GridSpec.from_dict({**raw, "reduced": {"max_step": 10}})
     assert err.value.key == "reduced.max_step"
+    with pytest.raises(ConfigError) as err:  # a bad value under reduced: is named there, not as base.<key>
+        reduce_spec({**raw, "reduced": {"max_steps": -1}})
+    assert err.value.key == "reduced.max_steps"
     with pytest.raises(ConfigError) as err:
         reduce_spec({"axes": {"depth": [3]}})
     assert err.value.key == "reduced"
