@@ -3,6 +3,7 @@ which the real report renders and says that it is synthetic."""
 
 import importlib.util
 
+import pytest
 from mlflow import MlflowClient
 
 from pipeline.report import build_report
@@ -16,6 +17,7 @@ def _tool():
     return module
 
 
+@pytest.mark.e2e
 def test_the_report_renders_a_synthetic_store_and_says_it_is_synthetic(store, tmp_path):
     tool = _tool()
     spec, _ = tool.build(12, 20, store, echo=lambda line: None)
@@ -23,8 +25,12 @@ def test_the_report_renders_a_synthetic_store_and_says_it_is_synthetic(store, tm
     kids = [r for r in runs if "gradbench.config_hash" in r.data.tags]
     assert len(kids) == 12 and all(r.data.tags["gradbench.synthetic"] == "true" for r in runs)
     assert {r.data.tags["gradbench.config_hash"] for r in kids} == {c.config_hash() for c in spec.configs}
-    artifacts = {a.path for a in MlflowClient().list_artifacts(kids[0].info.run_id, "gradients")}
+    client = MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(kids[0].info.run_id, "gradients")}
     assert artifacts == {"gradients/layer_stats.parquet", "gradients/summary.parquet", "gradients/histograms.npz"}
+    for kid in kids:  # what a real run logs beside them: its predicted profile and its gradient-flow plot
+        assert {a.path for a in client.list_artifacts(kid.info.run_id, "theory")} == {"theory/profile.parquet"}
+        assert {a.path for a in client.list_artifacts(kid.info.run_id, "plots")} == {"plots/gradient_flow.png"}
     path = build_report(store, out_dir=tmp_path / "reports")
     text = path.read_text()
     assert "SYNTHETIC DATA" in text and "synthetic-12" in text

@@ -5,8 +5,11 @@
 Writes a grid of N runs (1000: 8 activations x 5 inits x 5 depths x 5 widths; 7680: the standard
 grid; any other N: N seeds of one configuration) with the real layout (a parent run with its spec.yaml; children with every param, the tags,
 the summary metrics, config.json, gradients/layer_stats.parquet for every step x layer,
-gradients/histograms.npz, signal/propagation.parquet) but made-up statistics: gradient norms
-that shrink or grow geometrically with depth, with noise. Every run and the parent are tagged
+gradients/histograms.npz, signal/propagation.parquet, theory/profile.parquet,
+plots/gradient_flow.png) but made-up statistics: gradient norms that shrink or grow geometrically
+with depth, with noise. The gradient-flow plot is drawn once per depth (from that depth's first run)
+and logged with every run of that depth, as its title says: one per run would cost a tenth of a
+second a run, 7,680 times. Every run and the parent are tagged
 gradbench.synthetic=true and the grid is named synthetic-N: a report on it says it is synthetic.
 Never use it for results. With --report it then times `gradbench report` on the store (wall
 time and peak memory of the process, from /usr/bin/time when there is one).
@@ -33,7 +36,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipeline import tracking  # noqa: E402
+from pipeline import plots, tracking  # noqa: E402
 from pipeline.activations import ACTIVATIONS  # noqa: E402
 from pipeline.config import NUMBERS_VERSION, GridSpec, run_name  # noqa: E402
 from pipeline.monitor import HIST_BINS, HIST_RANGE  # noqa: E402
@@ -61,8 +64,10 @@ def spec_for(runs: int, steps: int) -> dict:
     return raw
 
 
-def fake_run(config, steps: int, rng: np.random.Generator) -> tuple[pd.DataFrame, dict, pd.DataFrame, dict]:
-    """(layer table, histograms, propagation table, summary metrics) of plausible magnitudes."""
+def fake_run(config, steps: int, rng: np.random.Generator) -> tuple[pd.DataFrame, dict, pd.DataFrame, dict,
+                                                                   pd.DataFrame | None]:
+    """(layer table, histograms, propagation table, summary metrics, predicted profile) of plausible
+    magnitudes; the profile is None where theory makes no prediction (SkipInit), as a run's is."""
     layers = config.depth
     slope = rng.normal(0.0, 0.3)  # log10 of the per-layer factor of |dL/dz|, vanishing < 0 < exploding
     depth_profile = 10 ** (slope * (layers - 1 - np.arange(layers)))
@@ -99,14 +104,27 @@ def fake_run(config, steps: int, rng: np.random.Generator) -> tuple[pd.DataFrame
                                       else np.nan}))
     accuracy = float(np.clip(0.95 - 0.8 * abs(slope) * rng.random(), 0.1, 0.99))
     metrics = {"final/test_acc": accuracy, "final/test_loss": float(loss[-1]), "run/steps": steps,
-               "grad/first_last_ratio_init": float(depth_profile[0] / depth_profile[-1]),
-               "theory/slope_measured": math.log(10) * slope, "theory/slope_pred": math.log(10) * slope * 1.02,
-               "theory/slope_error": -0.02 * math.log(10) * slope}
-    return table, histograms, pd.concat(rows, ignore_index=True), metrics
+               "grad/first_last_ratio_init": float(depth_profile[0] / depth_profile[-1])}
+    # the input-output Jacobian's spectrum at step 0, and the theory's (plain nets only, as a run's)
+    mean_sq = float(10 ** (2 * slope * (layers - 2)) * rng.lognormal(0, 0.2))
+    metrics.update({"jacobian/sv_mean_sq": mean_sq,
+                    "jacobian/sv_log10_sd": float(0.05 * layers * rng.lognormal(0, 0.2))})
+    if config.norm == "none" and config.residual == "none":
+        metrics["theory/jacobian_mean_sq"] = mean_sq * float(rng.lognormal(0, 0.1))
+    profile = None
+    if config.residual != "skipinit" and layers > 1:  # the prediction a run logs: ln||dL/dz|| per hidden layer
+        predicted = math.log(10) * slope * 1.02  # per layer towards the input, the last hidden layer 0
+        hidden = np.arange(layers - 1)
+        profile = pd.DataFrame({"layer": hidden, "log_norm": predicted * (layers - 2 - hidden)})
+        metrics.update({"theory/slope_measured": math.log(10) * slope, "theory/slope_pred": predicted,
+                        "theory/slope_error": math.log(10) * slope - predicted})
+    return table, histograms, pd.concat(rows, ignore_index=True), metrics, profile
 
 
-def build(runs: int, steps: int, experiment: str, echo=click.echo) -> tuple[GridSpec, float]:
-    raw = spec_for(runs, steps)
+def build(runs: int, steps: int, experiment: str, echo=click.echo, raw: dict | None = None) -> tuple[GridSpec, float]:
+    """Write the grid of spec_for(runs, steps), or of the spec `raw` (its runs must be `runs`: a
+    test's small grid of several activations and inits), into `experiment`."""
+    raw = raw or spec_for(runs, steps)
     spec = GridSpec.from_dict(raw, source=json.dumps(raw))
     assert len(spec.configs) == runs, len(spec.configs)
     client = tracking.get_client()
@@ -114,10 +132,11 @@ def build(runs: int, steps: int, experiment: str, echo=click.echo) -> tuple[Grid
     exp_id, parent = tracking.open_grid_run(client, spec, experiment)
     client.set_tag(parent, TAG_SYNTHETIC, "true")
     rng = np.random.default_rng(0)
+    flow_plots: dict[int, bytes] = {}  # depth -> the plot of that depth's first run
     with tempfile.TemporaryDirectory() as tmp:
         for i, config in enumerate(spec.configs):
-            table, histograms, signal, metrics = fake_run(config, steps, rng)
-            slope = metrics["theory/slope_measured"]
+            table, histograms, signal, metrics, profile = fake_run(config, steps, rng)
+            slope = math.log(metrics["grad/first_last_ratio_init"]) / max(config.depth - 1, 1)  # ln, per layer
             diagnosis = "vanishing" if slope < -0.2 else "exploding" if slope > 0.2 else "healthy"
             tags = {tracking.TAG_CONFIG_HASH: config.config_hash(), tracking.TAG_GRID: spec.name,
                     tracking.TAG_OUTCOME: "completed", tracking.TAG_DIAGNOSIS: diagnosis,
@@ -134,6 +153,14 @@ def build(runs: int, steps: int, experiment: str, echo=click.echo) -> tuple[Grid
             summary_table(table).to_parquet(folder / "gradients" / "summary.parquet", index=False)
             np.savez_compressed(folder / "gradients" / "histograms.npz", **histograms)
             signal.to_parquet(folder / "signal" / "propagation.parquet", index=False)
+            if profile is not None:
+                (folder / "theory").mkdir()
+                profile.to_parquet(folder / "theory" / "profile.parquet", index=False)
+            if config.depth not in flow_plots:
+                title = f"synthetic: {run_name(config)}, shown for every run of depth {config.depth}"
+                flow_plots[config.depth] = plots.png(plots.gradient_flow(table, title))
+            (folder / "plots").mkdir()
+            (folder / "plots" / "gradient_flow.png").write_bytes(flow_plots[config.depth])
             client.log_artifacts(run_id, str(folder))
             client.set_terminated(run_id, "FINISHED")
             shutil.rmtree(folder)
