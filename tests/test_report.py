@@ -1,9 +1,14 @@
-"""The report stage, from a real MLflow store, and the report and MLflow UI in headless Chromium."""
+"""The report stage. Fast tier: every summary figure drawn in this process from a synthetic store
+(benchmarks/perf/synthetic_store.py, read back through collect), checked for legibility, its
+numbers against the data, its caption in the template; the run page. End-to-end tier (--e2e): a
+real tiny grid, its report through the CLI, and the report and MLflow UI in headless Chromium."""
 
 import base64
 import functools
+import importlib.util
 import io
 import json
+import math
 import operator
 import os
 import re
@@ -11,19 +16,24 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.image
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow import MlflowClient
 
+from pipeline import theory
 from pipeline.cli import cli
-from pipeline.config import GridSpec
+from pipeline.config import GridSpec, from_dict
 from pipeline.grid import run_grid
-from pipeline.report import figures, seaborn_figures, svg
-from pipeline.report.runpage import slug
+from pipeline.report import _run_page, figure, render
+from pipeline.report.collect import collect
+from pipeline.report.figures import Pick, drawn, figure_tasks, telling_runs
+from pipeline.report.runpage import page_names, slug
 from pipeline.report.workers import Seaborn, draw, workers
-from tests.conftest import MlflowServer
+from tests.conftest import REPO, MlflowServer
 
 TINY_BASE = {"depth": 4, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 8, "log_every": 2}
 SPEC = {
@@ -34,24 +44,256 @@ SPEC = {
     "include": [{"activation": "relu", "init": "default", "norm": "batch"},
                 {"activation": "tanh", "init": "default", "residual": "skipinit"}],
 }
-FIGURES = ["accuracy", "gradient-flow", "signal", "gradient-signal", "jacobian", "remedies", "layer-step", "histograms", "training", "clipping", "outcomes"]
-SVG_FIGURES = ["gradient-flow", "signal", "gradient-signal", "jacobian", "layer-step", "histograms", "training", "outcomes"]  # the others: PNG
+# the synthetic grid of the fast tier: made-up statistics in the real layout, 18 runs
+SYNTHETIC = {"name": "synthetic-grid", "base": {"width": 16},
+             "axes": {"activation": ["relu", "tanh"], "init": ["default", "he_normal"], "depth": [3, 6],
+                      "clip": ["none", "norm"]},
+             "include": [{"activation": "relu", "init": "default", "depth": 6, "norm": "batch"},
+                         {"activation": "tanh", "init": "default", "depth": 6, "residual": "skipinit"}]}
+FIGURES = ["accuracy", "gradient-flow", "signal", "gradient-signal", "jacobian", "remedies", "layer-step", "histograms",
+           "training", "clipping", "outcomes"]
+PAPER_FIGURES = ["schoenholz", "yang2019", "depth", "pennington2017"]
 # What each figure's caption must name (a figure says what its caption says).
 CAPTION_NAMES = {"accuracy": "test accuracy", "gradient-flow": "dL/dh", "remedies": "normalization",
-                 "jacobian": "singular value",
-                 "signal": "correlation", "gradient-signal": "GSNR", "layer-step": "each layer",
-                 "histograms": "log10|dL/dW|", "training": "loss", "clipping": "clipping", "outcomes": "diagnosed"}
-ARTIFACTS = Path(os.environ.get("GRADBENCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+                 "jacobian": "singular value", "signal": "correlation", "gradient-signal": "GSNR",
+                 "layer-step": "each layer", "histograms": "log10|dL/dW|", "training": "loss", "clipping": "clipping",
+                 "outcomes": "diagnosed", "schoenholz": "xi_c", "yang2019": "BatchNorm", "depth": "depth",
+                 "pennington2017": "singular values"}
+ARTIFACTS = Path(os.environ.get("GRADBENCH_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def report_cli(store, out_dir, *extra):
+    return CliRunner().invoke(cli, ["report", "--experiment", store, "--out-dir", str(out_dir), *extra])
+
+
+def _synthetic_store():
+    path = REPO / "benchmarks" / "perf" / "synthetic_store.py"
+    spec = importlib.util.spec_from_file_location("synthetic_store", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory, tracking_uri):
+    """A synthetic grid of 18 runs in the session's store, and what collect reads of it."""
+    tmp = tmp_path_factory.mktemp("synthetic")
+    MlflowClient(tracking_uri).create_experiment("report-synthetic", artifact_location=(tmp / "artifacts").as_uri())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        _synthetic_store().build(18, 30, "report-synthetic", echo=lambda line: None,
+                                 raw=json.loads(json.dumps(SYNTHETIC)))
+        data = collect("report-synthetic", folder=str(tmp / "downloads"))
+        yield data, MlflowClient(tracking_uri)
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The matplotlib figures that encode turns into Figures from now on, each checked for legibility."""
+    found = []
+    monkeypatch.setattr(figure, "FIGURE_CHECKS", [figure.check_legible, found.append])
+    return found
+
+
+def _picks(data):
+    return [Pick(label, run, data.table(run.run_id), data.histograms(run.run_id))
+            for label, run in telling_runs(data.runs)]
+
+
+@pytest.fixture(scope="module")
+def summary(synthetic):
+    """Every summary figure of the synthetic grid, drawn here in this process (the legibility check
+    sees each one): (the Figures, the matplotlib figures they were encoded from, by key)."""
+    data, _ = synthetic
+    tasks = figure_tasks(data.runs, data.layers, data.signal, _picks(data), data.profiles)
+    assert all(isinstance(task, Seaborn) for task in tasks)  # every one drawn in a seaborn process
+    drawn_here = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(figure, "FIGURE_CHECKS", [figure.check_legible, drawn_here.append])
+        figures = [task() for task in tasks]
+    assert None not in figures and len(drawn_here) == len(figures)
+    return figures, {f.key: fig for f, fig in zip(figures, drawn_here)}
+
+
+def _axes(fig, title: str):
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == title]
+    return ax
+
+
+def _lines(ax) -> dict[str, np.ndarray]:
+    """label -> (x, y) of the labelled lines of an axes."""
+    return {line.get_label(): np.array([line.get_xdata(), line.get_ydata()], dtype=float) for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
+
+
+# -- fast tier: the figures, from a synthetic store ---------------------------------------------------
+
+
+def test_every_summary_figure_is_legible_and_its_caption_says_what_it_shows(synthetic, summary):
+    data, _ = synthetic
+    figures, _ = summary
+    assert [f.key for f in figures] == FIGURES
+    html = render(data, len(data.runs), figures, None)
+    for f in figures:
+        block = html.split(f'<figure id="{f.key}">', 1)[1].split("</figure>", 1)[0]
+        assert block.count("<img ") == 1 and f.width > 200 and base64.b64decode(f.png_base64)[:4] == b"\x89PNG"
+        caption = block.split("<figcaption>", 1)[1].split("</figcaption>", 1)[0]
+        assert CAPTION_NAMES[f.key] in caption and len(caption) > 100 + len(f.notes), f.key
+    assert "<svg" not in html  # the summary draws no SVG
+
+
+@pytest.mark.parametrize("key", ["gradient-flow", "signal", "gradient-signal", "training", "outcomes"])
+def test_a_figure_that_does_not_fit_its_texts_fails_the_check(synthetic, summary, key):
+    """The real figures, made illegible: at 0.4 of its width a figure runs its texts together."""
+    fig = summary[1][key]
+    FigureCanvasAgg(fig)  # encode closed it: pyplot took its canvas away
+    size = fig.get_size_inches()
+    fig.set_size_inches(size * [0.4, 1])
+    try:
+        with pytest.raises(figure.IllegibleFigure):
+            figure.check_legible(fig)
+    finally:
+        fig.set_size_inches(size)
+
+
+def test_every_paper_figure_has_its_caption():
+    """A paper's figures are captioned by the same template as the summary's, by key."""
+    from pipeline.report import _environment
+
+    captions = _environment().get_template("captions.html.j2").make_module({"min_steps": 10})
+    for key in PAPER_FIGURES:
+        text = str(captions.caption(figure.Figure(key, "", "", 0)))
+        assert CAPTION_NAMES[key] in text and len(text) > 80, key
+    assert str(captions.caption(figure.Figure("no-such-key", "", "", 0, "a note"))).strip() == "a note"
+
+
+def test_the_gradient_flow_draws_the_measured_means_and_the_logged_profile(synthetic, summary):
+    """Its lines are the mean log10 norms of the runs at step 0; its predictions are the profiles the
+    runs logged (theory/profile.parquet), anchored at the last hidden layer's measured mean, never
+    recomputed; a run without a logged profile (SkipInit) has no prediction."""
+    data, client = synthetic
+    fig = summary[1]["gradient-flow"]
+    deep = data.runs[(data.runs.depth == 6) & (data.runs["clip"] == "none")]
+    predicted = 0
+    for _, run in deep.iterrows():
+        table = data.table(run.run_id)
+        start = table[table.step == 0].sort_values("layer")
+        lines = _lines(_axes(fig, f"||dL/dh|| - {run.activation}"))
+        x, y = lines[run.setup]
+        np.testing.assert_allclose(x, start.layer)
+        np.testing.assert_allclose(y, np.log10(start.backprop_norm), rtol=1e-12)  # one run a setup: its own
+        logged = client.download_artifacts(run.run_id, "theory/profile.parquet") if run.residual == "none" else None
+        if logged is None:
+            assert f"{run.setup}: prediction" not in lines
+            continue
+        profile = pd.read_parquet(logged)
+        # the prediction logged is the one theory/slope_pred was fitted on
+        slope = -np.polyfit(profile.layer, profile.log_norm, 1)[0]
+        assert slope == pytest.approx(client.get_run(run.run_id).data.metrics["theory/slope_pred"], rel=1e-9)
+        x, y = lines[f"{run.setup}: prediction"]
+        anchor = np.log10(start.backprop_norm.iloc[-2])  # the last hidden layer's measured value
+        np.testing.assert_allclose(x, profile.layer)
+        np.testing.assert_allclose(y, anchor + profile.log_norm / math.log(10), rtol=1e-12)
+        predicted += 1
+    assert predicted == len(deep) - 1  # all but SkipInit's
+
+
+def test_the_heatmaps_are_the_telling_runs_tables(synthetic, summary):
+    """layer x step: each image is log10 ||dL/dh|| of its run's summary table, layer 0 in the bottom row."""
+    data, _ = synthetic
+    picks = _picks(data)
+    fig = summary[1]["layer-step"]
+    images = [ax.images[0] for ax in fig.axes if ax.images and ax.get_title()]
+    assert len(images) == len(picks)
+    for image, pick in zip(images, picks):
+        table = pick.table
+        every_layer = table.groupby("step").layer.transform("size") == table.layer.max() + 1
+        expected = np.log10(table[every_layer].pivot(index="layer", columns="step", values="backprop_norm").to_numpy())
+        np.testing.assert_allclose(image.get_array(), expected)
+        assert image.origin == "lower"
+
+
+def test_the_training_curves_are_the_mean_over_seeds_per_step(synthetic, summary):
+    data, _ = synthetic
+    fig = summary[1]["training"]
+    deep = data.layers[(data.layers.depth == 6) & (data.layers["clip"] == "none") & (data.layers.layer == 0)]
+    for activation in ("relu", "tanh"):
+        ax = _axes(fig, f"loss - {activation}")
+        mine = deep[deep.activation == activation]
+        expected = {setup: rows.sort_values("step") for setup, rows in mine.groupby("setup")}
+        curves = [line for line in ax.get_lines() if len(line.get_xdata()) > 1]
+        assert len(curves) == len(expected)
+        for line in curves:  # seaborn draws them in hue order
+            matches = [rows for rows in expected.values() if np.allclose(line.get_ydata(), rows.loss)]
+            assert len(matches) == 1 and np.array_equal(line.get_xdata(), matches[0].step)
+
+
+def test_the_legibility_check_catches_overlaps_cut_texts_and_linear_decades():
+    fig, ax = plt.subplots()
+    ax.text(0.5, 0.5, "one label")
+    ax.text(0.5, 0.5, "another label")
+    with pytest.raises(figure.IllegibleFigure, match="overlaps"):
+        figure.check_legible(fig)
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [1.0, 10.0, 1e5])
+    with pytest.raises(figure.IllegibleFigure, match="not log"):
+        figure.check_legible(fig)
+    ax.set_yscale("log")
+    figure.check_legible(fig)
+    plt.close(fig)
+    fig, ax = plt.subplots(layout="constrained")  # not cropped when saved: what lies beyond the edge is lost
+    fig.text(0.98, 0.5, "past the edge")
+    with pytest.raises(figure.IllegibleFigure, match="cut off"):
+        figure.check_legible(fig)
+    plt.close(fig)
+    fig = plt.figure(layout="constrained")  # a subfigure's title is a text of the figure too
+    top, _ = fig.subfigures(2, 1)
+    top.suptitle("a subfigure's title")
+    fig.text(0.5, 0.98, "written over it", ha="center", va="top")
+    with pytest.raises(figure.IllegibleFigure, match="subfigure's title"):
+        figure.check_legible(fig)
+    plt.close(fig)
+
+
+def test_a_run_page_shows_the_runs_own_logged_gradient_flow_plot(synthetic):
+    data, client = synthetic
+    run = data.runs.iloc[0]
+    page = _run_page(run, data.artifacts, data.grid, "report.html", page_names(data.runs)[run.run_id])
+    logged = Path(client.download_artifacts(run.run_id, "plots/gradient_flow.png")).read_bytes()
+    assert f'src="data:image/png;base64,{base64.b64encode(logged).decode()}"' in page
+    assert page.count("<svg ") == 1 and page.count("<polyline ") >= 2  # the training panel's two lines
+    assert page.count("<image ") >= 2  # the layer x step heatmap and the histograms
+
+
+def test_draw_returns_results_in_task_order_and_raises_a_tasks_error():
+    tasks = [Seaborn(operator.add, 1, 2), functools.partial(operator.mul, 3, 4), Seaborn(str.upper, "a")]
+    assert draw(tasks, None) == [3, 12, "A"]  # one core: everything in this process
+    with pytest.raises(ZeroDivisionError):
+        draw([Seaborn(operator.truediv, 1, 0)], None)
+
+
+@pytest.mark.e2e
+def test_the_drawing_processes_return_results_in_task_order_and_raise_a_tasks_error():
+    tasks = [Seaborn(operator.add, 1, 2), functools.partial(operator.mul, 3, 4), Seaborn(str.upper, "a"),
+             functools.partial(pow, 2, 5)]
+    with workers() as drawing:
+        if drawing is None:
+            pytest.skip("one core or no fork: everything is drawn in the report's process")
+        assert draw(tasks, drawing) == [3, 12, "A", 32]
+        assert draw([Seaborn(os.getpid), functools.partial(os.getpid)], drawing)[0] != os.getpid()  # elsewhere
+    for failing in (Seaborn(operator.truediv, 1, 0), functools.partial(operator.truediv, 1, 0)):
+        with pytest.raises(ZeroDivisionError), workers() as drawing:
+            draw([failing, functools.partial(abs, -1)], drawing)
+
+
+# -- end-to-end tier: a real tiny grid and its report ---------------------------------------------------
 
 
 def make_grid(tmp_path, mnist_dir, store, spec=SPEC):
     path = tmp_path / "tiny.yaml"
     path.write_text(json.dumps(spec))  # JSON is YAML
     return run_grid(GridSpec.from_yaml(path), str(mnist_dir), experiment=store, echo=lambda s: None, progress=False)
-
-
-def report_cli(store, out_dir, *extra):
-    return CliRunner().invoke(cli, ["report", "--experiment", store, "--out-dir", str(out_dir), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +306,9 @@ def tiny_report(tmp_path_factory, mnist_dir, tracking_uri):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
-        # every figure of the report and of the run pages must pass the legibility check (the SVG
-        # ones' overlaps are checked in Chromium)
-        mp.setattr(seaborn_figures, "FIGURE_CHECKS", [seaborn_figures.check_legible])
-        mp.setattr(svg, "CHECKS", [figures.check_panel])
+        # every figure of the report must pass the legibility check (the seaborn process is forked
+        # from this one: it inherits the check); the run pages' SVG texts are checked in Chromium
+        mp.setattr(figure, "FIGURE_CHECKS", [figure.check_legible])
         grid = make_grid(tmp, mnist_dir, store)
         # A run name is user data: it must come out of the report as text, never as markup.
         victim = grid.summaries[0].run_id
@@ -78,16 +319,14 @@ def tiny_report(tmp_path_factory, mnist_dir, tracking_uri):
     return html, grid, client
 
 
+@pytest.mark.e2e
 def test_report_has_every_section_and_is_logged_to_the_grid_run(tiny_report):
     html, grid, client = tiny_report
     text = html.read_text()
     for key in FIGURES:
-        assert f'<figure id="{key}">' in text, key
         block = text.split(f'<figure id="{key}">', 1)[1].split("</figure>", 1)[0]
-        if key in SVG_FIGURES:
-            assert block.count("<svg ") == 1 and "<img " not in block, key
-        else:
-            assert block.count('<img alt=') == 1 and "<svg " not in block, key
+        assert block.count("<img ") == 1 and "<svg " not in block, key
+        assert CAPTION_NAMES[key] in block.split("<figcaption>", 1)[1], key
     assert text.count("<tr>") == 1 + 10  # header + one row per configuration
     # SkipInit's blocks get no gradient at step 0: said, not drawn as a level line
     assert "Left out: default + SkipInit" in text
@@ -96,19 +335,42 @@ def test_report_has_every_section_and_is_logged_to_the_grid_run(tiny_report):
     assert artifacts == [f"report/{html.name}"]
 
 
-def test_every_figure_is_non_empty_and_its_caption_names_what_it_shows(tiny_report):
-    text = tiny_report[0].read_text()
-    for key in FIGURES:
-        block = text.split(f'<figure id="{key}">', 1)[1].split("</figure>", 1)[0]
-        width = re.search(r'<(?:img|svg) [^>]*width="(\d+)"', block).group(1)  # the figure's, in CSS px
-        assert int(width) > 200, key
-        if key in SVG_FIGURES:
-            marks = re.findall(r'<(?:polyline|image|circle) |<rect [^>]*fill="#', block)  # lines, images, dots, bars
-            assert len(marks) >= 6, key
-        caption = block.split("<figcaption>", 1)[1]
-        assert CAPTION_NAMES[key] in caption, key
+@pytest.mark.e2e
+def test_the_gradient_flow_draws_the_logged_step0_norms_and_the_logged_prediction(
+        tiny_report, tracking_uri, drawn_figures, monkeypatch, tmp_path):
+    """From the real grid: each plain unclipped relu run's line is the log10 ||dL/dh|| per layer it
+    logged to MLflow at step 0; the BatchNorm run's prediction is the profile it logged, whose slope
+    fit is its theory/slope_pred, and which differs from a recomputation with default input moments
+    (what the report drew before it read the run's own)."""
+    _, grid, client = tiny_report
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    data = collect("report-tiny", folder=str(tmp_path))
+    drawn("init_figures", "gradient_flow", data.layers, data.profiles)
+    (fig,) = drawn_figures
+    lines = _lines(_axes(fig, "||dL/dh|| - relu"))
+    deep = data.runs[(data.runs.activation == "relu") & (data.runs["clip"] == "none")]
+    for _, run in deep.iterrows():
+        history = {k: client.get_metric_history(run.run_id, k) for k in client.get_run(run.run_id).data.metrics
+                   if k.startswith("grad/backprop_norm/L")}
+        logged = [next(m.value for m in history[k] if m.step == 0) for k in sorted(history)]
+        assert len(logged) == TINY_BASE["depth"]
+        np.testing.assert_allclose(lines[run.setup][1], np.log10(logged), rtol=1e-6)
+    (batch,) = deep[deep["norm"] == "batch"].itertuples()
+    profile = pd.read_parquet(client.download_artifacts(batch.run_id, "theory/profile.parquet"))
+    collected = data.profiles[data.profiles.run_id == batch.run_id].sort_values("layer")
+    np.testing.assert_array_equal(collected.log_norm, profile.log_norm)
+    assert list(profile.layer) == list(range(TINY_BASE["depth"] - 1))
+    slope = -np.polyfit(profile.layer, profile.log_norm, 1)[0]
+    assert slope == pytest.approx(client.get_run(batch.run_id).data.metrics["theory/slope_pred"], rel=1e-9)
+    x, y = lines[f"{batch.setup}: prediction"]
+    anchor = lines[batch.setup][1][-2]  # the last hidden layer's measured log10 norm
+    np.testing.assert_allclose(y, anchor + profile.log_norm / math.log(10), rtol=1e-9)
+    config = from_dict(json.loads(Path(client.download_artifacts(batch.run_id, "config.json")).read_text()))
+    default_moments = np.array(theory.predict(config).log_norms)
+    assert np.abs(default_moments - profile.log_norm.to_numpy()).max() > 1e-3
 
 
+@pytest.mark.e2e
 def test_every_run_has_its_own_page_linked_from_the_summary(tiny_report):
     html, grid, _ = tiny_report
     text = html.read_text()
@@ -120,10 +382,12 @@ def test_every_run_has_its_own_page_linked_from_the_summary(tiny_report):
         assert f'id="run-{page.stem}"' in text  # addressable from the summary row
         body = page.read_text()
         assert body.count("<svg ") == 1 and body.count("<polyline ") >= 2 and "Diagnosis" in body
+        assert '<figure id="gradient-flow"><img ' in body  # the run's own plots/gradient_flow.png
         assert f'href="../{html.name}#run-{page.stem}"' in body
     assert {p.name for p in html.parent.iterdir() if p.name.startswith(".")} == set()  # nothing half-written
 
 
+@pytest.mark.e2e
 def test_a_run_page_heatmap_is_its_summary_table_in_magma(tiny_report):
     """The page's "where and when" image, decoded: one pixel per layer (rows, layer 0 at the bottom)
     and step, each the magma colour of its log10 ||dL/dh|| between the table's min and max,
@@ -142,21 +406,7 @@ def test_a_run_page_heatmap_is_its_summary_table_in_magma(tiny_report):
     np.testing.assert_allclose(pixels[::-1] / 255, expected, atol=1 / 255 + 1e-9)
 
 
-def test_svg_panels_map_data_to_pixels_and_break_lines_at_nan():
-    panel = svg.Panel(10, 20, 100, 50, xlim=(0, 4), ylim=(-1, 1))
-    np.testing.assert_allclose(panel.px([0, 2, 4]), [10, 60, 110])
-    np.testing.assert_allclose(panel.py([-1, 0, 1]), [70, 45, 20])  # y grows upwards
-    panel.line([0, 1, 2, 3, 4], [0, 1, np.nan, 0, 1], "red")
-    assert panel.svg().count("<polyline") == 2
-    assert all(-1 <= t <= 1 for t in svg.ticks(-1, 1)) and len(svg.ticks(-1, 1)) >= 3
-    assert svg.limits([np.nan, np.inf]) == (0.0, 1.0) and svg.limits([3, 3]) == (2.5, 3.5)
-    lo, hi = svg.limits([5.4e18])  # a diverged run's one finite loss: the panel still has a height
-    assert lo < 5.4e18 < hi and np.isfinite(svg.Panel(0, 0, 10, 10, (0, 1), (lo, hi)).py(5.4e18))
-    assert svg.power_label(-2) == "0.01" and svg.power_label(np.log10(2)) == "2"
-    assert list(map(svg.power_label, svg.log_ticks(np.log10(0.12), np.log10(2.2)))) == ["0.2", "0.5", "1", "2"]
-    assert list(map(svg.power_label, svg.log_ticks(0, 18.7))) == ["1", "10000", "1e+08", "1e+12", "1e+16"]
-
-
+@pytest.mark.e2e
 def test_a_report_sweeps_what_a_killed_report_left_half_written(tiny_report, tracking_uri, tmp_path, monkeypatch):
     """A report killed with -9 leaves its hidden staging folder (or temp file) behind; the next
     report in that folder removes those whose process on this host is gone, and nothing else."""
@@ -182,99 +432,35 @@ def test_a_report_sweeps_what_a_killed_report_left_half_written(tiny_report, tra
     assert alive.exists() and elsewhere.exists()
 
 
+@pytest.mark.e2e
 def test_index_lists_every_report_newest_first(tiny_report):
     html = tiny_report[0]
     index = (html.parent / "index.html").read_text()
     assert f'<a href="{html.name}">' in index and "<td>tiny</td>" in index and "<td>report-tiny</td>" in index
 
 
-def test_gradient_flow_lines_are_the_logged_step0_norms(tiny_report):
-    """The summary's gradient-flow SVG, read back: in the relu panel of its top row, the default and
-    he_normal lines (one plain, unclipped run each) lie, point for point, on one affine map of the
-    log10 ||dL/dh|| per layer that the runs logged to MLflow at step 0."""
-    html, grid, client = tiny_report
-    text = html.read_text()
-    block = text.split('<figure id="gradient-flow">', 1)[1].split("</figure>", 1)[0]
-    panel = block.split('<g clip-path="url(#gradient-flow-0-0)">', 1)[1].split("</g>", 1)[0]  # row 0: relu
-    measured, expected = [], []
-    for init in ("default", "he_normal"):
-        points = re.search(rf'<polyline points="([^"]+)"[^>]*><title>{init}</title>', panel).group(1)
-        measured.append([float(p.split(",")[1]) for p in points.split()])
-        (run,) = [client.get_run(s.run_id) for s in grid.summaries
-                  if client.get_run(s.run_id).data.params.get("activation") == "relu"
-                  and client.get_run(s.run_id).data.params.get("init") == init
-                  and client.get_run(s.run_id).data.params.get("clip") == "none"
-                  and client.get_run(s.run_id).data.params.get("norm", "none") == "none"]
-        layers = sorted(k for k in run.data.metrics if k.startswith("grad/backprop_norm/L"))
-        norms = [next(m.value for m in client.get_metric_history(run.info.run_id, k) if m.step == 0) for k in layers]
-        expected.append(np.log10(norms))
-    y, v = np.concatenate(measured), np.concatenate(expected)
-    assert len(measured[0]) == len(expected[0]) == TINY_BASE["depth"]
-    slope, offset = np.polyfit(v, y, 1)
-    assert slope < 0  # larger values are drawn higher up, at smaller y
-    np.testing.assert_allclose(y, slope * v + offset, atol=0.15)  # drawn to 0.1 px
-
-
-def test_draw_returns_results_in_task_order_from_both_kinds_of_worker_and_raises_a_tasks_error():
-    tasks = [Seaborn(operator.add, 1, 2), functools.partial(operator.mul, 3, 4), Seaborn(str.upper, "a"),
-             functools.partial(pow, 2, 5)]
-    with workers() as drawing:
-        if drawing is None:
-            pytest.skip("one core or no fork: everything is drawn in the report's process")
-        assert draw(tasks, drawing) == [3, 12, "A", 32]
-        assert draw([Seaborn(os.getpid), functools.partial(os.getpid)], drawing)[0] != os.getpid()  # elsewhere
-    for failing in (Seaborn(operator.truediv, 1, 0), functools.partial(operator.truediv, 1, 0)):
-        with pytest.raises(ZeroDivisionError), workers() as drawing:
-            draw([failing, functools.partial(abs, -1)], drawing)
-
-
-def test_the_legibility_check_catches_overlaps_and_linear_decades():
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots()
-    ax.text(0.5, 0.5, "one label")
-    ax.text(0.5, 0.5, "another label")
-    with pytest.raises(figures.IllegibleFigure, match="overlaps"):
-        seaborn_figures.check_legible(fig)
-    plt.close(fig)
-    fig, ax = plt.subplots()
-    ax.plot([0, 1, 2], [1.0, 10.0, 1e5])
-    with pytest.raises(figures.IllegibleFigure, match="not log"):
-        seaborn_figures.check_legible(fig)
-    ax.set_yscale("log")
-    seaborn_figures.check_legible(fig)
-    plt.close(fig)
-    fig, ax = plt.subplots(layout="constrained")  # not cropped when saved: what lies beyond the edge is lost
-    fig.text(0.98, 0.5, "past the edge")
-    with pytest.raises(figures.IllegibleFigure, match="cut off"):
-        seaborn_figures.check_legible(fig)
-    plt.close(fig)
-    panel = svg.Panel(0, 0, 100, 100, (0, 2), (0, 2e5))
-    panel.line([0, 1, 2], [1.0, 10.0, 1e5], "red")
-    with pytest.raises(figures.IllegibleFigure, match="not log"):
-        figures.check_panel(panel, log_y=False)
-    figures.check_panel(panel, log_y=True)
-
-
+@pytest.mark.e2e
 def test_strings_from_mlflow_are_escaped(tiny_report):
     html = tiny_report[0]
     text = html.read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "<script>alert(1)</script>" not in text
     (page,) = [p for p in html.with_suffix("").glob("*.html") if "alert" in p.read_text()]
-    body = page.read_text()  # its title, heading and the SVG's aria-label
+    body = page.read_text()  # its title, heading, the images' alt text and the SVG's aria-label
     assert body.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3 and "<script>" not in body
 
 
+@pytest.mark.e2e
 def test_report_is_self_contained(tiny_report):
     html = tiny_report[0]
     for page in [html, *html.with_suffix("").glob("*.html")]:
         body = page.read_text().split("<body>", 1)[1].replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name
         for reference in ("http://", "https://", 'src="/'):
             assert reference not in body, (page.name, reference)
-        assert re.findall(r"url\((?!#)", body) == [], page.name  # url(#id): a clip path in the page itself
+        assert re.findall(r"url\(", body) == [], page.name
 
 
+@pytest.mark.e2e
 def test_empty_experiment_is_a_clear_message(store, tmp_path):
     result = report_cli(store, tmp_path)
     assert result.exit_code == 1
@@ -285,7 +471,8 @@ def test_empty_experiment_is_a_clear_message(store, tmp_path):
     assert bad_id.exit_code == 1 and "no run" in bad_id.output
 
 
-def test_grid_without_finished_runs_reports_what_is_missing(store, tmp_path, mnist_dir):
+@pytest.mark.e2e
+def test_grid_without_finished_runs_reports_what_is_missing(store, tmp_path):
     from pipeline import tracking
 
     path = tmp_path / "tiny.yaml"
@@ -299,12 +486,14 @@ def test_grid_without_finished_runs_reports_what_is_missing(store, tmp_path, mni
     assert "has no finished runs" in text and text.count("no finished run</li>") == 10
 
 
+@pytest.mark.e2e
 def test_run_missing_its_statistics_artifact_is_named(store, tmp_path, mnist_dir):
     grid = make_grid(tmp_path, mnist_dir, store, {**SPEC, "axes": {"activation": ["relu", "tanh"]}})
     older, victim = (MlflowClient().get_run(s.run_id) for s in grid.summaries[:2])
-    # a run recorded before gradbench wrote summary.parquet: drawn from its full layer table
-    folder = Path(older.info.artifact_uri.removeprefix("file://")) / "gradients"
-    (folder / "summary.parquet").unlink()
+    # a run recorded before gradbench wrote summary.parquet, its profile and its plot: drawn from its full layer table
+    folder = Path(older.info.artifact_uri.removeprefix("file://"))
+    for name in ("gradients/summary.parquet", "theory/profile.parquet", "plots/gradient_flow.png"):
+        (folder / name).unlink()
     folder = Path(victim.info.artifact_uri.removeprefix("file://")) / "gradients"
     (folder / "summary.parquet").unlink()
     (folder / "layer_stats.parquet").unlink()
@@ -314,10 +503,11 @@ def test_run_missing_its_statistics_artifact_is_named(store, tmp_path, mnist_dir
     text = html.read_text()
     assert f"{victim.info.run_name}: no gradients/summary.parquet or gradients/layer_stats.parquet artifact" in text
     assert older.info.run_name not in text.split("Not shown")[1].split("</div>")[0]
-    page = html.with_suffix("") / f"{older.info.run_name}.html"
-    assert page.read_text().count("<svg ") == 1
+    page = (html.with_suffix("") / f"{older.info.run_name}.html").read_text()
+    assert page.count("<svg ") == 1 and "This run logged no plots/gradient_flow.png" in page
 
 
+@pytest.mark.e2e
 def test_run_pages_beyond_the_limit_go_to_the_most_telling_runs(tiny_report, tracking_uri, tmp_path, monkeypatch):
     html, grid, client = tiny_report
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -358,9 +548,17 @@ TEXTS_OUTSIDE = """() => Array.from(document.querySelectorAll('svg text')).filte
 }).map(t => t.textContent)"""
 
 
+# each image: decoded, drawn at 2x (its pixels twice the CSS width it is shown at), inside the page's width
+IMAGES = """() => Array.from(document.images).map(i => ({alt: i.alt, ok: i.complete && i.naturalWidth > 0,
+  ratio: i.naturalWidth / i.width, inside: i.getBoundingClientRect().right <= document.documentElement.clientWidth}))"""
+
+
+@pytest.mark.e2e
 def test_the_svg_text_checks_find_overlapping_and_cut_texts(browser, tmp_path):
-    drawing = svg.document(200, 100, [svg._text(50, 50, "hello"), svg._text(56, 52, "world"),
-                                      svg._text(150, 90, "apart"), svg._text(195, 60, "cut off")],
+    from pipeline.report import svg
+
+    drawing = svg.document(200, 100, [svg.text(50, 50, "hello"), svg.text(56, 52, "world"),
+                                      svg.text(150, 90, "apart"), svg.text(195, 60, "cut off")],
                            "two texts on each other, one past the edge")
     (tmp_path / "o.html").write_text(f"<!DOCTYPE html><html><body>{drawing}</body></html>")
     page = browser.new_page()
@@ -370,7 +568,8 @@ def test_the_svg_text_checks_find_overlapping_and_cut_texts(browser, tmp_path):
     page.close()
 
 
-def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
+@pytest.mark.e2e
+def test_report_renders_offline_in_chromium(tiny_report, browser):
     html = tiny_report[0]
     page = browser.new_page(viewport={"width": 1300, "height": 900})
     errors, requests = [], []
@@ -378,19 +577,15 @@ def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("request", lambda r: requests.append(r.url))
     page.goto(html.as_uri())
-    widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
-    assert len(widths) == len(FIGURES) - len(SVG_FIGURES) and all(w > 0 for w in widths)
-    # drawn at 2x: each image's pixels are twice the CSS width it is shown at (sharp when zoomed)
-    shown = page.evaluate("Array.from(document.images).map(i => i.width)")
-    assert all(n >= 1.9 * w for n, w in zip(widths, shown))
+    images = page.evaluate(IMAGES)
+    assert len(images) == len(FIGURES)
+    for image in images:  # the summary's figures are PNGs at 2x that fit the page
+        assert image["ok"] and image["ratio"] >= 1.9 and image["inside"], image
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for key in FIGURES:  # one screenshot per section, kept as a test artifact
         page.locator(f"figure#{key}").screenshot(path=str(ARTIFACTS / f"report-{key}.png"))
         assert (ARTIFACTS / f"report-{key}.png").stat().st_size > 10_000, key
-    # the SVG figures: their images decode, no two of their texts overlap, none is cut by the drawing's edge
-    assert page.evaluate("Array.from(document.querySelectorAll('svg image')).every(i => i.getBBox().width > 0)")
-    assert page.evaluate(OVERLAPPING_TEXTS) == []
-    assert page.evaluate(TEXTS_OUTSIDE) == []
+    assert page.evaluate("document.querySelectorAll('svg').length") == 0
     assert errors == []
     assert requests == [html.as_uri()]  # the page itself, nothing else
     # the summary table sorts on click: test accuracy ascending, then descending
@@ -403,6 +598,7 @@ def test_report_renders_offline_in_chromium(tiny_report, browser, tmp_path):
     assert (ARTIFACTS / "report.png").stat().st_size > 50_000
     for run_page in sorted(html.with_suffix("").glob("*.html")):
         page.goto(run_page.as_uri())
+        assert [i["ok"] for i in page.evaluate(IMAGES)] == [True], run_page.name  # the run's own flow plot
         # the hand-drawn SVG: its images decode, and no two of its texts overlap as Chromium lays them out
         assert page.evaluate("Array.from(document.querySelectorAll('svg image')).every(i => i.getBBox().width > 0)")
         overlaps = page.evaluate(OVERLAPPING_TEXTS)

@@ -4,15 +4,18 @@
                                            #    reports/<grid>-<date>/, reports/index.html, and an
                                            #    artifact of the grid run
 
-The summary's line and heatmap figures and each run page's figure are inline SVG (svg.py), its
-other figures seaborn PNGs inlined as data: URIs; no page makes a network request, each opens from
-file:// offline. Figures and pages are drawn on every core by processes started before the report
-reads MLflow (workers.py): the one that draws with seaborn imports it while the report reads.
-Strings from MLflow go through Jinja's autoescaping.
+The summary's figures are seaborn/matplotlib PNGs, drawn once per report by the seaborn process
+(workers.py), their captions in the template (captions.html.j2); a run page shows the run's own
+logged plots/gradient_flow.png beside small hand-drawn SVG panels (runpage.py, svg.py: a thousand
+pages must cost milliseconds each). Images are inlined as data: URIs; no page makes a network
+request, each opens from file:// offline. Figures and pages are drawn by processes started before
+the report reads MLflow: the seaborn process imports seaborn while the report reads. Strings from
+MLflow go through Jinja's autoescaping.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import functools
 import os
@@ -30,9 +33,10 @@ from .. import tracking
 from ..config import FIELDS
 from ..runtime import process_alive
 from .collect import ReportData, collect, read_histograms, read_summary
-from .figures import Figure, Pick, figure_tasks, paper_section, telling_runs
+from .figure import Figure
+from .figures import MIN_STEPS, Pick, figure_tasks, paper_section, telling_runs
 from .runpage import page_names, run_figure, slug
-from .workers import Seaborn, Workers, draw, workers
+from .workers import Workers, draw, workers
 
 SUMMARY_COLUMNS = ["run_name", "activation", "depth", "width", "init", "remedy", "clip", "clip_threshold", "seed", "outcome",
                    "diagnosis", "test_acc", "first_last_ratio"]
@@ -68,6 +72,7 @@ def render(data: ReportData, n_configs: int, figures: list[Figure], paper, run_d
         missing=data.missing,
         notices=data.notices,
         figures=figures,
+        min_steps=MIN_STEPS,
         paper=paper,
         columns=SUMMARY_COLUMNS,
         rows=rows,
@@ -82,8 +87,10 @@ def _run_page(run: pd.Series, artifacts, grid: str, report_name: str, page: str)
     table, _ = read_summary(artifacts, run.run_id)
     hist = read_histograms(artifacts, run.run_id)
     figure = None if table is None or table.empty else run_figure(run, table, hist)
+    flow = artifacts.get(run.run_id, "plots/gradient_flow.png")  # drawn and logged by the run (plots.py)
     return _environment().get_template("run.html.j2").render(
         run=run, grid=grid, report_name=report_name, page_key=page[:-5], figure=figure,
+        flow=base64.b64encode(Path(flow).read_bytes()).decode("ascii") if flow else "",
         config=[(k, run[k]) for k in FIELDS])
 
 
@@ -117,11 +124,11 @@ def _build(data: ReportData, out_dir: Path, run_pages: int | None, drawing: Work
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{slug(data.grid)}-{dt.date.today().isoformat()}"
     path = out_dir / f"{stem}.html"
-    # the summary's figures (the longest tasks, first) and the run pages, drawn together on every core
+    # the summary's figures (in the seaborn process) and the run pages (on the pool), drawn together
     picks = [Pick(label, run, data.table(run.run_id), data.histograms(run.run_id))
              for label, run in telling_runs(data.runs)]
-    figures = [*figure_tasks(data.runs, data.layers, data.signal, picks),
-               Seaborn(paper_section, data.reproduces, data.runs, data.layers)]
+    figures = [*figure_tasks(data.runs, data.layers, data.signal, picks, data.profiles),
+               paper_section(data.reproduces, data.runs, data.layers)]
     names = page_names(data.runs)
     paged = runs_with_pages(data.runs, run_pages)
     pages = dict(zip(paged.run_id, paged.run_id.map(names)))

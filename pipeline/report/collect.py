@@ -40,6 +40,7 @@ class ReportData:
     missing: list[str] = field(default_factory=list)  # what the report could not show, and why
     reproduces: str | None = None  # the paper the grid's spec reproduces, if any
     signal: pd.DataFrame = field(default_factory=pd.DataFrame)  # signal/propagation.parquet of the deepest nets
+    profiles: pd.DataFrame = field(default_factory=pd.DataFrame)  # theory/profile.parquet of the deepest nets
     notices: list[str] = field(default_factory=list)  # what a reader must know first (synthetic data)
 
     def table(self, run_id: str) -> pd.DataFrame | None:
@@ -186,7 +187,8 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
     missing += [f"{name}: {error}" for name, (_, _, error) in zip(runs.run_name, read) if error]
     runs["steps"] = [steps for _, steps, _ in read]
     layers = _joined(tables, runs, LAYER_KEYS) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
-    signal, without_signal = _signal(artifacts, runs[runs.depth == runs.depth.max()], missing, pool)
+    deepest = runs[runs.depth == runs.depth.max()]
+    signal, without_signal, profiles = _deepest_tables(artifacts, deepest, missing, pool)
     notices = []
     if parent.data.tags.get(TAG_SYNTHETIC) == "true":
         notices.append("SYNTHETIC DATA: this grid was written by benchmarks/perf/synthetic_store.py to time the "
@@ -196,17 +198,19 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
                        "left out of the signal-propagation figure")
     experiment_name = client.get_experiment(parent.info.experiment_id).name
     return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, artifacts, missing, spec.reproduces,
-                      signal, notices)
+                      signal, profiles, notices)
 
 
-def _read_signal(artifacts: tracking.ArtifactFiles, run_id: str) -> pa.Table | str | None:
-    path = artifacts.get(run_id, "signal/propagation.parquet")
+def _read_table(artifacts: tracking.ArtifactFiles, run_id: str, name: str) -> pa.Table | str | None:
+    """A run's parquet artifact `name` with its run_id; None where the run has none (recorded before
+    gradbench wrote it, or no prediction to write), why not where it is unreadable."""
+    path = artifacts.get(run_id, name)
     if path is None:
-        return None  # recorded before the forward instruments existed
+        return None
     try:
         table = _read_parquet(path)
     except (OSError, ValueError) as exc:
-        return f"signal/propagation.parquet unreadable ({exc})"
+        return f"{name} unreadable ({exc})"
     return _with_run_id(table, run_id)
 
 
@@ -236,15 +240,27 @@ def in_processes(function, jobs: list[tuple], pool: Executor | None = None) -> l
     return out
 
 
-def _signal(artifacts: tracking.ArtifactFiles, runs: pd.DataFrame, missing: list[str],
-            pool: Executor | None = None) -> tuple[pd.DataFrame, int]:
-    """signal/propagation.parquet of `runs` (the signal figures draw the deepest nets), joined to
-    their configs; and how many runs have none."""
-    read_all = in_processes(_read_signal, [(artifacts, run_id) for run_id in runs.run_id], pool)
-    signals = [s for s in read_all if isinstance(s, pa.Table)]
-    missing += [f"{name}: {s}" for name, s in zip(runs.run_name, read_all) if isinstance(s, str)]
-    columns = ["step", "layer", "statistic", "measured", "predicted", "run_id"]
+DEEPEST_TABLES = ("signal/propagation.parquet", "theory/profile.parquet")  # what the figures of the deepest nets read
+
+
+def _read_tables(artifacts: tracking.ArtifactFiles, run_id: str) -> list[pa.Table | str | None]:
+    return [_read_table(artifacts, run_id, name) for name in DEEPEST_TABLES]
+
+
+def _deepest_tables(artifacts: tracking.ArtifactFiles, runs: pd.DataFrame, missing: list[str],
+                    pool: Executor | None = None) -> tuple[pd.DataFrame, int, pd.DataFrame]:
+    """Of `runs` (the deepest nets), in one pass: signal/propagation.parquet joined to their configs,
+    how many runs have none, and theory/profile.parquet (the prediction each run logged per hidden
+    layer: a run without one, no prediction or recorded by an older gradbench, has no rows; the
+    gradient-flow figure draws no prediction for it, never a recomputed one)."""
+    read_all = in_processes(_read_tables, [(artifacts, run_id) for run_id in runs.run_id], pool)
+    missing += [f"{name}: {t}" for name, tables in zip(runs.run_name, read_all) for t in tables if isinstance(t, str)]
+    signals = [s for s, _ in read_all if isinstance(s, pa.Table)]
+    profiles = [p for _, p in read_all if isinstance(p, pa.Table)]
+    without = sum(s is None for s, _ in read_all)
+    profile = (pa.concat_tables(profiles).to_pandas() if profiles
+               else pd.DataFrame(columns=["layer", "log_norm", "run_id"]))
     if not signals:
-        return pd.DataFrame(columns=columns), sum(s is None for s in read_all)
+        return pd.DataFrame(columns=["step", "layer", "statistic", "measured", "predicted", "run_id"]), without, profile
     signal = _joined(signals, runs, ["run_id", "activation", "depth", "clip", "setup", "seed", "precision"])
-    return signal, sum(s is None for s in read_all)
+    return signal, without, profile

@@ -11,8 +11,7 @@ import pandas as pd
 import seaborn as sns
 
 from .. import theory
-from .figures import Figure
-from .seaborn_figures import _encode
+from .figure import Figure, encode
 
 # Glorot & Bengio 2010, Table 1, MNIST column: test error (%) after training; "N" (normalized
 # init) is xavier_uniform, the plain rows used U(+-1/sqrt(fan_in)), PyTorch's default.
@@ -118,7 +117,7 @@ def schoenholz2017(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
     grid = np.linspace(runs.sigma_w2.min(), runs.sigma_w2.max(), 25)
     activation = runs.activation.iloc[0]
     xi_c = [theory.correlation_depth(activation, theory.fixed_point(activation, s, sigma_b2), s, sigma_b2) for s in grid]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
     sns.heatmap(table, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", ax=ax, cbar_kws={"label": "test accuracy"})
     ax.invert_yaxis()
     # heatmap cells sit at integer positions: map sigma_w^2 and depth onto them by interpolation
@@ -128,10 +127,7 @@ def schoenholz2017(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
     ax.plot(xs, ys, "w--", lw=2, label="6 xi_c (theory)")
     ax.legend(loc="upper right")
     ax.set(xlabel="sigma_w^2", ylabel="depth", title=f"{activation}, sigma_b^2 = {sigma_b2:.2f}")
-    figure = Figure("schoenholz", "Trainability against depth and sigma_w^2",
-                    "Final test accuracy per depth and weight variance; the dashed line is 6 xi_c from mean-field "
-                    "theory. Schoenholz et al. find networks trainable below the line and untrainable above it.",
-                    _encode(fig))
+    figure = encode(fig, "schoenholz", "Trainability against depth and sigma_w^2")
     rows = []
     for s in table.columns:
         xi = theory.correlation_depth(activation, theory.fixed_point(activation, s, sigma_b2), s, sigma_b2)
@@ -178,12 +174,7 @@ def yang2019(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
                        label="paper: ReLU + BN, ln(pi/(pi-1))/2")
         ax.set(title=activation, ylabel="slope of ln||dL/dz|| per layer", xlabel="depth")
         ax.legend(fontsize=7)
-    figure = Figure("yang2019", "Gradient explosion under BatchNorm, measured against theory",
-                    "Per-layer slope of ln||dL/dz|| at initialization, towards the input (> 0: the gradient grows, "
-                    "explodes), fitted over the hidden layers of each run, against depth; with and without "
-                    "BatchNorm (colour; the range over seeds as a band). Black dotted with crosses: the "
-                    "mean-field prediction (pipeline/theory.py). Red dashed (ReLU panel): the paper's large-batch "
-                    "factor for ReLU with BatchNorm.", *_encode(fig))
+    figure = encode(fig, "yang2019", "Gradient explosion under BatchNorm, measured against theory")
     return Section(
         "Yang et al. 2019",
         "BatchNorm makes gradients explode at initialization: for ReLU, E||dL/dz||^2 grows by pi/(pi-1) = "
@@ -221,14 +212,12 @@ def _depth_table(runs: pd.DataFrame, paper: dict[str, str]) -> tuple[list[list[o
                         for family in sorted(runs.family.unique()))
     fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
     sns.lineplot(data=runs, x="depth", y="test_acc", hue="family", marker="o", errorbar=("pi", 100), ax=ax)
-    ax.axhline(CONVERGED_ACC, color="black", linewidth=0.8, linestyle=":", label="trained above this")
+    ax.axhline(CONVERGED_ACC, color="black", linewidth=0.8, linestyle=":", label=f"trained: above {CONVERGED_ACC}")
     ax.axhline(0.1, color="#d1495b", linewidth=0.8, linestyle="--", label="chance")
     ax.set(xscale="log", ylim=(0, 1), xlabel="depth (log scale)", ylabel="final test accuracy")
     ax.set_xticks(sorted(runs.depth.unique()), labels=[str(d) for d in sorted(runs.depth.unique())])
     ax.legend(fontsize=7, loc="lower left")
-    figure = Figure("depth", "Final test accuracy against depth, per family",
-                    "Final test accuracy of each family against depth (the range over seeds as a band). Dotted: "
-                    f"the 'trained' line (accuracy {CONVERGED_ACC}); red dashed: chance.", *_encode(fig))
+    figure = encode(fig, "depth", "Final test accuracy against depth, per family")
     return rows, summary, figure
 
 
@@ -288,14 +277,7 @@ def pennington2017(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
     for ax in axes:
         ax.set_xticks(sorted(data.depth.unique()), labels=[str(d) for d in sorted(data.depth.unique())])
         ax.minorticks_off()
-    figure = Figure("pennington2017", "Dynamical isometry: orthogonal against Gaussian weights at the same chi",
-                    "Left: spread of the singular values of the input-output Jacobian dz_{H-1}/dz_0 at "
-                    "initialization (the standard deviation of their log10, over 8 inputs' spectra), against depth "
-                    "(log scale); right: test error after training. Colour: the weights (tanh, sigma_w^2 = 1.05, "
-                    "sigma_b^2 = 2e-5 for both); bands: the range over seeds. The theory's mean squared singular "
-                    "value is in the table: it differs between the two only through the first layer (784 inputs: "
-                    "the Gaussian's fixed std gives it sigma_w^2 = 3.2, the orthogonal's gain 1.05), which sets "
-                    "the lengths q_l where each chi_l is taken.", *_encode(fig))
+    figure = encode(fig, "pennington2017", "Dynamical isometry: orthogonal against Gaussian weights at the same chi")
     return Section(
         "Pennington, Schoenholz & Ganguli 2017",
         "At the edge of chaos orthogonal and Gaussian weights give the input-output Jacobian the same mean "

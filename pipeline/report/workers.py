@@ -1,9 +1,10 @@
 """The processes a report draws with, forked before it reads MLflow so that they are ready when it
-has read: a pool of a process per core (the SVG figures, the run pages, and the reading of a big
-grid's tables), and one seaborn process, which imports seaborn, scipy and pyplot and draws a first
+has read: a pool of a process per core (the run pages, and the reading of a big grid's tables), and
+one seaborn process, which imports seaborn, scipy, pyplot and the figure modules and draws a first
 figure (~2.5 s of a core) while the report opens the store and searches the runs, then draws the
-figures that need seaborn. One seaborn process, not one per core: each import costs ~2.5 s and
-~150 MB, and there are only a few such figures.
+summary's figures (~7 s of a core for a 100-run grid). One seaborn process, not several: each costs
+~2.5 s and ~150 MB to start, and a second one made the 100-run report slower on 2 cores (19-20 s
+against 14-16 s, measured).
 
     with workers() as drawing:   # None: one core, or no fork; everything is drawn in this process
         data = collect(..., drawing.pool if drawing else None)
@@ -30,9 +31,9 @@ class Seaborn(partial):
 def _seaborn_process(conn, reports_end) -> None:
     die_with_parent()  # no figure drawn on for a killed report
     reports_end.close()  # forked with both ends: EOF comes when the report closes the only other one
-    from . import papers, seaborn_figures  # noqa: F401  (papers: for a grid that reproduces one)
+    from . import figure, grid_figures, init_figures, papers, training_figures  # noqa: F401  (drawn by name)
 
-    seaborn_figures.warm_up()
+    figure.warm_up()
     while True:
         try:
             tasks = conn.recv()
