@@ -220,6 +220,8 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
     client = tracking.get_client()
     tracking.fail_stale_runs(client, tracking.experiment_id(client, experiment))  # what a killed train left RUNNING
     (summary,) = run_group([config], mnist, experiment, client=client)
+    if summary.error:
+        raise click.ClickException(summary.line())
     click.echo(summary.line())
 
 

@@ -118,7 +118,7 @@ class _Runner:
 
         try:
             summaries = run_group(group, self._data(group[0]), self.experiment, self.parent_run_id, self.grid)
-            return [(c, s, None) for c, s in zip(group, summaries)]
+            return [(c, None, s.error) if s.error else (c, s, None) for c, s in zip(group, summaries)]
         except Exception as exc:  # every member's run is marked FAILED; the grid goes on and reports it
             return [(c, None, f"{type(exc).__name__}: {exc}") for c in group]
 

@@ -36,8 +36,11 @@ class RunSummary:
     diagnosis: str
     test_acc: float
     seconds: float
+    error: str = ""  # why its record could not be made (its run is FAILED; the group's others are not)
 
     def line(self) -> str:
+        if self.error:
+            return f"{self.name}: failed to record ({self.error}) (run {self.run_id})"
         return (
             f"{self.name}: {self.outcome}, {self.diagnosis}, test acc {self.test_acc:.4f}, "
             f"{self.seconds:.1f} s (run {self.run_id})"
@@ -78,11 +81,10 @@ def signal_table(result: RunResult, maps: theory.ForwardMaps | None) -> pd.DataF
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
 
 
-def jacobian_table(result: RunResult, maps: theory.ForwardMaps | None, config: RunConfig) -> pd.DataFrame:
+def jacobian_table(result: RunResult, predicted: float) -> pd.DataFrame:
     """signal/jacobian.parquet: step x input x index, the singular values of J = dz_{H-1}/dz_0
-    (descending), with the theory's mean squared singular value beside them at step 0."""
+    (descending), with the theory's mean squared singular value (`predicted`) beside them at step 0."""
     found = result.jacobian
-    predicted = theory.jacobian_mean_sq(config, maps.q) if maps is not None else math.nan
     rows = []
     for step, values in zip(found["steps"], found["singular_values"]):
         inputs, width = values.shape
@@ -92,7 +94,7 @@ def jacobian_table(result: RunResult, maps: theory.ForwardMaps | None, config: R
     return pd.concat(rows, ignore_index=True)
 
 
-def jacobian_metrics(result: RunResult, config: RunConfig, maps: theory.ForwardMaps | None) -> dict[str, float]:
+def jacobian_metrics(result: RunResult, predicted: float) -> dict[str, float]:
     """The step-0 spectrum in five numbers, and the theory's mean squared singular value."""
     found = result.jacobian
     if not found or found["steps"][0] != 0:
@@ -103,7 +105,7 @@ def jacobian_metrics(result: RunResult, config: RunConfig, maps: theory.ForwardM
                 "jacobian/sv_median": float(np.median(values)), "jacobian/sv_mean_sq": float(np.mean(values**2)),
                 # the spread, robust to the extremes: sd of log10 of the positive singular values
                 "jacobian/sv_log10_sd": float(np.std(np.log10(values[values > 0]))) if (values > 0).any() else math.nan,
-                "theory/jacobian_mean_sq": theory.jacobian_mean_sq(config, maps.q) if maps is not None else math.nan}
+                "theory/jacobian_mean_sq": predicted}
 
 
 def stepped_metrics(result: RunResult) -> list[tuple[str, float, int]]:
@@ -126,10 +128,11 @@ def profile_table(prediction: theory.Prediction) -> pd.DataFrame | None:
 
 
 def summary_metrics(config: RunConfig, result: RunResult, maps: theory.ForwardMaps | None = None,
-                    prediction: theory.Prediction | None = None) -> dict[str, float]:
+                    prediction: theory.Prediction | None = None, jacobian_pred: float = math.nan) -> dict[str, float]:
     """One number each: the final test metrics, the gradient ratio at init, the mean-field
     prediction against the slope measured at step 0, and the forward q/c maps against the measured
-    q and c at step 0 (NaN where unknown: not logged). `prediction`: predict(config, result)."""
+    q and c at step 0 (NaN where unknown: not logged). `prediction`: predict(config, result);
+    `jacobian_pred`: the theory's mean squared singular value of the Jacobian."""
     prediction = prediction or predict(config, result)
     init = result.table[result.table.step == 0].sort_values("layer")
     measured = theory.measured_slope(init.backprop_norm.to_numpy()) if len(init) else math.nan
@@ -159,7 +162,7 @@ def summary_metrics(config: RunConfig, result: RunResult, maps: theory.ForwardMa
         "theory/slope_measured": measured,
         "theory/slope_error": measured - prediction.finite_slope,
         **forward,
-        **jacobian_metrics(result, config, maps),
+        **jacobian_metrics(result, jacobian_pred),
     }
 
 
@@ -176,21 +179,44 @@ class Analysis:
     stepped: list[tuple[str, float, int]]  # metrics at the histogram steps: (key, value, step)
 
 
+# The theory's arithmetic at a configuration's extremes (an init std of 1e300 squared, an exp of a
+# huge q): it raises one of these, and the prediction is absent, never the run failed.
+THEORY_ERRORS = (ArithmeticError, ValueError)
+NO_PREDICTION = theory.Prediction(math.nan, math.nan, math.nan, math.nan, (), math.nan)
+
+
+def predicted(what: str, call: Callable[[], object], absent: list[str]):
+    """call(), or None where the theory cannot compute it for this configuration (`absent` says why)."""
+    try:
+        with np.errstate(all="ignore"):
+            return call()
+    except THEORY_ERRORS as exc:
+        absent.append(f"{what}: {type(exc).__name__}: {exc}")
+        return None
+
+
 def analyse(config: RunConfig, result: RunResult) -> Analysis:
     diagnosis = diagnose(result.outcome, result.table)
     figures = {} if result.table.empty else {
         "plots/gradient_flow.png": plots.png(plots.gradient_flow(result.table, run_name(config)))}
-    maps = forward_maps(config, result)
+    absent: list[str] = []  # the predictions theory could not make, and why
+    maps = predicted("q/c maps", lambda: forward_maps(config, result), absent)
+    prediction = predicted("gradient profile", lambda: predict(config, result), absent) or NO_PREDICTION
+    jacobian_pred = math.nan
+    if maps is not None:
+        jacobian_pred = predicted("Jacobian", lambda: theory.jacobian_mean_sq(config, maps.q), absent)
+        jacobian_pred = math.nan if jacobian_pred is None else jacobian_pred
     tables = {"signal/propagation.parquet": signal_table(result, maps)} if result.signal else {}
     if result.jacobian:
-        tables["signal/jacobian.parquet"] = jacobian_table(result, maps, config)
-    prediction = predict(config, result)
+        tables["signal/jacobian.parquet"] = jacobian_table(result, jacobian_pred)
     profile = profile_table(prediction)
     if profile is not None:
         tables["theory/profile.parquet"] = profile
     tags = {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}
-    return Analysis(diagnosis, summary_metrics(config, result, maps, prediction), tags, figures, tables,
-                    stepped_metrics(result))
+    if absent:
+        tags[tracking.TAG_THEORY_ABSENT] = "; ".join(absent)[:4000]
+    return Analysis(diagnosis, summary_metrics(config, result, maps, prediction, jacobian_pred), tags, figures,
+                    tables, stepped_metrics(result))
 
 
 def run_group(
@@ -203,8 +229,9 @@ def run_group(
     clock: Callable[[int], None] | None = None,
 ) -> list[RunSummary]:
     """Train `configs` together (a group of one for a single run), each into its own MLflow run. A
-    diverged run is FINISHED (it is a result); an exception marks the runs not yet finished FAILED
-    and an interrupt KILLED, so that a resumed grid redoes them. `clock`: see train.train."""
+    diverged run is FINISHED (it is a result); a member whose analysis raises is FAILED on its own
+    (its summary says why); any other exception marks the runs not yet finished FAILED and an
+    interrupt KILLED, so that a resumed grid redoes them. `clock`: see train.train."""
     client = client or tracking.get_client()
     group = (uuid.uuid4().hex[:12], len(configs))
     loggers: list[tracking.RunLogger] = []
@@ -220,7 +247,14 @@ def run_group(
                 logger.log_dataset(data.location, data.digest)
         results = train(configs, data, loggers, clock=clock)
         for config, logger, result in zip(configs, loggers, results):
-            found = analyse(config, result)
+            try:
+                found = analyse(config, result)
+            except Exception as exc:  # this member's record cannot be made: its run FAILED, the others go on
+                with shielded():
+                    logger.fail()
+                    summaries.append(RunSummary(logger.run_id, run_name(config), "failed", "", math.nan, result.seconds,
+                                                f"{type(exc).__name__}: {exc}"))
+                continue
             with shielded():
                 logger.finish(result, found.summaries, found.tags, found.figures, found.tables, found.stepped)
                 summaries.append(RunSummary(logger.run_id, run_name(config), result.outcome, found.diagnosis,

@@ -412,3 +412,36 @@ def test_runs_of_another_numbers_version_are_not_reused(store, mnist_dir, tmp_pa
     finished = Counter(r.data.tags["gradbench.config_hash"] for r in runs_of(store)
                        if r.info.status == "FINISHED" and "gradbench.config_hash" in r.data.tags)
     assert sorted(finished.values()) == [1, 2]  # the old run is kept; its config ran once more
+
+
+def test_a_prediction_that_overflows_is_absent_and_the_run_is_what_it_was(store, mnist_dir, tmp_path):
+    """--init-std 1e300: the theory's arithmetic overflows; the run is recorded (diverged, FINISHED)
+    with no theory metric and the reason in a tag, not FAILED."""
+    path = write_spec(tmp_path, {"name": "extreme", "base": {**TINY_BASE, "init": "normal", "init_std": 1e300}})
+    result = grid_cli(path, store, mnist_dir)
+    assert result.exit_code == 0, result.output
+    (run,) = children(store)
+    assert run.info.status == "FINISHED" and run.data.tags["gradbench.outcome"] == "diverged"
+    assert "OverflowError" in run.data.tags["gradbench.theory_absent"]
+    assert not [k for k in run.data.metrics if k.startswith("theory/")]
+
+
+def test_a_member_whose_record_fails_fails_alone(store, mnist_dir, tmp_path, monkeypatch):
+    """In a group, one member's analysis raises: that run is FAILED and counted failed, its group's
+    other members are FINISHED and counted finished (the grid's count and MLflow agree)."""
+    from pipeline import run as run_module
+
+    analyse = run_module.analyse
+
+    def broken_for_seed_1(config, result):
+        if config.seed == 1:
+            raise RuntimeError("injected")
+        return analyse(config, result)
+
+    monkeypatch.setattr(run_module, "analyse", broken_for_seed_1)
+    path = write_spec(tmp_path, {"name": "onefails", "base": TINY_BASE, "seeds": 3})
+    result = grid_cli(path, store, mnist_dir, "--ensemble", "on")
+    assert "1 failed" in result.output and "RuntimeError: injected" in result.output, result.output
+    status = {int(r.data.params["seed"]): r.info.status for r in children(store)}
+    assert status == {0: "FINISHED", 1: "FAILED", 2: "FINISHED"}
+    assert len({r.data.tags["gradbench.group"] for r in children(store)}) == 1  # trained as one group

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import run
+from pipeline import run, theory
 from pipeline.config import RunConfig
 from pipeline.model import build_model
 from pipeline.monitor import JACOBIAN_INPUTS, jacobian_singular_values
@@ -77,10 +77,11 @@ def test_mean_squared_singular_value_matches_the_product_of_chi_on_a_wide_net(mn
                        device="cpu")
     (result,) = train([config], mnist)
     maps = run.forward_maps(config, result)
-    found = run.jacobian_metrics(result, config, maps)
+    predicted = theory.jacobian_mean_sq(config, maps.q)
+    found = run.jacobian_metrics(result, predicted)
     assert found["jacobian/sv_min"] <= found["jacobian/sv_median"] <= found["jacobian/sv_max"]
     assert found["jacobian/sv_mean_sq"] == pytest.approx(found["theory/jacobian_mean_sq"], rel=0.10)
-    table = run.jacobian_table(result, maps, config)
+    table = run.jacobian_table(result, predicted)
     assert len(table) == JACOBIAN_INPUTS * 1024 and (table.predicted_mean_sq == found["theory/jacobian_mean_sq"]).all()
 
 
@@ -94,7 +95,7 @@ def test_orthogonal_weights_keep_the_spectrum_concentrated_where_gaussian_ones_s
                            init_std=math.sqrt(1.05 / 256), max_steps=1, batch_size=32, device="cpu")
         (result,) = train([config], mnist)
         maps = run.forward_maps(config, result)
-        found = run.jacobian_metrics(result, config, maps)
+        found = run.jacobian_metrics(result, theory.jacobian_mean_sq(config, maps.q))
         assert found["jacobian/sv_mean_sq"] == pytest.approx(found["theory/jacobian_mean_sq"], rel=0.5), init
         spreads[init] = float(np.std(np.log(result.jacobian["singular_values"][0])))
     assert spreads["normal"] > 3 * spreads["orthogonal"], spreads

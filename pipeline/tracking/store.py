@@ -34,6 +34,7 @@ TAG_CONFIG_HASH = "gradbench.config_hash"
 TAG_GRID = "gradbench.grid"
 TAG_DIAGNOSIS = "gradbench.diagnosis"
 TAG_OUTCOME = "gradbench.outcome"
+TAG_THEORY_ABSENT = "gradbench.theory_absent"  # why a prediction is missing, where theory failed
 TAG_GROUP = "gradbench.group"  # an id shared by the members trained together
 TAG_GROUP_SIZE = "gradbench.group_size"
 TAG_SPEC_HASH = "gradbench.spec_hash"
