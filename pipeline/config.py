@@ -197,9 +197,15 @@ def group_key(config: RunConfig) -> tuple:
     return (*key, config.config_hash()) if config.precision == "fp16" else key
 
 
+# The hashed fields that run_name does not spell out in its fixed part, each added as <tag><value>
+# when not at its default, so that configurations that differ have different names.
+NAME_TAGS = {"init_gain": "gain", "bias_std": "bias", "optimizer": "", "lr": "lr", "momentum": "mom", "batch_size": "b",
+             "epochs": "ep", "max_steps": "steps", "train_subset": "n"}
+
+
 def run_name(config: RunConfig) -> str:
     """A short human name for a run: activation, depth, width, init, clipping, [norm, residual,
-    precision other than fp32,] seed."""
+    precision other than fp32, any other setting not at its default,] seed."""
     clip = "noclip" if config.clip == "none" else f"{config.clip}{config.clip_threshold:g}"
     init = f"normal{config.init_std:g}" if config.init == "normal" else config.init
     remedies = NORM_REGISTRY[config.norm].tag
@@ -208,7 +214,13 @@ def run_name(config: RunConfig) -> str:
     elif config.residual == "skipinit":
         remedies += "-skipinit"
     precision = "" if config.precision == "fp32" else f"-{config.precision}"
-    return f"{config.activation}-d{config.depth}-w{config.width}-{init}-{clip}{remedies}{precision}-s{config.seed}"
+    others = "".join(f"-{tag}{_short(getattr(config, name))}" for name, tag in NAME_TAGS.items()
+                     if getattr(config, name) != FIELDS[name].default)
+    return f"{config.activation}-d{config.depth}-w{config.width}-{init}-{clip}{remedies}{precision}{others}-s{config.seed}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def validate(config: RunConfig) -> None:

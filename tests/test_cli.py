@@ -28,7 +28,7 @@ def test_train_records_one_run_with_the_full_contract(store, mnist_dir, tmp_path
     assert result.exit_code == 0, result.output
     (run,) = runs_of(store)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "tanh-d4-w32-xavier_normal-norm0.5-s0"
+    assert run.info.run_name == "tanh-d4-w32-xavier_normal-norm0.5-b64-n640-s0"
     assert set(run.data.params) == set(FIELDS)
     assert run.data.params["clip_threshold"] == "0.5" and run.data.params["depth"] == "4"
     tags = run.data.tags
@@ -88,7 +88,7 @@ def test_normalization_and_residual_options_reach_the_run(store, mnist_dir):
                     "--data-dir", mnist_dir, "--experiment", store)
     assert result.exit_code == 0, result.output
     (run,) = runs_of(store)
-    assert run.info.run_name == "relu-d4-w32-default-noclip-ln-res0.5-s0"
+    assert run.info.run_name == "relu-d4-w32-default-noclip-ln-res0.5-b64-n640-s0"
     params = run.data.params
     assert (params["norm"], params["residual"], params["residual_scale"]) == ("layer", "plain", "0.5")
     assert "theory/slope_pred" in run.data.metrics  # LayerNorm residual streams are predicted

@@ -100,3 +100,25 @@ def test_batchnorm_refuses_a_batch_of_one_example(fields, says):
     assert found.value.key == "batch_size" and says in str(found.value)
     RunConfig(norm="layer", **fields)  # LayerNorm normalizes each example alone
     RunConfig(norm="batch", **{**fields, "batch_size": fields["batch_size"] + 1})
+
+
+def test_configurations_that_differ_have_different_run_names():
+    """Every hashed field, moved off its default (with what makes it count, e.g. clip for its
+    threshold), changes the run's name: two runs of a grid never share a name and a summary row."""
+    from pipeline.config import NOT_HASHED, run_name
+
+    needs = {"init_std": dict(init="normal"), "init_gain": dict(init="he_normal"), "bias_std": dict(init="he_normal"),
+             "clip_threshold": dict(clip="norm"), "residual_scale": dict(residual="plain")}
+    other = {"activation": "tanh", "init": "he_normal", "clip": "norm", "norm": "layer", "residual": "plain",
+             "optimizer": "adam", "precision": "fp64"}
+    for name, f in FIELDS.items():
+        if name in NOT_HASHED:
+            continue
+        base = RunConfig(**needs.get(name, {}))
+        if name in other:
+            value = other[name]
+        else:  # an int or a float, within its bounds
+            value = f.default * 2 + 1 if isinstance(f.default, int) else f.default / 2 + 0.01
+        changed = base.replace(**{name: value})
+        assert changed.config_hash() != base.config_hash(), name
+        assert run_name(changed) != run_name(base), (name, run_name(base))
