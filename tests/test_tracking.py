@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 
@@ -148,3 +149,23 @@ def test_artifact_files_read_a_local_store_in_place_and_download_from_a_server(t
         server.stop()
     local = tracking.ArtifactFiles({"r": str(tmp_path / "up")})  # a local store: its own file, no copy
     assert local.get("r", "gradients/summary.parquet") == tmp_path / "up" / "gradients" / "summary.parquet"
+
+
+RACE = "from pipeline import tracking; tracking.experiment_id(tracking.get_client(), 'race')"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_commands_that_open_a_new_store_at_once_all_succeed_and_leave_it_whole(tmp_path, attempt):
+    """Four processes open one new SQLite store at the same moment (plain MLflow clients fail here
+    with alembic errors, and may leave the store broken for every later command)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    procs = [subprocess.Popen([sys.executable, "-c", RACE], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert [e.name for e in client.search_experiments()] == ["race", "Default"]  # whole, one experiment made once

@@ -8,6 +8,7 @@ handed configs, specs and finished values.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -59,8 +60,42 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_OPENED: set[str] = set()  # the SQLite stores this process has seen created
+
+
 def get_client() -> MlflowClient:
+    """MLflow's client for the tracking URI in force. A local SQLite store is opened first under a
+    lock that every gradbench command takes, whatever it runs: two commands that open a new store at
+    once race MLflow's creation of its tables (alembic errors, and a store broken for good). A
+    creation that fails leaves no file behind."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and uri not in _OPENED:
+        path = os.path.abspath(uri[len("sqlite:///"):])  # a relative path names a different store in each folder
+        with store_lock(path):
+            new = not os.path.exists(path)
+            try:
+                MlflowClient(uri).search_experiments(max_results=1)  # creates (or upgrades) the tables
+            except BaseException:
+                if new:  # as it was: no store, rather than a half-made one that every later command fails on
+                    for leftover in (path, path + "-journal", path + "-wal", path + "-shm"):
+                        with contextlib.suppress(OSError):
+                            os.remove(leftover)
+                raise
+        _OPENED.add(uri)
     return MlflowClient()
+
+
+@contextlib.contextmanager
+def store_lock(path: str):
+    """An exclusive lock on the SQLite store at `path` among the processes of this host (the kernel
+    releases it when its holder dies, kill -9 included)."""
+    import fcntl
+    import hashlib
+
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"gradbench-store-{key}.lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
