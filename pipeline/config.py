@@ -35,7 +35,7 @@ INITS = (
 )
 CLIPS = ("none", "norm", "value", "agc")
 OPTIMIZERS = ("sgd", "adam")
-PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
+PRECISIONS = ("fp32", "fp64", "bf16", "fp16", "tf32")
 NORMS = tuple(NORM_REGISTRY)
 RESIDUALS = ("none", "plain", "skipinit")
 MNIST_TRAIN_SIZE = 60_000
@@ -126,7 +126,8 @@ class RunConfig:
     device: str = field(default="auto", metadata=_spec("auto (cuda if available), cpu, cuda or cuda:N.", hashed=False))
     precision: str = field(default="fp32", metadata=_spec(
         "Compute precision: fp32, fp64, or mixed (fp32 weights, autocast): bf16, or fp16 with a dynamic "
-        "loss scale (GradScaler; fp16 runs are never trained together in an ensemble).", choices=PRECISIONS))
+        "loss scale (GradScaler; fp16 runs are never trained together in an ensemble); tf32: fp32 with "
+        "TF32 matmuls (CUDA, Ampere or newer; opt-in, never the default).", choices=PRECISIONS))
     log_every: int = field(default=0, metadata=_spec(
         "MLflow metric stride in steps (0: chosen from depth and steps, about 1,000 values a run; "
         "the artifacts keep every step).", member=True, hashed=False, min=0))

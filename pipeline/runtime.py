@@ -23,16 +23,21 @@ def param_dtype(precision: str) -> torch.dtype:
     master weights) and compute under autocast."""
     import torch
 
-    return {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32, "fp16": torch.float32}[precision]
+    return {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32, "fp16": torch.float32,
+            "tf32": torch.float32}[precision]
 
 
 def check_precision(device: torch.device, precision: str) -> None:
     """Raise ValueError when this torch cannot autocast to `precision` on `device` (older CPU
-    builds fall back to fp32 with a warning: a run that says fp16 must compute in fp16)."""
+    builds fall back to fp32 with a warning: a run that says fp16 must compute in fp16), or when
+    the device has no TF32 (a CPU or a GPU before Ampere would compute fp32 under tf32's name)."""
     import warnings
 
     import torch
 
+    if precision == "tf32" and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8):
+        raise ValueError(f"tf32 needs a CUDA GPU of compute capability 8.0 or newer (Ampere), not {device.type}: "
+                         "use fp32 there")
     if precision not in ("bf16", "fp16"):
         return
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -95,6 +100,23 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """TF32 matmuls and convolutions on CUDA for the `with` block where precision is tf32 (the global
+    flags are set back after it); nothing otherwise."""
+    import torch
+
+    if precision != "tf32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def autocast(device: torch.device, precision: str):

@@ -31,7 +31,7 @@ from .data import Mnist
 from .model import MLP, build_model
 from .monitor import INSTRUMENTS, Monitor, member_norms
 from .results import Chunk, RunResult, layer_table
-from .runtime import autocast, check_precision, check_stop, deferred, param_dtype
+from .runtime import autocast, check_precision, check_stop, deferred, matmul_precision, param_dtype
 
 AGC_EPS = 1e-3  # Brock et al. 2021: floor on ||W_i|| so that zero-initialized units can move
 
@@ -210,7 +210,8 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
     final: list[tuple[float, float] | None] = [None] * members  # a diverged member's (test loss, accuracy)
     diverged = [False] * members
     step, start = 0, time.perf_counter()
-    with deferred():  # a stop signal ends the run after the step it arrives in (runtime.py)
+    # a stop signal ends the run after the step it arrives in (runtime.py)
+    with deferred(), matmul_precision(first.precision):
         while step < total and not all(diverged):
             order = torch.stack([torch.randperm(n_train, generator=g) for g in shufflers]).to(device)
             for i in range(steps_per_epoch):
