@@ -11,6 +11,7 @@ place, so an interrupted or corrupt prepare leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -88,20 +89,37 @@ def prepare(
         _VERIFIED.add(key)
         return target
     target.mkdir(parents=True, exist_ok=True)
-    if source:
-        for name in missing:
-            _install_from_source(source, name, target, checksums[name])
-    else:
-        _download_with_torchvision(Path(data_dir))
-        for name in missing:
-            path = target / name
-            if not path.exists():
-                raise DownloadError(f"torchvision finished but {path} is missing")
-            got = md5_of(path)
-            if got != checksums[name]:
-                raise DownloadError(f"{path}: MD5 of the downloaded content is {got}, expected {checksums[name]}")
+    with _prepare_lock(target):
+        missing = [name for name in missing if not _is_verified(target / name, checksums[name])]  # another did it
+        if source:
+            for name in missing:
+                _install_from_source(source, name, target, checksums[name])
+        elif missing:
+            _download_with_torchvision(Path(data_dir))
+            for name in missing:
+                path = target / name
+                if not path.exists():
+                    raise DownloadError(f"torchvision finished but {path} is missing")
+                got = md5_of(path)
+                if got != checksums[name]:
+                    raise DownloadError(f"{path}: MD5 of the downloaded content is {got}, expected {checksums[name]}")
     _VERIFIED.add(key)
     return target
+
+
+@contextlib.contextmanager
+def _prepare_lock(target: Path):
+    """One prepare at a time in a folder, among this host's processes. Under the lock, a partial file
+    (.<name>.*.part) is what a prepare killed outright left behind (SIGKILL, or SIGTERM without a
+    handler, runs no cleanup): swept."""
+    import fcntl
+
+    key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"gradbench-prepare-{key}.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        for leftover in target.glob(".*.part"):
+            leftover.unlink(missing_ok=True)
+        yield
 
 
 def _is_verified(path: Path, expected_md5: str) -> bool:
@@ -131,9 +149,16 @@ def _install_from_source(source: str, name: str, target: Path, expected_md5: str
         got = md5_of(tmp)
         if got != expected_md5:
             raise DataError(f"{origin}: MD5 of the decompressed content is {got}, expected {expected_md5}")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the data is for whoever reads the folder
         os.replace(tmp, target / name)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _open_source_file(source: str, name: str, out) -> str:

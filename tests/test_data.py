@@ -152,3 +152,20 @@ def test_a_source_url_that_fails_says_what_the_server_did(answer, exit_code, mes
     assert message in result.output and "Traceback" not in result.output, result.output
     raw = tmp_path / "d" / "MNIST" / "raw"
     assert not raw.exists() or not any(raw.iterdir())  # no half-written file
+
+
+def test_prepare_sweeps_what_a_killed_prepare_left_and_writes_files_others_can_read(idx_source, tmp_path):
+    """A prepare killed outright leaves its hidden .part file (no cleanup runs): the next one removes
+    it. The files are readable by everyone who can read the folder (mkstemp made them private)."""
+    source, checksums = idx_source
+    target = tmp_path / "d" / "MNIST" / "raw"
+    target.mkdir(parents=True)
+    leftover = target / ".train-images-idx3-ubyte.abc123.part"
+    leftover.write_bytes(b"x" * 1000)
+    old = os.umask(0o022)
+    try:
+        data.prepare(tmp_path / "d", str(source), checksums)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in target.iterdir()) == sorted(checksums)
+    assert all((target / name).stat().st_mode & 0o777 == 0o644 for name in checksums)
