@@ -15,7 +15,6 @@ import contextlib
 import gzip
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.parse
@@ -190,16 +189,43 @@ def _open_source_file(source: str, name: str, out) -> str:
                 continue
             stream = open(location, "rb")
         with stream:
+            # a connection closed early reads as a short (or broken .gz) file: its Content-Length says otherwise
+            cut = DownloadError(f"{location}: the transfer was cut short (bytes of the announced length never came)")
             try:
                 if candidate.endswith(".gz"):
                     with gzip.GzipFile(fileobj=stream) as gz:
-                        shutil.copyfileobj(gz, out, 1 << 20)
+                        _copy(gz, out, location, is_url)
                 else:
-                    shutil.copyfileobj(stream, out, 1 << 20)
-            except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-                raise DataError(f"{location}: cannot read ({exc})") from exc
+                    _copy(stream, out, location, is_url)
+            except DataError:
+                if is_url and getattr(stream, "length", None):
+                    raise cut from None
+                raise
+            if is_url and getattr(stream, "length", None):
+                raise cut
         return location
     raise DataError(f"MNIST file {name} not found in source: tried {', '.join(tried)}")
+
+
+def _copy(stream, out, location: str, is_url: bool) -> None:
+    """Copy stream into out, each failure blamed on its cause: a transfer cut short or stalled is the
+    network's (DownloadError, exit 1); bytes that cannot be read or decompressed are the source's
+    (DataError, exit 2); a write that fails (a full disk, a read-only folder) is this machine's, and
+    its OSError goes on as it is."""
+    import http.client
+
+    while True:
+        try:
+            chunk = stream.read(1 << 20)
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            if not is_url:
+                raise DataError(f"{location}: cannot read ({exc})") from exc
+            raise DownloadError(f"{location}: the transfer was cut short or stalled ({exc!r})") from exc
+        except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; a truncated .gz an EOFError
+            raise DataError(f"{location}: cannot read ({exc})") from exc
+        if not chunk:
+            return
+        out.write(chunk)
 
 
 def read_idx(path: Path) -> np.ndarray:

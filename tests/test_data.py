@@ -169,3 +169,45 @@ def test_prepare_sweeps_what_a_killed_prepare_left_and_writes_files_others_can_r
         os.umask(old)
     assert sorted(p.name for p in target.iterdir()) == sorted(checksums)
     assert all((target / name).stat().st_mode & 0o777 == 0o644 for name in checksums)
+
+
+def test_a_full_disk_is_the_machines_fault_not_the_sources(idx_source):
+    """Writing to /dev/full fails with ENOSPC: that OSError goes on (the CLI says 'No space left on
+    device', exit 1) instead of a DataError that blames --source (exit 2)."""
+    import errno
+
+    source, _ = idx_source
+    with open("/dev/full", "wb", buffering=0) as out, pytest.raises(OSError) as found:
+        data._open_source_file(str(source), "train-images-idx3-ubyte", out)
+    assert found.value.errno == errno.ENOSPC and not isinstance(found.value, data.DataError)
+
+
+def test_a_download_cut_short_is_the_networks_fault(tmp_path):
+    """A server that promises 1,000,000 bytes and closes after 1,000: a DownloadError (exit 1) that
+    says the transfer was cut short, not a DataError about the file's content."""
+    import http.server
+    import threading
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.endswith(".gz"):  # only the plain file is there
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/mnist"
+        with open(tmp_path / "out", "wb") as out, pytest.raises(data.DownloadError, match="cut short"):
+            data._open_source_file(url, "train-labels-idx1-ubyte", out)
+    finally:
+        server.shutdown()
