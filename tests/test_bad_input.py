@@ -168,3 +168,21 @@ def test_a_failing_tracking_store_exits_1_naming_the_store(uri, says, command, t
     assert result.exit_code == 1, (result.output, result.exception)
     assert uri in result.output and says in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_a_tracking_server_that_is_not_there_is_said_within_seconds(tmp_path, monkeypatch):
+    """With MLflow's own retry settings unset (7 retries, backoff 2: minutes), gradbench's bounds
+    make a refused connection an exit 1 naming the URI within seconds."""
+    import time
+
+    from tests.conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what gradbench sets is undone after the test
+        monkeypatch.delenv(name)
+    start = time.monotonic()
+    result = CliRunner().invoke(cli, ["report", "--out-dir", str(tmp_path / "reports")])
+    assert result.exit_code == 1 and uri in result.output, result.output
+    assert time.monotonic() - start < 30

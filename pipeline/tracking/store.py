@@ -61,14 +61,24 @@ def now_ms() -> int:
 
 
 _OPENED: set[str] = set()  # the SQLite stores this process has seen created
+# MLflow's HTTP client retries a failed request 7 times with a backoff factor of 2 and waits 120 s
+# for each answer: minutes per call while a tracking server is down, and a tracking write is
+# shielded from stop signals (runtime.shielded), so a grid neither said so nor stopped. Bounded
+# here (about 50 s at most a call, a few seconds for a refused connection) unless the user set them.
+REMOTE_WAITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 def get_client() -> MlflowClient:
-    """MLflow's client for the tracking URI in force. A local SQLite store is opened first under a
+    """MLflow's client for the tracking URI in force; a tracking server's waits bounded (REMOTE_WAITS).
+    A local SQLite store is opened first under a
     lock that every gradbench command takes, whatever it runs: two commands that open a new store at
     once race MLflow's creation of its tables (alembic errors, and a store broken for good). A
     creation that fails leaves no file behind."""
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        for name, value in REMOTE_WAITS.items():
+            os.environ.setdefault(name, value)
     if uri.startswith("sqlite:///") and uri not in _OPENED:
         path = os.path.abspath(uri[len("sqlite:///"):])  # a relative path names a different store in each folder
         with store_lock(path):
