@@ -101,8 +101,9 @@ def test_normalization_and_residual_options_reach_the_run(store, mnist_dir):
 
 
 def test_diverging_run_exits_0_and_is_tagged_diverged(store, mnist_dir):
-    result = invoke("train", "--activation", "relu", "--depth", "10", "--width", "256", "--init", "normal",
-                    "--init-std", "1", "--max-steps", "20", "--data-dir", mnist_dir, "--experiment", store)
+    result = invoke("train", "--activation", "relu", "--depth", "10", "--width", "64", "--init", "normal",
+                    "--init-std", "1", "--max-steps", "20", "--train-subset", "640", "--batch-size", "64",
+                    "--data-dir", mnist_dir, "--experiment", store)
     assert result.exit_code == 0, result.output
     assert "diverged" in result.output
     (run,) = runs_of(store)
