@@ -187,6 +187,10 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
     missing += [f"{name}: {error}" for name, (_, _, error) in zip(runs.run_name, read) if error]
     runs["steps"] = [steps for _, steps, _ in read]
     layers = _joined(tables, runs, LAYER_KEYS) if tables else pd.DataFrame(columns=["run_id", "step", "layer"])
+    # the share of its recorded steps at which a run's clip was active (all of them in a small grid)
+    clip_fraction = (layers.clip_active.where(layers.layer == 0).groupby(layers.run_id).mean() if tables
+                     else pd.Series(dtype=float))
+    runs["clip_fraction"] = runs.run_id.map(clip_fraction).astype(float)
     deepest = runs[runs.depth == runs.depth.max()]
     signal, without_signal, profiles = _deepest_tables(artifacts, deepest, missing, pool)
     notices = []

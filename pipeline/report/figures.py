@@ -13,9 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .figure import deepest, thin
 from .workers import Seaborn
 
 MIN_STEPS = 10  # a run must have lasted this many steps to be picked for the over-time figures
+# what the per-step figures read of layer 0's rows: the tasks are pickled to the seaborn process,
+# and all the layer rows of a 7,680-run grid pickle to 640 MB (measured)
+TRAINING_COLUMNS = ["run_id", "step", "layer", "activation", "setup", "depth", "clip", "diagnosis", "loss", "acc"]
+CLIPPING_COLUMNS = ["run_id", "step", "clip", "global_norm_pre_clip", "global_norm_post_clip"]
 
 
 def telling_runs(runs: pd.DataFrame) -> list[tuple[str, pd.Series]]:
@@ -53,25 +58,34 @@ def drawn(module: str, name: str, *args):
 
 def figure_tasks(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame | None = None,
                  picks: list[Pick] = (), profiles: pd.DataFrame | None = None) -> list[Callable]:
-    """Every figure of the summary page, in page order, as a call for a seaborn process; `picks`:
-    the telling runs (telling_runs) with their tables; `profiles`: the deepest nets' logged
-    theory/profile.parquet."""
+    """Every figure of the summary page, in page order, as a call for a seaborn process, each given
+    the rows it draws; `picks`: the telling runs (telling_runs) with their tables; `profiles`: the
+    deepest nets' logged theory/profile.parquet."""
     picks = list(picks)
+    first = deepest(layers[layers.step == 0])[1] if len(layers) else layers  # every layer, step 0
+    # (a selection of the columns first: a copy of every column of a big grid's rows is half a GB)
+    per_step = layers.loc[layers.layer == 0, list(dict.fromkeys(TRAINING_COLUMNS + CLIPPING_COLUMNS))] \
+        if len(layers) else layers
+    training = deepest(per_step)[1][TRAINING_COLUMNS] if len(per_step) else per_step
+    clipped = thin(per_step[per_step["clip"] != "none"])[CLIPPING_COLUMNS] if len(per_step) else per_step
+    forward = signal[(signal.step == 0) & signal.statistic.isin(["q", "c"])] if signal is not None else None
+    gradient = signal[signal.statistic.isin(["gsnr", "zero_fraction"])] if signal is not None else None
     return [
         Seaborn(drawn, "grid_figures", "accuracy_heatmaps", runs),
-        Seaborn(drawn, "init_figures", "gradient_flow", layers, profiles),
-        Seaborn(drawn, "init_figures", "signal_propagation", signal),
-        Seaborn(drawn, "init_figures", "gradient_signal", signal),
+        Seaborn(drawn, "init_figures", "gradient_flow", first, profiles),
+        Seaborn(drawn, "init_figures", "signal_propagation", forward),
+        Seaborn(drawn, "init_figures", "gradient_signal", gradient),
         Seaborn(drawn, "init_figures", "jacobian_spectrum", runs),
         Seaborn(drawn, "grid_figures", "remedies", runs),
         Seaborn(drawn, "training_figures", "layer_step_heatmaps", picks),
         Seaborn(drawn, "training_figures", "histograms_over_time", picks),
-        Seaborn(drawn, "training_figures", "training_curves", layers),
-        Seaborn(drawn, "training_figures", "clipping", layers, runs),
+        Seaborn(drawn, "training_figures", "training_curves", training),
+        Seaborn(drawn, "training_figures", "clipping", clipped, runs),
         Seaborn(drawn, "grid_figures", "outcomes", runs),
     ]
 
 
 def paper_section(paper: str | None, runs: pd.DataFrame, layers: pd.DataFrame) -> Seaborn:
-    """papers.section (a grid's reproduction of a paper) as a call for a seaborn process."""
-    return Seaborn(drawn, "papers", "section", paper, runs, layers)
+    """papers.section (a grid's reproduction of a paper) as a call for a seaborn process (given the
+    layer rows only where there is a paper: they are pickled to it)."""
+    return Seaborn(drawn, "papers", "section", paper, runs, layers if paper else layers.iloc[:0])

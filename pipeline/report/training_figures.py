@@ -135,13 +135,13 @@ def training_curves(layers: pd.DataFrame) -> Figure | None:
     return encode(fig, "training", f"Training curves (depth {depth})", note)
 
 
-def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
+def clipping(norms: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
+    """`norms`: the clipped runs' global norms before and after clipping per step (layer 0's rows,
+    thinned); `runs`: with each run's clip_fraction (collect)."""
     clipped = runs[runs["clip"] != "none"]
     if clipped.empty:
         return None
-    per_step = layers[layers.layer == 0]
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
-    norms = thin(per_step[per_step["clip"] != "none"])
     modes = sorted(norms["clip"].unique())
     colours = dict(zip(modes, sns.color_palette(n_colors=len(modes))))
     styles = {"global_norm_pre_clip": ("-", "before clipping"), "global_norm_post_clip": ("--", "after clipping")}
@@ -155,10 +155,9 @@ def clipping(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
                    + [matplotlib.lines.Line2D([], [], color="black", linestyle=st, label=label)
                       for st, label in styles.values()], fontsize=8, title="clip mode", title_fontsize=8)
     axes[0].set(title="global gradient norm (median, IQR band)", xlabel="step", ylabel="log10 global norm")
-    active = per_step[per_step["clip"] != "none"].groupby(["run_id", "clip", "activation"]).clip_active.mean().reset_index()
-    sns.barplot(data=active, x="activation", y="clip_active", hue="clip", errorbar=("pi", 100), ax=axes[1])
+    sns.barplot(data=clipped, x="activation", y="clip_fraction", hue="clip", errorbar=("pi", 100), ax=axes[1])
     axes[1].set(title="fraction of steps clipped", ylabel="fraction", ylim=(0, 1))
-    if active.activation.nunique() > 4:  # eight names side by side run into each other
+    if clipped.activation.nunique() > 4:  # eight names side by side run into each other
         axes[1].tick_params(axis="x", rotation=45)
     pairs = clipped.merge(runs[runs["clip"] == "none"], on=CLIP_PAIR_KEYS, suffixes=("", "_none"))
     if not pairs.empty:
