@@ -82,6 +82,12 @@ def test_a_driver_killed_with_9_takes_its_workers_with_it_and_resumes_exactly_on
         proc.wait()
         gone = _wait_until(lambda workers=workers: not any(_alive(pid) for pid in workers), timeout=30)
         assert gone, "orphaned workers live on"
+    # the next command on the store, whatever it is, closes the dead driver's parent run
+    report = subprocess.run([sys.executable, "-m", "pipeline", "report", "--experiment", store, "--out-dir",
+                             str(tmp_path / "reports")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    (parent,) = [r for r in runs_of(store) if r.data.tags.get("gradbench.role") == "grid"]
+    assert parent.info.status == "FAILED"
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _exactly_once(store, path)

@@ -303,6 +303,8 @@ def test_mlflow_run_main_runs_a_grid_under_the_project_run(store, mnist_dir, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     (parent,) = parents(store)
     assert parent.info.run_name == "tiny" and parent.data.params["spec"] == str(path)
+    # mlflow run ends its run after the grid's process: the next command must not mark it stale
+    assert parent.info.status == "FINISHED" and "mlflow.project.entryPoint" in parent.data.tags
     kids = children(store)
     assert len(kids) == 2 and all(k.data.tags["mlflow.parentRunId"] == parent.info.run_id for k in kids)
     # ... and ends with the report, in reports/ and as an artifact of the project run

@@ -171,10 +171,15 @@ def finished_config_hashes(client: MlflowClient, experiment_id: str) -> tuple[se
 
 def fail_stale_runs(client: MlflowClient, experiment_id: str) -> int:
     """Mark FAILED the RUNNING runs of this experiment whose process, on this host, is gone (killed
-    outright, so it could not mark them itself), grid or not. Runs of other hosts are left alone:
-    another machine may be running the same spec right now. Returns how many were marked. (No user
-    text goes into the filter: names are compared here, not in MLflow's filter language.)"""
+    outright, so it could not mark them itself): configurations' runs, and the parent runs of grids
+    whose driver is gone (a resume reopens its grid's parent all the same), except a parent that
+    `mlflow run` opened (it ends that run itself, after the grid's process). Runs of other hosts are
+    left alone: another machine may be running the same spec right now. Returns how many were
+    marked. (No user text goes into the filter: names are compared here, not in MLflow's filter
+    language.)"""
     running = search_all(client, experiment_id, f"attributes.status = 'RUNNING' and tags.`{TAG_CONFIG_HASH}` LIKE '%'")
+    running += [r for r in search_all(client, experiment_id, f"attributes.status = 'RUNNING' and tags.`{TAG_ROLE}` = 'grid'")
+                if "mlflow.project.entryPoint" not in r.data.tags]
     host = socket.gethostname()
     stale = [
         r for r in running
