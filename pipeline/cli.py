@@ -297,7 +297,7 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
 @experiment_option
 def report(grid_run_id: str | None, out_dir: str, run_pages: str, experiment: str) -> None:
     """Render a grid as one self-contained HTML report (seaborn figures inline, no network), written
-    to OUT_DIR/<grid>-<date>.html with a page per run in OUT_DIR/<grid>-<date>/, and logged as an
+    to OUT_DIR/<grid>-<run id>-<date>.html with a page per run in OUT_DIR/<grid>-<run id>-<date>/, and logged as an
     artifact of the grid's parent run. Everything comes from MLflow: runs, params, metrics and
     artifacts."""
     from . import tracking

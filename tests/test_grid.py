@@ -447,3 +447,21 @@ def test_a_member_whose_record_fails_fails_alone(store, mnist_dir, tmp_path, mon
     status = {int(r.data.params["seed"]): r.info.status for r in children(store)}
     assert status == {0: "FINISHED", 1: "FAILED", 2: "FINISHED"}
     assert len({r.data.tags["gradbench.group"] for r in children(store)}) == 1  # trained as one group
+
+
+@pytest.mark.e2e
+def test_two_grids_whose_names_slug_alike_get_a_report_each(store, mnist_dir, tmp_path):
+    """Non-ASCII names all slug to 'unnamed': two such grids reported on one day must not write one
+    file (and index.html must list both)."""
+    out = tmp_path / "reports"
+    for name in ("勾配", "градиент"):
+        path = write_spec(tmp_path, {"name": name, "base": TINY_BASE, "axes": {"depth": [3]}}, name=f"{len(name)}.yaml")
+        assert grid_cli(path, store, mnist_dir).exit_code == 0
+        (parent,) = [p for p in parents(store) if p.data.tags["gradbench.grid"] == name]
+        result = CliRunner().invoke(cli, ["report", "--experiment", store, "--grid-run", parent.info.run_id,
+                                          "--out-dir", str(out)])
+        assert result.exit_code == 0, result.output
+    reports = sorted(p.name for p in out.glob("*.html") if p.name != "index.html")
+    assert len(reports) == 2 and all(r.startswith("unnamed-") for r in reports), reports
+    index = (out / "index.html").read_text()
+    assert all(r in index for r in reports)

@@ -1,7 +1,7 @@
 """report stage: one self-contained HTML page per grid, from what MLflow holds.
 
-    gradbench report [--grid-run RUN_ID]   # -> reports/<grid>-<date>.html, a page per run in
-                                           #    reports/<grid>-<date>/, reports/index.html, and an
+    gradbench report [--grid-run RUN_ID]   # -> reports/<grid>-<run id>-<date>.html, a page per run in
+                                           #    reports/<grid>-<run id>-<date>/, reports/index.html, and an
                                            #    artifact of the grid run
 
 The summary's figures are seaborn/matplotlib PNGs, drawn once per report by the seaborn process
@@ -109,10 +109,11 @@ def runs_with_pages(runs: pd.DataFrame, limit: int | None) -> pd.DataFrame:
 
 def build_report(experiment: str = tracking.EXPERIMENT, grid_run_id: str | None = None,
                  out_dir: str | os.PathLike = "reports", run_pages: int | None = RUN_PAGES) -> Path:
-    """Write <out_dir>/<grid>-<date>.html with a page per run in <out_dir>/<grid>-<date>/, refresh
-    <out_dir>/index.html, and log the report to the grid's parent run. Each file appears whole or
-    not at all (written aside, then renamed). File names are slugs of the grid's name: a name never
-    leaves out_dir. `run_pages`: at most that many run pages (None: one for every run)."""
+    """Write <out_dir>/<grid>-<run id>-<date>.html with a page per run in the folder of the same
+    name, refresh <out_dir>/index.html, and log the report to the grid's parent run. Each file
+    appears whole or not at all (written aside, then renamed). File names are slugs of the grid's
+    name and its run id's first 8 characters: a name never leaves out_dir, and two grids never
+    share one. `run_pages`: at most that many run pages (None: one for every run)."""
     # the drawing processes start now, to import seaborn while the report reads MLflow; the pool reads
     # a big grid's tables too. downloads: where a remote store's artifacts land
     with workers() as drawing, tempfile.TemporaryDirectory(prefix="gradbench-report-") as downloads:
@@ -122,7 +123,9 @@ def build_report(experiment: str = tracking.EXPERIMENT, grid_run_id: str | None 
 
 def _build(data: ReportData, out_dir: Path, run_pages: int | None, drawing: Workers | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{slug(data.grid)}-{dt.date.today().isoformat()}"
+    # unique per grid run: two grids whose names slug alike (non-ASCII ones all become "unnamed"), or one
+    # spec run in two experiments, never write one file; the same grid run reported again replaces its own
+    stem = f"{slug(data.grid, 60)}-{data.parent_run_id[:8]}-{dt.date.today().isoformat()}"
     path = out_dir / f"{stem}.html"
     # the summary's figures (in the seaborn process) and the run pages (on the pool), drawn together
     picks = [Pick(label, run, data.table(run.run_id), data.histograms(run.run_id))
