@@ -26,13 +26,14 @@ from mlflow import MlflowClient
 
 from pipeline import theory
 from pipeline.cli import cli
-from pipeline.config import GridSpec, from_dict
+from pipeline.config import GridSpec, RunConfig, from_dict
 from pipeline.grid import run_grid
 from pipeline.report import _run_page, figure, render
 from pipeline.report.collect import collect
 from pipeline.report.figures import Pick, drawn, figure_tasks, telling_runs
 from pipeline.report.runpage import page_names, slug
 from pipeline.report.workers import Seaborn, draw, workers
+from pipeline.run import profile_table
 from tests.conftest import REPO, MlflowServer
 
 TINY_BASE = {"depth": 4, "width": 16, "train_subset": 640, "batch_size": 64, "max_steps": 8, "log_every": 2}
@@ -196,6 +197,18 @@ def test_the_gradient_flow_draws_the_measured_means_and_the_logged_profile(synth
         np.testing.assert_allclose(y, anchor + profile.log_norm / math.log(10), rtol=1e-12)
         predicted += 1
     assert predicted == len(deep) - 1  # all but SkipInit's
+
+
+def test_a_run_logs_the_profile_its_slope_pred_is_fitted_on_and_none_where_there_is_no_prediction():
+    """run.profile_table: theory/profile.parquet, what the gradient-flow figure draws. A BatchNorm
+    net's profile depends on the input moments the run measured; no hidden layer or SkipInit: none."""
+    batch = RunConfig(activation="relu", depth=6, width=16, norm="batch")
+    prediction = theory.predict(batch, 0.9, 0.6)
+    profile = profile_table(prediction)
+    assert list(profile.layer) == [0, 1, 2, 3, 4] and profile.log_norm.iloc[-1] == 0
+    assert -np.polyfit(profile.layer, profile.log_norm, 1)[0] == pytest.approx(prediction.finite_slope, rel=1e-12)
+    assert not np.allclose(profile.log_norm, theory.predict(batch).log_norms)  # default moments differ
+    assert profile_table(theory.predict(RunConfig(depth=6, residual="skipinit"))) is None
 
 
 def test_the_heatmaps_are_the_telling_runs_tables(synthetic, summary):
