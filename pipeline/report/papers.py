@@ -186,7 +186,7 @@ def yang2019(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
         [figure],
         note="Factor: exp(2 x slope), the growth of E||dL/dz||^2 per layer towards the input, from the mean "
              "slope over seeds. The theory is the large-batch limit; at batch 256 Monte Carlo puts the finite-batch "
-             "excess under 1% per layer (README).",
+             "excess under 1% per layer (docs/theory.md, where the assumptions fail).",
     )
 
 
