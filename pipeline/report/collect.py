@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from .. import tracking
 from ..config import FIELDS, run_name
+from ..norms import NORMS
 from ..results import SUMMARY_POINTS, summary_table, thin_steps
 from ..runtime import die_with_parent
 from ..tracking.store import TAG_SYNTHETIC
@@ -121,12 +122,9 @@ def _joined(tables: list[pa.Table], runs: pd.DataFrame, columns: list[str]) -> p
     return pa.concat_tables(tables, promote_options="permissive").to_pandas().merge(runs[columns], on="run_id")
 
 
-NORM_LABELS = {"none": "", "batch": "BatchNorm", "layer": "LayerNorm"}
-
-
 def remedy_label(norm: str, residual: str, residual_scale: float) -> str:
     """The architectural remedies of a run: 'BatchNorm + residual 0.5', 'SkipInit', '' for none."""
-    parts = [NORM_LABELS[norm]]
+    parts = [NORMS[norm].label]
     parts.append({"none": "", "plain": f"residual {residual_scale:g}", "skipinit": "SkipInit"}[residual])
     return " + ".join(p for p in parts if p)
 

@@ -11,6 +11,7 @@ import pandas as pd
 import seaborn as sns
 
 from .. import theory
+from ..norms import NORMS
 from .figure import Figure, encode
 
 # Glorot & Bengio 2010, Table 1, MNIST column: test error (%) after training; "N" (normalized
@@ -155,16 +156,16 @@ def yang2019(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
             paper = f"{YANG_RELU_FACTOR:.3f} (pi/(pi-1))" if activation == "relu" else "> 1 (explodes)"
         else:
             paper = "1 (critical init)" if activation == "relu" else "n/a"
-        rows.append([activation, "BatchNorm" if norm == "batch" else "none", depth, paper,
+        rows.append([activation, NORMS[norm].label or "none", depth, paper,
                      f"{np.exp(2 * predicted.mean()):.3f}" if len(predicted) else "n/a",
                      f"{np.exp(2 * measured.mean()):.3f}" if len(measured) else "n/a",
                      _mean_sd(measured, digits=3), _mean_sd(predicted, digits=3), len(group)])
-    data = runs.assign(norm=runs["norm"].map({"none": "none", "batch": "BatchNorm"}))
+    data = runs.assign(norm=[NORMS[norm].label or "none" for norm in runs["norm"]])
     fig, axes = plt.subplots(1, data.activation.nunique(), figsize=(5.2 * data.activation.nunique(), 3.6),
                              squeeze=False, sharey=True, layout="constrained")
     for ax, (activation, group) in zip(axes[0], data.groupby("activation")):
         sns.lineplot(data=group, x="depth", y="slope_measured", hue="norm", marker="o", errorbar=("pi", 100),
-                     ax=ax, hue_order=["none", "BatchNorm"])
+                     ax=ax, hue_order=["none", NORMS["batch"].label])
         predicted = group.groupby(["norm", "depth"]).slope_pred.mean().reset_index()
         for norm, line in predicted.groupby("norm"):
             ax.plot(line.depth, line.slope_pred, color="black", linestyle=(0, (1.5, 1.5)), marker="x",
