@@ -336,12 +336,13 @@ class Monitor:
 
     def jacobian(self, member: int, last_step: int) -> dict[str, np.ndarray]:
         """The Jacobian's singular values of a member at the histogram steps reached: steps, and
-        singular_values (steps, inputs, width)."""
+        singular_values, a list of (inputs, width) arrays, one per step (an epoch's short last batch
+        may have fewer than JACOBIAN_INPUTS examples)."""
         taken = [slot for slot in self._taken(last_step) if slot in self._jacobian]
         if not taken:
             return {}
         return {"steps": np.array([self.hist_steps[i] for i in taken]),
-                "singular_values": torch.stack([self._jacobian[i][member] for i in taken]).cpu().numpy()}
+                "singular_values": [self._jacobian[i][member].cpu().numpy() for i in taken]}
 
     def _taken(self, last_step: int) -> list[int]:
         """The slots of the histogram steps a member reached (a diverged one stops early)."""

@@ -54,7 +54,7 @@ class RunResult:
     input_sq_mean: float  # E[x^2] of the training inputs, for the theory's finite-depth prediction
     input_var_mean: float  # the pixels' variance across the training images, averaged (BatchNorm's theory)
     signal: dict[str, np.ndarray] = field(default_factory=dict)  # monitor.Monitor.signal: forward q and c
-    jacobian: dict[str, np.ndarray] = field(default_factory=dict)  # monitor.Monitor.jacobian: singular values
+    jacobian: dict = field(default_factory=dict)  # monitor.Monitor.jacobian: steps and a list of singular values
 
 
 def layer_table(chunks: list[Chunk], act_statistic: str) -> pd.DataFrame:

@@ -99,3 +99,15 @@ def test_orthogonal_weights_keep_the_spectrum_concentrated_where_gaussian_ones_s
         assert found["jacobian/sv_mean_sq"] == pytest.approx(found["theory/jacobian_mean_sq"], rel=0.5), init
         spreads[init] = float(np.std(np.log(result.jacobian["singular_values"][0])))
     assert spreads["normal"] > 3 * spreads["orthogonal"], spreads
+
+
+def test_a_short_last_batch_gives_fewer_inputs_not_a_crash(mnist):
+    """641 images in batches of 64: the last step (a histogram step) has one example, so its
+    Jacobian has one input where the others have JACOBIAN_INPUTS (stacking them raised, and the run
+    was FAILED with a traceback)."""
+    config = RunConfig(depth=3, width=16, train_subset=641, batch_size=64, device="cpu")
+    (result,) = train([config], mnist)
+    assert result.outcome == "completed" and result.steps == 11
+    shapes = [values.shape for values in result.jacobian["singular_values"]]
+    assert shapes[0] == (JACOBIAN_INPUTS, 16) and shapes[-1] == (1, 16)
+    assert len(run.jacobian_table(result, float("nan"))) == sum(a * b for a, b in shapes)
