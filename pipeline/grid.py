@@ -365,9 +365,10 @@ def _driver_lock(spec: GridSpec, experiment: str):
     except BlockingIOError:
         holder = _lock_holder(handle)
         handle.close()
-        raise tracking.GridBusy(f"grid {spec.name!r} is being run right now by {holder} on this host, into the same "
-                                "store and experiment: a second driver would train every configuration twice. Wait "
-                                "for it to end, or stop it and run this command again to resume") from None
+        raise tracking.GridBusy(f"grid {spec.name!r} (or another spec of the same configurations) is being run right now "
+                                f"by {holder} on this host, into the same store and experiment: a second driver would "
+                                "train every configuration twice. Wait for it to end, or stop it and run this command "
+                                "again to resume") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
