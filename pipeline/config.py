@@ -327,6 +327,7 @@ class GridSpec:
                             "(an alias bomb?): write the grid with axes and seeds instead")
         try:
             if reduced:
+                cls.from_dict(raw, default_name=path.stem)  # the whole spec first: errors name what the user wrote
                 raw = reduce_spec(raw, default_name=path.stem)
                 text = yaml.safe_dump(raw, sort_keys=False)  # what is logged must rebuild this grid
             return cls.from_dict(raw, default_name=path.stem, source=text)
@@ -382,6 +383,16 @@ class GridSpec:
             raise ConfigError("spec", "is empty: give a base configuration, axes or include (see benchmarks/)")
         if not configs:
             raise ConfigError("axes", "the grid is empty (every configuration was excluded)")
+        if reduced:  # the reduced budget is checked whether it is run now or not
+            try:
+                cls.from_dict(reduce_spec(raw, default_name), default_name)
+            except ConfigError as exc:
+                field = exc.key.removeprefix("base.")
+                if exc.key.startswith("reduced."):
+                    raise
+                if field in reduced:
+                    raise ConfigError(f"reduced.{field}", exc.message) from None
+                raise ConfigError("reduced", f"with the reduced budget, {exc.key}: {exc.message}") from None
         source = source or yaml.safe_dump(raw, sort_keys=False)  # what is logged must rebuild this spec
         return cls(_name(raw, default_name), tuple(configs.values()), source, reproduces)
 

@@ -134,6 +134,11 @@ def test_duplicate_configs_are_run_once():
         ({"name": " ", "base": {"depth": 3}}, "name"),
         ({"base": {"depth": 3, 1: 2}}, "base.1"),  # a key that is not a string
         ({"base": {"norm": "batch", "batch_size": 1}}, "base.batch_size"),
+        # the reduced budget is checked whether it is run or not, and its errors are named there
+        ({"base": {"depth": 3}, "reduced": {"seeds": 0}}, "reduced.seeds"),
+        ({"base": {"depth": 3}, "reduced": {"lr": "fast"}}, "reduced.lr"),
+        ({"base": {"depth": 3, "norm": "batch"}, "reduced": {"batch_size": 1}}, "reduced.batch_size"),
+        ({"base": {"norm": "batch", "batch_size": 32}, "reduced": {"train_subset": 65}}, "reduced"),
     ],
 )
 def test_spec_errors_name_the_key(raw, key):
