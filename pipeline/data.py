@@ -11,7 +11,6 @@ place, so an interrupted or corrupt prepare leaves nothing half-written behind.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .runtime import host_lock
 
 if TYPE_CHECKING:  # torch is imported lazily: `gradbench prepare` and `--help` do not need it
     import torch
@@ -88,7 +89,11 @@ def prepare(
         _VERIFIED.add(key)
         return target
     target.mkdir(parents=True, exist_ok=True)
-    with _prepare_lock(target):
+    with host_lock("prepare", str(target.resolve())):
+        # under the lock, a partial file is what a prepare killed outright left (SIGKILL, or SIGTERM
+        # without a handler, runs no cleanup)
+        for leftover in target.glob(".*.part"):
+            leftover.unlink(missing_ok=True)
         missing = [name for name in missing if not _is_verified(target / name, checksums[name])]  # another did it
         if source:
             for name in missing:
@@ -104,21 +109,6 @@ def prepare(
                     raise DownloadError(f"{path}: MD5 of the downloaded content is {got}, expected {checksums[name]}")
     _VERIFIED.add(key)
     return target
-
-
-@contextlib.contextmanager
-def _prepare_lock(target: Path):
-    """One prepare at a time in a folder, among this host's processes. Under the lock, a partial file
-    (.<name>.*.part) is what a prepare killed outright left behind (SIGKILL, or SIGTERM without a
-    handler, runs no cleanup): swept."""
-    import fcntl
-
-    key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"gradbench-prepare-{key}.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        for leftover in target.glob(".*.part"):
-            leftover.unlink(missing_ok=True)
-        yield
 
 
 def _is_verified(path: Path, expected_md5: str) -> bool:
@@ -198,13 +188,18 @@ def _open_source_file(source: str, name: str, out) -> str:
                 else:
                     _copy(stream, out, location, is_url)
             except DataError:
-                if is_url and getattr(stream, "length", None):
+                if _unread(stream, is_url):
                     raise cut from None
                 raise
-            if is_url and getattr(stream, "length", None):
+            if _unread(stream, is_url):
                 raise cut
         return location
     raise DataError(f"MNIST file {name} not found in source: tried {', '.join(tried)}")
+
+
+def _unread(stream, is_url: bool) -> bool:
+    """Whether a download's stream still owes bytes of the length its server announced."""
+    return is_url and bool(getattr(stream, "length", None))
 
 
 def _copy(stream, out, location: str, is_url: bool) -> None:

@@ -349,17 +349,14 @@ def _driver_lock(spec: GridSpec, experiment: str):
     (the kernel releases the lock when its holder dies, kill -9 included). Drivers on other hosts
     are told apart by the parent run's heartbeat (tracking.open_grid_run)."""
     import fcntl
-    import hashlib
-    import tempfile
 
     from . import tracking
+    from .runtime import lock_path
 
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///"):  # a relative path names a different store in each folder
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    key = hashlib.sha256(f"{uri}\n{experiment}\n{spec.spec_hash}".encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"gradbench-grid-{key}.lock")
-    handle = open(path, "a+")
+    handle = open(lock_path("grid", uri, experiment, spec.spec_hash), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -185,14 +185,15 @@ THEORY_ERRORS = (ArithmeticError, ValueError)
 NO_PREDICTION = theory.Prediction(math.nan, math.nan, math.nan, math.nan, (), math.nan)
 
 
-def predicted(what: str, call: Callable[[], object], absent: list[str]):
-    """call(), or None where the theory cannot compute it for this configuration (`absent` says why)."""
+def predicted(what: str, call: Callable[[], object], absent: list[str], default=None):
+    """call(), or `default` where the theory cannot compute it for this configuration (`absent`
+    says why)."""
     try:
         with np.errstate(all="ignore"):
             return call()
     except THEORY_ERRORS as exc:
         absent.append(f"{what}: {type(exc).__name__}: {exc}")
-        return None
+        return default
 
 
 def analyse(config: RunConfig, result: RunResult) -> Analysis:
@@ -201,11 +202,9 @@ def analyse(config: RunConfig, result: RunResult) -> Analysis:
         "plots/gradient_flow.png": plots.png(plots.gradient_flow(result.table, run_name(config)))}
     absent: list[str] = []  # the predictions theory could not make, and why
     maps = predicted("q/c maps", lambda: forward_maps(config, result), absent)
-    prediction = predicted("gradient profile", lambda: predict(config, result), absent) or NO_PREDICTION
-    jacobian_pred = math.nan
-    if maps is not None:
-        jacobian_pred = predicted("Jacobian", lambda: theory.jacobian_mean_sq(config, maps.q), absent)
-        jacobian_pred = math.nan if jacobian_pred is None else jacobian_pred
+    prediction = predicted("gradient profile", lambda: predict(config, result), absent, NO_PREDICTION)
+    jacobian_pred = math.nan if maps is None else predicted(
+        "Jacobian", lambda: theory.jacobian_mean_sq(config, maps.q), absent, math.nan)
     tables = {"signal/propagation.parquet": signal_table(result, maps)} if result.signal else {}
     if result.jacobian:
         tables["signal/jacobian.parquet"] = jacobian_table(result, jacobian_pred)

@@ -188,6 +188,27 @@ def die_with_parent() -> None:
         pass
 
 
+def lock_path(kind: str, *parts: str) -> str:
+    """The file that a host-wide lock of `kind` on `parts` (a store's path, a folder, a grid) takes:
+    one per key in the temporary folder, so that every process of this host finds the same one."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"gradbench-{kind}-{key}.lock")
+
+
+@contextlib.contextmanager
+def host_lock(kind: str, *parts: str):
+    """Wait for, then hold, an exclusive lock among this host's processes (the kernel releases it
+    when its holder dies, kill -9 included)."""
+    import fcntl
+
+    with open(lock_path(kind, *parts), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (someone else's counts)."""
     try:

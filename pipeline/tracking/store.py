@@ -28,7 +28,7 @@ from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from ..config import NUMBERS_VERSION, GridSpec, RunConfig
-from ..runtime import process_alive
+from ..runtime import host_lock, process_alive
 
 EXPERIMENT = "gradbench"
 TAG_CONFIG_HASH = "gradbench.config_hash"
@@ -81,7 +81,7 @@ def get_client() -> MlflowClient:
             os.environ.setdefault(name, value)
     if uri.startswith("sqlite:///") and uri not in _OPENED:
         path = os.path.abspath(uri[len("sqlite:///"):])  # a relative path names a different store in each folder
-        with store_lock(path):
+        with host_lock("store", path):
             new = not os.path.exists(path)
             try:
                 MlflowClient(uri).search_experiments(max_results=1)  # creates (or upgrades) the tables
@@ -93,19 +93,6 @@ def get_client() -> MlflowClient:
                 raise
         _OPENED.add(uri)
     return MlflowClient()
-
-
-@contextlib.contextmanager
-def store_lock(path: str):
-    """An exclusive lock on the SQLite store at `path` among the processes of this host (the kernel
-    releases it when its holder dies, kill -9 included)."""
-    import fcntl
-    import hashlib
-
-    key = hashlib.sha256(path.encode()).hexdigest()[:16]
-    with open(os.path.join(tempfile.gettempdir(), f"gradbench-store-{key}.lock"), "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
