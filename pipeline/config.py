@@ -33,6 +33,11 @@ INITS = (
     "lecun_normal",
     "orthogonal",
 )
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # blocks of a recurrent cell's weights (lstm: i, f, g, o; gru: r, z, n)
+ARCHS = ("mlp", *GATES)
+SEQUENCE_SHAPES = {"rows": (28, 28), "pixels": (784, 1)}  # MNIST as (steps T, pixels per step d)
+SEQUENCES = tuple(SEQUENCE_SHAPES)
+RECURRENT_INITS = ("same", *INITS, "identity")  # same: W as U (init, init_std, init_gain)
 CLIPS = ("none", "norm", "value", "agc")
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "fp64", "bf16", "fp16", "tf32")
@@ -85,7 +90,14 @@ def _spec(help: str, member: bool = False, hashed: bool = True, **constraints: A
 class RunConfig:
     """One training run. Constraints in each field's metadata drive validation and the CLI."""
 
-    activation: str = field(default="relu", metadata=_spec("Hidden-layer nonlinearity.", choices=ACTIVATIONS))
+    activation: str = field(default="relu", metadata=_spec(
+        "Hidden-layer nonlinearity (the RNN's phi; LSTM and GRU have their own).", choices=ACTIVATIONS))
+    arch: str = field(default="mlp", metadata=_spec(
+        "mlp, or a recurrent net reading MNIST as a sequence: rnn (h_t = phi(W h_t-1 + U x_t + b)), lstm, gru "
+        "(PyTorch's cells); the classifier reads the last state. --width is the state's size.", choices=ARCHS))
+    sequence: str = field(default="rows", metadata=_spec(
+        "How a recurrent net reads an image: rows (28 steps of 28 pixels) or pixels (784 steps of 1).",
+        choices=SEQUENCES))
     depth: int = field(default=10, metadata=_spec("Number of Linear layers, output layer included.", min=2,
                                                   max=MAX_DEPTH))
     width: int = field(default=256, metadata=_spec("Units in each hidden layer.", min=1, max=MAX_WIDTH))
@@ -95,6 +107,12 @@ class RunConfig:
         default=1.0, metadata=_spec(
             "Multiplies the weight std of xavier_*, he_*, lecun_normal, orthogonal (ignored otherwise).", member=True, gt=0.0)
     )
+    recurrent_init: str = field(default="same", metadata=_spec(
+        "Init of a recurrent net's W (same: as --init for U), or identity (IRNN, Le et al. 2015); each "
+        "gate's block of an LSTM/GRU on its own.", member=True, choices=RECURRENT_INITS))
+    recurrent_gain: float = field(default=1.0, metadata=_spec(
+        "Multiplies a recurrent net's W after its init (a scaled identity, a large recurrent scale).",
+        member=True, gt=0.0))
     bias_std: float = field(
         default=0.0, metadata=_spec(
             "Biases ~ N(0, bias_std^2) for every init but default (0: zero; ignored with default).", member=True, min=0.0)
@@ -148,13 +166,21 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def config_hash(self) -> str:
-        """Identity of the run's numbers: the canonical JSON of every field but NOT_HASHED."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
+        """Identity of the run's numbers: the canonical JSON of every field but NOT_HASHED, and
+        but the fields added since hashes were first stored (ADDED) while at their default: an MLP
+        run keeps the hash it had before recurrent nets existed."""
+        payload = {k: v for k, v in self.to_dict().items()
+                   if k not in NOT_HASHED and not (k in ADDED and v == FIELDS[k].default)}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def weight_layers(self) -> int:
+        """Weight layers L00...: the MLP's depth; a recurrent net's input U, recurrent W and classifier."""
+        return self.depth if self.arch == "mlp" else 3
 
     @property
     def total_steps(self) -> int:
@@ -167,13 +193,24 @@ class RunConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
 # When a field cannot change what a run computes (then RunConfig resets it to its default)
+def _inits(c: RunConfig) -> set[str]:
+    """The init rules a configuration draws weights with (a recurrent net's W may have its own)."""
+    return {c.init} | ({c.recurrent_init} if c.arch != "mlp" and c.recurrent_init != "same" else set())
+
+
 UNUSED_WHEN = {
-    "init_std": lambda c: c.init != "normal",
-    "init_gain": lambda c: c.init in ("default", "normal"),
-    "bias_std": lambda c: c.init == "default",
+    "init_std": lambda c: "normal" not in _inits(c),
+    "init_gain": lambda c: not _inits(c) - {"default", "normal", "identity"},
+    "bias_std": lambda c: not _inits(c) - {"default"},
     "clip_threshold": lambda c: c.clip == "none",
     "residual_scale": lambda c: c.residual != "plain",
+    "depth": lambda c: c.arch != "mlp",  # a recurrent net's depth is its sequence's length
+    "sequence": lambda c: c.arch == "mlp",
+    "recurrent_init": lambda c: c.arch == "mlp",
+    "recurrent_gain": lambda c: c.arch == "mlp",
+    "activation": lambda c: c.arch in ("lstm", "gru"),  # their gates' sigmoid and tanh are fixed
 }
+ADDED = ("arch", "sequence", "recurrent_init", "recurrent_gain")  # see RunConfig.config_hash
 # Derived from the field metadata, never listed by hand:
 NOT_HASHED = tuple(n for n, f in FIELDS.items() if not f.metadata["hashed"])
 GROUP_KEYS = tuple(n for n, f in FIELDS.items() if not f.metadata["member"])  # what a group's members share
@@ -200,7 +237,7 @@ def group_key(config: RunConfig) -> tuple:
 
 # The hashed fields that run_name does not spell out in its fixed part, each added as <tag><value>
 # when not at its default, so that configurations that differ have different names.
-NAME_TAGS = {"init_gain": "gain", "bias_std": "bias", "optimizer": "", "lr": "lr", "momentum": "mom", "batch_size": "b",
+NAME_TAGS = {"recurrent_gain": "rgain", "init_gain": "gain", "bias_std": "bias", "optimizer": "", "lr": "lr", "momentum": "mom", "batch_size": "b",
              "epochs": "ep", "max_steps": "steps", "train_subset": "n"}
 
 
@@ -217,7 +254,19 @@ def run_name(config: RunConfig) -> str:
     precision = "" if config.precision == "fp32" else f"-{config.precision}"
     others = "".join(f"-{tag}{_short(getattr(config, name))}" for name, tag in NAME_TAGS.items()
                      if getattr(config, name) != FIELDS[name].default)
-    return f"{config.activation}-d{config.depth}-w{config.width}-{init}-{clip}{remedies}{precision}{others}-s{config.seed}"
+    if config.arch == "mlp":
+        net = f"{config.activation}-d{config.depth}"
+    else:  # e.g. rnn-tanh-rows, lstm-pixels; W's init beside U's when it differs
+        net = "-".join([config.arch] + ([config.activation] if config.arch == "rnn" else []) + [config.sequence])
+        if config.recurrent_init != "same":
+            init += f"-W{config.recurrent_init}"
+    return f"{net}-w{config.width}-{init}-{clip}{remedies}{precision}{others}-s{config.seed}"
+
+
+def state_activation(config: RunConfig) -> str:
+    """The nonlinearity whose saturated or dead fraction a run records: the activation, but tanh for
+    the gated cells (their candidate's; `activation` is unused there)."""
+    return "tanh" if config.arch in ("lstm", "gru") else config.activation
 
 
 def _short(value: Any) -> str:
@@ -231,6 +280,11 @@ def validate(config: RunConfig) -> None:
         _check_field(name, value, f.type, f.metadata)
     if not _DEVICE_RE.match(config.device):
         raise ConfigError("device", f"{config.device!r} is not one of auto, cpu, mps, cuda, cuda:N")
+    if config.arch != "mlp":
+        for name in ("norm", "residual"):
+            if getattr(config, name) != "none":
+                raise ConfigError(name, f"{getattr(config, name)!r} is for arch mlp: a recurrent net ({config.arch}) "
+                                        "has no normalization or residual layers")
     norm = NORM_REGISTRY[config.norm]
     if norm.mixes_examples:  # its batch statistics are undefined for one example (a variance of 0)
         n_train = config.train_subset or MNIST_TRAIN_SIZE

@@ -108,9 +108,10 @@ def test_configurations_that_differ_have_different_run_names():
     from pipeline.config import NOT_HASHED, run_name
 
     needs = {"init_std": dict(init="normal"), "init_gain": dict(init="he_normal"), "bias_std": dict(init="he_normal"),
-             "clip_threshold": dict(clip="norm"), "residual_scale": dict(residual="plain")}
+             "clip_threshold": dict(clip="norm"), "residual_scale": dict(residual="plain"),
+             "sequence": dict(arch="rnn"), "recurrent_init": dict(arch="rnn"), "recurrent_gain": dict(arch="rnn")}
     other = {"activation": "tanh", "init": "he_normal", "clip": "norm", "norm": "layer", "residual": "plain",
-             "optimizer": "adam", "precision": "fp64"}
+             "optimizer": "adam", "precision": "fp64", "arch": "gru", "sequence": "pixels", "recurrent_init": "identity"}
     for name, f in FIELDS.items():
         if name in NOT_HASHED:
             continue
