@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import ACTIVATIONS
-from .config import RunConfig
+from .config import GATES, SEQUENCE_SHAPES, RunConfig
 from .norms import NORMS
 from .runtime import available_memory, set_seed
 
@@ -231,6 +231,19 @@ def memory_estimate(depth: int, width: int, batch_size: int, optimizer: str, pre
     return members * per_member + _mnist_bytes(precision)
 
 
+def config_memory(config: RunConfig, members: int = 1) -> int:
+    """memory_estimate of any arch: a recurrent net keeps, for backward, its gates and states at
+    every time step (about (3 G + 3) x width values per example and step), not its depth's."""
+    if config.arch == "mlp":
+        return memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision, members)
+    nbytes = 8 if config.precision == "fp64" else 4
+    G, H, (T, d) = GATES[config.arch], config.width, SEQUENCE_SHAPES[config.sequence]
+    params = G * H * (d + H) + 2 * G * H + CLASSES * (H + 1)
+    copies = 4 + (config.optimizer == "adam")
+    per_member = (copies * params + (3 * G + 3) * H * T * config.batch_size + 2000 * (G + 2) * H) * nbytes
+    return members * per_member + _mnist_bytes(config.precision)
+
+
 def _mnist_bytes(precision: str) -> int:
     """MNIST on the device: 70,000 images of 784 pixels and their labels."""
     return 70_000 * 785 * (8 if precision == "fp64" else 4)
@@ -243,17 +256,19 @@ def members_that_fit(config: RunConfig, device: torch.device) -> int | None:
     if free is None:
         return None
     data = _mnist_bytes(config.precision)  # shared by the members
-    one = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision) - data
+    one = config_memory(config) - data
     return max(1, int((0.8 * free - data) // one))
 
 
 def check_memory(config: RunConfig, device: torch.device, members: int = 1) -> None:
     """Raise ValueError, with the figures, when a run (a group of `members`) cannot fit in what the
     device has free: refused before any run exists, not after minutes of swapping."""
-    need = memory_estimate(config.depth, config.width, config.batch_size, config.optimizer, config.precision, members)
+    need = config_memory(config, members)
     free = available_memory(device)
     if free is not None and need > 0.9 * free:
         weights = sum(fan_in * fan_out for fan_in, fan_out in layer_sizes(config.depth, config.width))
-        raise ValueError(f"depth {config.depth} x width {config.width} ({weights:,} weights"
+        net = f"depth {config.depth} x width {config.width} ({weights:,} weights" if config.arch == "mlp" else (
+            f"{config.arch} of width {config.width} over {config.sequence} (batch {config.batch_size}")
+        raise ValueError(f"{net}"
                          f"{f', {members} runs together' if members > 1 else ''}) needs about {need / 2**30:,.1f} GiB "
                          f"on {device.type}, which has {free / 2**30:,.1f} GiB free")

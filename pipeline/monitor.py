@@ -193,9 +193,13 @@ class Monitor:
         self._jacobian_x: torch.Tensor | None = None  # the histogram step's first inputs
         self._jacobian: dict[int, torch.Tensor] = {}  # slot -> (members, inputs, width)
         if full:
-            for i, layer in enumerate(model.layers):
-                layer.register_forward_hook(self._forward_hook(i))
-            model.act.register_forward_pre_hook(self._activation_hook)
+            self._install(model)
+
+    def _install(self, model: MLP) -> None:
+        """Observe the training passes: each layer's z and input, what phi receives, dL/dz."""
+        for i, layer in enumerate(model.layers):
+            layer.register_forward_hook(self._forward_hook(i))
+        model.act.register_forward_pre_hook(self._activation_hook)
 
     @property
     def step(self) -> int:
@@ -250,11 +254,7 @@ class Monitor:
         self._per_step[STEP_STATS.index("global_norm_pre_clip"), row] = global_norm
         if self.full:
             self._per_layer[LAYER_STATS.index("weight_grad_norm"), row] = norms[0 : 2 * self.n_layers : 2]
-            self._per_layer[LAYER_STATS.index("backprop_norm"), row] = torch.stack(self._backprop) / loss_scale
-            # one stacked copy of the hidden pre-activations: a handful of kernels whatever the depth
-            stats = activation_statistic(torch.stack(self._hidden), self.activation)
-            self._per_layer[LAYER_STATS.index("act"), row, : len(stats)] = stats
-            self._hidden = []
+            self._record_activity(row, loss_scale)
             slot = self._slots.get(self.step)
             if slot is not None:
                 for i, w in enumerate(self.weights):
@@ -276,6 +276,14 @@ class Monitor:
             self._weight_norms = member_norms(self.weights)
             torch._foreach_copy_(self._prev_weights, self.weights)
         return global_norm
+
+    def _record_activity(self, row: int, loss_scale: float) -> None:
+        """This step's per-layer dL/dz norms (from the hooks) and saturated or dead fractions."""
+        self._per_layer[LAYER_STATS.index("backprop_norm"), row] = torch.stack(self._backprop) / loss_scale
+        # one stacked copy of the hidden pre-activations: a handful of kernels whatever the depth
+        stats = activation_statistic(torch.stack(self._hidden), self.activation)
+        self._per_layer[LAYER_STATS.index("act"), row, : len(stats)] = stats
+        self._hidden = []
 
     @torch.no_grad()
     def step_end(self, losses: torch.Tensor, accs: torch.Tensor, post_norm: torch.Tensor,
@@ -306,11 +314,13 @@ class Monitor:
         per_step = host[: self._per_step.numel()].reshape(self._per_step.shape)
         per_layer = host[self._per_step.numel() :].reshape(self._per_layer.shape)
         steps = np.arange(self._first_step, self._first_step + n)
+        per_time = self._flush_time(n)
         chunks = [
             Chunk(
                 steps,
                 {name: per_step[i, :n, e].copy() for i, name in enumerate(STEP_STATS)},
                 {name: per_layer[i, :n, :, e].copy() for i, name in enumerate(LAYER_STATS)} if self.full else {},
+                per_time[e] if per_time else {},
             )
             for e in range(self.members)
         ]
@@ -319,6 +329,10 @@ class Monitor:
         self._per_step.fill_(float("nan"))
         self._per_layer.fill_(float("nan"))
         return chunks
+
+    def _flush_time(self, n: int) -> list[dict[str, np.ndarray]]:
+        """Per member, the statistics through time of the chunk's n steps (recurrent nets only)."""
+        return []
 
     def signal(self, member: int, last_step: int) -> dict[str, np.ndarray]:
         """What the instruments measured of a member at the histogram steps reached: q and c per

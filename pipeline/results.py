@@ -13,23 +13,29 @@ import pandas as pd
 
 LAYER_STATS = ("weight_grad_norm", "backprop_norm", "update_ratio", "act")
 # loss_scale: what the loss was multiplied by before backward (fp16's dynamic loss scale; 1 otherwise)
+# recurrent nets, per time point t: ||dL/dh_t|| (the error reaching step t), the state's mean square
+# h_t^2, and the saturated or dead fraction of what the state's squashing receives (like 'act')
+TIME_STATS = ("grad_norm", "state_sq", "act")
 STEP_STATS = ("loss", "acc", "global_norm_pre_clip", "global_norm_post_clip", "clip_active", "loss_scale")
 
 
 @dataclass
 class Chunk:
     """Host copy of one member's consecutive steps: step (n,), per_step {name: (n,)}, per_layer
-    {name: (n, layers)} (empty when only the per-step scalars were monitored)."""
+    {name: (n, layers)} (empty when only the per-step scalars were monitored), per_time
+    {name: (n, time points)} (TIME_STATS, recurrent nets only)."""
 
     step: np.ndarray
     per_step: dict[str, np.ndarray]
     per_layer: dict[str, np.ndarray]
+    per_time: dict[str, np.ndarray] = field(default_factory=dict)
 
     def truncate(self, n: int) -> Chunk:
         return Chunk(
             self.step[:n],
             {k: v[:n] for k, v in self.per_step.items()},
             {k: v[:n] for k, v in self.per_layer.items()},
+            {k: v[:n] for k, v in self.per_time.items()},
         )
 
     def first_nonfinite(self) -> int | None:
@@ -55,6 +61,12 @@ class RunResult:
     input_var_mean: float  # the pixels' variance across the training images, averaged (BatchNorm's theory)
     signal: dict[str, np.ndarray] = field(default_factory=dict)  # monitor.Monitor.signal: forward q and c
     jacobian: dict = field(default_factory=dict)  # monitor.Monitor.jacobian: steps and a list of singular values
+    # recurrent nets: one row per step x time point (time_table); the recurrent W's spectral radius
+    # and largest singular value at the histogram steps (steps, spectral_radius, sv_max); the mean
+    # square of a few training images at each time step, (images, T): the theory's input term
+    time: pd.DataFrame = field(default_factory=pd.DataFrame)
+    spectrum: dict[str, np.ndarray] = field(default_factory=dict)
+    input_sq_by_time: np.ndarray | None = None
 
 
 def layer_table(chunks: list[Chunk], act_statistic: str) -> pd.DataFrame:
@@ -70,6 +82,19 @@ def layer_table(chunks: list[Chunk], act_statistic: str) -> pd.DataFrame:
         columns[column] = np.concatenate([c.per_layer[name] for c in chunks]).reshape(-1)
     for name in STEP_STATS:
         columns[name] = np.repeat(np.concatenate([c.per_step[name] for c in chunks]), n_layers)
+    return pd.DataFrame(columns)
+
+
+def time_table(chunks: list[Chunk], times: np.ndarray, act_statistic: str) -> pd.DataFrame:
+    """gradients/time_stats.parquet: one row per step x recorded time point t (0 the first step of
+    the sequence), every TIME_STATS statistic ('act' named after what it measures)."""
+    names = [act_statistic if n == "act" else n for n in TIME_STATS]
+    if not chunks or not chunks[0].per_time:
+        return pd.DataFrame(columns=["step", "time", *names])
+    step = np.concatenate([c.step for c in chunks])
+    columns = {"step": np.repeat(step, len(times)), "time": np.tile(np.asarray(times, dtype=np.int64), len(step))}
+    for name, column in zip(TIME_STATS, names):
+        columns[column] = np.concatenate([c.per_time[name] for c in chunks]).reshape(-1)
     return pd.DataFrame(columns)
 
 

@@ -26,14 +26,19 @@ import torch
 import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
-from .config import GROUP_KEYS, RunConfig, group_key
+from .config import GROUP_KEYS, SEQUENCE_SHAPES, RunConfig, group_key, state_activation
 from .data import Mnist
 from .model import MLP, build_model
 from .monitor import INSTRUMENTS, Monitor, member_norms
-from .results import Chunk, RunResult, layer_table
+from .monitor_time import RecurrentMonitor
+from .recurrent import RecurrentNet, build_recurrent
+from .results import Chunk, RunResult, layer_table, time_table
 from .runtime import autocast, check_precision, check_stop, deferred, matmul_precision, param_dtype
 
-AGC_EPS = 1e-3  # Brock et al. 2021: floor on ||W_i|| so that zero-initialized units can move
+AGC_EPS = 1e-3
+# time steps of input profiles a recurrent run hands the theory (theory.predict_time: one profile per
+# example, ~0.25 ms a step): 64 images of 28 rows, 8 of 784 pixels
+TIME_PROFILE_BUDGET = 1_792  # Brock et al. 2021: floor on ||W_i|| so that zero-initialized units can move
 
 
 class ChunkSink(Protocol):
@@ -57,7 +62,7 @@ def clip_modes(modes: Sequence[str], device: torch.device) -> dict[str, torch.Te
     return {mode: torch.tensor([m == mode for m in modes], device=device) for mode in sorted(set(modes) - {"none"})}
 
 
-def clip_gradients(model: MLP, modes: dict[str, torch.Tensor], thresholds: torch.Tensor,
+def clip_gradients(model: MLP | RecurrentNet, modes: dict[str, torch.Tensor], thresholds: torch.Tensor,
                    pre_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Clip each member's gradients in place by its own mode (clip_modes) and threshold; a member of
     another mode is left exactly as it is (multiplied by 1, clamped to +-inf, never triggered).
@@ -90,7 +95,7 @@ def clip_gradients(model: MLP, modes: dict[str, torch.Tensor], thresholds: torch
     return torch.linalg.vector_norm(member_norms(grads), dim=0), active
 
 
-def _adaptive_clip(model: MLP, ratios: torch.Tensor, per_member) -> torch.Tensor:
+def _adaptive_clip(model: MLP | RecurrentNet, ratios: torch.Tensor, per_member) -> torch.Tensor:
     """Unit-wise AGC (Brock et al. 2021): rescale each unit's gradient so that
     ||G_i|| <= ratio * max(||W_i||, eps), row-wise for weights, whole-vector for biases and
     normalization gamma and beta, whole-scalar for skipinit alphas. As in the paper, the final
@@ -136,7 +141,7 @@ class MemberSGD(torch.optim.Optimizer):
         torch._foreach_sub_(params, torch._foreach_mul(bufs, steps))
 
 
-def make_optimizer(model: MLP, configs: Sequence[RunConfig]) -> torch.optim.Optimizer:
+def make_optimizer(model: MLP | RecurrentNet, configs: Sequence[RunConfig]) -> torch.optim.Optimizer:
     """SGD with each member's lr and momentum; Adam with the group's (config.group_key)."""
     first = configs[0]
     if first.optimizer == "sgd":
@@ -158,7 +163,7 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
 
 
 @torch.no_grad()
-def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(model: MLP | RecurrentNet, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean test loss and accuracy of each member, as device tensors (members,)."""
     model.eval()  # BatchNorm: the running statistics
     loss = torch.zeros(model.members, device=x.device, dtype=torch.float64)
@@ -186,13 +191,15 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
     sinks = list(sinks) if sinks is not None else [_Discard() for _ in configs]
     device = data.x_train.device
     dtype = param_dtype(first.precision)
-    model = build_model(configs, device, dtype)
+    recurrent = first.arch != "mlp"
+    model = (build_recurrent if recurrent else build_model)(configs, device, dtype)
+    activation = state_activation(first)
     optimizer = make_optimizer(model, configs)
     thresholds = torch.tensor([c.clip_threshold for c in configs], device=device, dtype=dtype)
     modes = clip_modes([c.clip for c in configs], device)
     total = first.total_steps
-    monitor = Monitor(model, first.activation, total, chunk_steps=min(total, 64), full=full_monitor,
-                      instruments=instruments)
+    monitor = (RecurrentMonitor if recurrent else Monitor)(model, activation, total, chunk_steps=min(total, 64),
+                                                          full=full_monitor, instruments=instruments)
     check_precision(device, first.precision)
     # fp16: the standard recipe's dynamic loss scale (a step whose scaled gradients overflow is skipped
     # and the scale halved); one scale for the whole group, so fp16 runs train alone (config.group_key)
@@ -262,7 +269,12 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
             check_stop()
 
     seconds = time.perf_counter() - start
-    statistic = ACTIVATIONS[first.activation].statistic
+    statistic = ACTIVATIONS[activation].statistic
+    by_time = None
+    if recurrent:  # the theory's input term: the first training images' mean square at each time step
+        steps, width = SEQUENCE_SHAPES[first.sequence]
+        examples = max(8, TIME_PROFILE_BUDGET // steps)
+        by_time = x_train[:examples].reshape(-1, steps, width).double().pow(2).mean(dim=2).cpu().numpy()
     results = []
     for e in range(members):
         test_loss, test_acc = final[e] if diverged[e] else evals[e][-1][1:]
@@ -279,5 +291,7 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
             jacobian=monitor.jacobian(e, last_step[e]),
             input_sq_mean=data.input_sq_mean,
             input_var_mean=data.input_var_mean,
+            **({"time": time_table(chunks[e], monitor.times, statistic), "spectrum": monitor.spectrum(e, last_step[e]),
+                "input_sq_by_time": by_time} if recurrent else {}),
         ))
     return results
