@@ -6,6 +6,7 @@ pyplot is imported where a figure is made, not here: the report's reading proces
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -74,6 +75,37 @@ def gradient_flow(table: pd.DataFrame, title: str) -> plt.Figure:
         if ax is axes[0]:  # a diverged run's last step may have no finite norm: said, as its line is not seen
             ax.legend(lines, [f"step {line.get_label()}" + ("" if np.isfinite(line.get_ydata()).any()
                                                              else " (no finite value)") for line in lines], fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def time_flow(time: pd.DataFrame, title: str, predicted: pd.DataFrame | None = None) -> plt.Figure:
+    """A recurrent run through time: log10 ||dL/dh_t|| and the state's mean square against the time
+    step t, at the first, middle and last recorded step; the mean-field prediction at step 0
+    (`predicted`: time, log_norm, natural log relative to the last step) anchored on its last value."""
+    import matplotlib.pyplot as plt
+
+    recorded = np.unique(time.step.to_numpy())
+    steps = sorted({int(recorded[0]), int(recorded[len(recorded) // 2]), int(recorded[-1])})
+    shown = time[time.step.isin(steps)].rename(columns={"time": "layer"})
+    colours = dict(zip(steps, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    widths = dict(zip(steps, STEP_WIDTHS[-len(steps):]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3), sharex=True)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.8, wspace=0.25)
+    for ax, column, label in zip(axes, ["grad_norm", "state_sq"], ["log10 ||dL/dh_t||", "log10 mean h_t^2"]):
+        lines = flow_panel(ax, shown.assign(v=log10(shown[column])), "v", "step", colours, widths)
+        ax.set(title=f"{label} through time", xlabel="time step t (0 = the first pixel row or pixel)")
+        if ax is axes[0]:
+            names = [f"step {line.get_label()}" + ("" if np.isfinite(line.get_ydata()).any() else " (no finite value)")
+                     for line in lines]
+            first = shown[shown.step == steps[0]].sort_values("layer")
+            if predicted is not None and len(first) and np.isfinite(first.grad_norm.iloc[-1]):
+                anchor = math.log10(first.grad_norm.iloc[-1]) if first.grad_norm.iloc[-1] > 0 else math.nan
+                ax.plot(predicted.time, anchor + predicted.log_norm / math.log(10), color="black", linestyle="--",
+                        linewidth=1.2)
+                lines.append(ax.lines[-1])
+                names.append("mean-field theory, step 0")
+            ax.legend(lines, names, fontsize=8)
     fig.suptitle(title)
     return fig
 

@@ -20,7 +20,7 @@ import pandas as pd
 from . import plots, theory, tracking
 from .config import RunConfig, run_name
 from .data import Mnist
-from .diagnosis import diagnose, first_last_ratio
+from .diagnosis import diagnose, first_last_ratio, first_last_time_ratio
 from .results import RunResult
 from .runtime import shielded
 from .train import train
@@ -196,7 +196,57 @@ def predicted(what: str, call: Callable[[], object], absent: list[str], default=
         return default
 
 
+def time_profile(prediction) -> pd.DataFrame:
+    """theory/time_profile.parquet: the predicted ln||dL/dh_t|| of every time step t (the last 0),
+    what theory/time_slope_pred is fitted on and the report draws."""
+    log_norms = np.asarray(prediction.log_norms, dtype=float)
+    return pd.DataFrame({"time": np.arange(log_norms.size, dtype=np.int64), "log_norm": log_norms})
+
+
+def time_metrics(result: RunResult, prediction) -> dict[str, float]:
+    """A recurrent run's gradient through time at step 0: the slope of ln||dL/dh_t|| over t (per
+    step towards the start, as theory.measured_time_slope fits it), its first/last ratio, and the
+    mean-field slope fitted at the same time points (NaN where there is no prediction)."""
+    init = result.time[result.time.step == 0].sort_values("time")
+    times = init.time.to_numpy()
+    measured = theory.measured_time_slope(times, init.grad_norm.to_numpy()) if len(init) else math.nan
+    predicted_slope = prediction.slope_at(times) if prediction is not None and len(init) else math.nan
+    return {"time/slope_measured": measured, "time/first_last_ratio_init": first_last_time_ratio(result.time),
+            "theory/time_slope_pred": predicted_slope, "theory/time_slope_error": measured - predicted_slope,
+            "theory/time_chi": math.nan if prediction is None else prediction.chi}
+
+
+def spectrum_metrics(result: RunResult) -> list[tuple[str, float, int]]:
+    """rnn/spectral_radius and rnn/sv_max of the recurrent W at each histogram step, (key, value, step)."""
+    found = result.spectrum
+    return [(f"rnn/{name}", float(value), int(step)) for name in ("spectral_radius", "sv_max")
+            for step, value in zip(found.get("steps", []), found.get(name, []))]
+
+
+def analyse_recurrent(config: RunConfig, result: RunResult) -> Analysis:
+    """analyse() for arch rnn, lstm and gru: the diagnosis and theory through time (the MLP's
+    depth-wise theory does not apply)."""
+    diagnosis = diagnose(result.outcome, result.table, time=result.time)
+    absent: list[str] = []
+    prediction = predicted("gradient through time",
+                           lambda: theory.predict_time(config, result.input_sq_by_time), absent)
+    tables = {"gradients/time_stats.parquet": result.time}
+    profile = None
+    if prediction is not None and np.isfinite(prediction.log_norms).all():
+        profile = tables["theory/time_profile.parquet"] = time_profile(prediction)
+    figures = {} if result.time.empty else {
+        "plots/gradient_flow_time.png": plots.png(plots.time_flow(result.time, run_name(config), profile))}
+    tags = {tracking.TAG_OUTCOME: result.outcome, tracking.TAG_DIAGNOSIS: diagnosis}
+    if absent:
+        tags[tracking.TAG_THEORY_ABSENT] = "; ".join(absent)[:4000]
+    summaries = {"final/test_acc": result.final_test_acc, "final/test_loss": result.final_test_loss,
+                 "run/steps": result.steps, "run/seconds": result.seconds, **time_metrics(result, prediction)}
+    return Analysis(diagnosis, summaries, tags, figures, tables, stepped_metrics(result) + spectrum_metrics(result))
+
+
 def analyse(config: RunConfig, result: RunResult) -> Analysis:
+    if config.arch != "mlp":
+        return analyse_recurrent(config, result)
     diagnosis = diagnose(result.outcome, result.table)
     figures = {} if result.table.empty else {
         "plots/gradient_flow.png": plots.png(plots.gradient_flow(result.table, run_name(config)))}

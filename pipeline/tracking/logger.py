@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from ..activations import ACTIVATIONS
-from ..config import NUMBERS_VERSION, RunConfig, run_name
+from ..config import NUMBERS_VERSION, RunConfig, run_name, state_activation
 from ..results import Chunk, RunResult, summary_table
 from .store import (
     EXPERIMENT,
@@ -72,7 +72,7 @@ def metric_strides(config: RunConfig) -> tuple[int, int]:
         points = max(2, METRIC_BUDGET // 2 // values_per_step)  # the last step comes on top of the stride's
         return max(1, -(-config.total_steps // (points - 1)))
 
-    per_layer_values = len(LAYER_METRICS) * config.depth + config.depth - 1  # act: hidden layers only
+    per_layer_values = len(LAYER_METRICS) * config.weight_layers + config.weight_layers - 1  # act: hidden layers only
     return stride(len(STEP_METRICS)), stride(per_layer_values)
 
 
@@ -103,7 +103,7 @@ class RunLogger:
         self.client = client
         self.run_id = run_id
         self.config = config
-        self.act_key = f"act/{ACTIVATIONS[config.activation].statistic}"
+        self.act_key = f"act/{ACTIVATIONS[state_activation(config)].statistic}"
         self._step_logged_at = self._layer_logged_at = -1  # the last step each kind was logged at
         self._pending: list[Metric] = []  # metrics not yet written
         self._written_at = time.monotonic()
