@@ -30,7 +30,7 @@ from pipeline.config import GridSpec, RunConfig, from_dict
 from pipeline.grid import run_grid
 from pipeline.report import _run_page, figure, render
 from pipeline.report.collect import collect
-from pipeline.report.figures import Pick, drawn, figure_tasks, telling_runs
+from pipeline.report.figures import Pick, drawn, figure_tasks, telling_runs, time_tasks
 from pipeline.report.runpage import page_names, slug
 from pipeline.report.workers import Seaborn, draw, workers
 from pipeline.run import profile_table
@@ -646,3 +646,149 @@ def test_mlflow_ui_lists_the_grid_and_offers_layer_metrics(tiny_report, browser,
     for name in ("clip/active", "grad/backprop_norm/L01", "grad/backprop_norm/L03"):
         assert name in body, name
     page.close()
+
+
+# -- recurrent nets in a grid: the depth-wise figures leave them out, "Through time" draws them --------
+
+RECURRENT_SPEC = {"name": "recurrent-mix", "base": {**TINY_BASE, "width": 8, "max_steps": 4, "train_subset": 256},
+                  "axes": {"arch": ["mlp", "rnn", "lstm"]}, "seeds": [0, 1],
+                  "include": [{"arch": "rnn", "init": "xavier_normal", "recurrent_gain": 1.5}]}
+TIME_FIGURES = ["through-time", "time-slopes"]
+TIME_CAPTIONS = {"through-time": "dL/dh_t", "time-slopes": "time/slope_measured"}
+
+
+@pytest.fixture(scope="module")
+def recurrent_grid(tmp_path_factory, mnist_dir, tracking_uri):
+    """A real grid of MLP (depth 4), vanilla RNN and LSTM runs (width 8, 4 steps; 8 runs), its report
+    through the CLI, and what collect reads of it (~20 s of a core: the e2e tier)."""
+    tmp = tmp_path_factory.mktemp("recurrent")
+    MlflowClient(tracking_uri).create_experiment("report-recurrent", artifact_location=(tmp / "artifacts").as_uri())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.setattr(figure, "FIGURE_CHECKS", [figure.check_legible])  # every figure of the report legible
+        grid = make_grid(tmp, mnist_dir, "report-recurrent", RECURRENT_SPEC)
+        result = report_cli("report-recurrent", tmp / "reports")
+        data = collect("report-recurrent", folder=str(tmp / "downloads"))
+    assert result.exit_code == 0, result.output
+    (html,) = (tmp / "reports").glob("recurrent-mix-*.html")
+    return html, grid, data, MlflowClient(tracking_uri)
+
+
+@pytest.mark.e2e
+def test_a_grid_with_recurrent_and_mlp_runs_has_a_through_time_section(recurrent_grid):
+    html, grid, data, _ = recurrent_grid
+    assert all(s.outcome != "failed" for s in grid.summaries) and len(data.runs) == 8
+    text = html.read_text()
+    section = text.split('<section id="through-time">', 1)[1].split("</section>", 1)[0]
+    for key in TIME_FIGURES:
+        block = section.split(f'<figure id="{key}">', 1)[1].split("</figure>", 1)[0]
+        assert block.count("<img ") == 1 and TIME_CAPTIONS[key] in block.split("<figcaption>", 1)[1], key
+    for key in ("accuracy", "gradient-flow", "training", "outcomes"):  # the MLPs' figures are still there
+        assert f'<figure id="{key}">' in text.split('<section id="through-time">', 1)[0], key
+    header = text.split('<table id="summary">', 1)[1].split("</thead>", 1)[0]
+    assert ">arch</th>" in header and ">time_ratio</th>" in header
+
+
+@pytest.mark.e2e
+def test_the_depth_wise_figures_leave_the_recurrent_runs_out(recurrent_grid, drawn_figures):
+    """A recurrent run's depth param (reset to 10) is no depth: with MLPs of depth 4 beside them, every
+    figure about depth is drawn from the MLPs alone; the telling runs are MLPs; outcomes count the
+    recurrent runs by arch, not by depth."""
+    _, _, data, _ = recurrent_grid
+    mlps = data.runs[data.runs.arch == "mlp"]
+    assert set(data.runs.depth) == {4, 10} and len(mlps) == 2
+    assert {run.run_id for _, run in telling_runs(data.runs)} <= set(mlps.run_id)
+    picks = _picks(data)
+    drawn_here = [task() for task in figure_tasks(data.runs, data.layers, data.signal, picks, data.profiles)]
+    figures = {f.key: f for f in drawn_here if f is not None}
+    by_key = dict(zip(figures, drawn_figures))
+    assert figures["gradient-flow"].title.endswith("(depth 4)") and figures["training"].title.endswith("(depth 4)")
+    start = data.layers[data.layers.run_id.isin(mlps.run_id) & (data.layers.step == 0)]
+    (ax,) = [ax for ax in by_key["gradient-flow"].axes if ax.get_title().startswith("||dL/dh||")]
+    lines = _lines(ax)
+    assert set(lines) == {"default", "default: prediction"}  # one setup: the two MLP seeds, no recurrent run
+    x, y = lines["default"]
+    expected = start.assign(v=np.log10(start.backprop_norm.astype(float))).groupby("layer").v.mean()
+    np.testing.assert_allclose(x, expected.index)
+    np.testing.assert_allclose(y, expected.to_numpy(), rtol=1e-9)
+    heatmap = by_key["accuracy"].axes[0]
+    assert [t.get_text() for t in heatmap.get_xticklabels()] == ["4"]
+    titles = [ax.get_title() for ax in by_key["outcomes"].axes]
+    assert "by arch" in titles and "by depth (MLPs)" in titles
+    (depth_ax,) = [ax for ax in by_key["outcomes"].axes if ax.get_title() == "by depth (MLPs)"]
+    assert [t.get_text() for t in depth_ax.get_xticklabels()] == ["4"]
+    assert sum(p.get_height() for p in depth_ax.patches) == len(mlps)
+
+
+@pytest.mark.e2e
+def test_the_through_time_figure_draws_the_logged_norms_and_the_logged_profile(recurrent_grid, drawn_figures):
+    """Each family's line is the mean over seeds of log10 ||dL/dh_t|| its runs logged at step 0
+    (gradients/time_stats.parquet); the dashed line beside a vanilla RNN's is the theory/time_profile
+    it logged, anchored at the last time step, never recomputed; the LSTM has none."""
+    _, _, data, client = recurrent_grid
+    recurrent = data.runs[data.runs.arch != "mlp"]
+    drawn("time_figures", "through_time", recurrent, data.time, data.time_profiles)
+    drawn("time_figures", "time_slopes", recurrent)
+    fig, slopes = drawn_figures
+    predicted = 0
+    for family, runs in recurrent.groupby("family"):
+        arch = runs.arch.iloc[0]
+        ax = _axes(fig, f"{arch} - rows (28 steps)")
+        stats = pd.concat([pd.read_parquet(client.download_artifacts(r, "gradients/time_stats.parquet"))
+                           for r in runs.run_id])
+        mean = stats[stats.step == 0].assign(v=lambda f: np.log10(f.grad_norm.astype(float))).groupby("time").v.mean()
+        x, y = _lines(ax)[family]
+        np.testing.assert_allclose(x, mean.index)
+        np.testing.assert_allclose(y, mean.to_numpy(), rtol=1e-9)
+        profiles = [pd.read_parquet(client.download_artifacts(r, "theory/time_profile.parquet"))
+                    for r in runs.run_id if arch == "rnn"]
+        if arch == "lstm":
+            assert data.time_profiles.run_id.isin(runs.run_id).sum() == 0
+            continue
+        profile = pd.concat(profiles).groupby("time").log_norm.mean()
+        assert profile.iloc[-1] == 0 and len(profile) == 28
+        theory_lines = [line for line in ax.get_lines() if line.get_linestyle() != "-"
+                        and np.allclose(line.get_ydata(), mean.iloc[-1] + profile.to_numpy() / math.log(10),
+                                        rtol=1e-9)]
+        assert len(theory_lines) == 1 and np.array_equal(theory_lines[0].get_xdata(), profile.index)
+        predicted += 1
+    assert predicted == 2  # the two RNN families
+    # the slope figure's crosses are the logged theory/time_slope_pred, the mean over a family's seeds
+    (left,) = [ax for ax in slopes.axes if ax.get_xlabel().startswith("slope")]
+    (crosses,) = [c for c in left.collections if c.get_label() == "mean-field prediction (logged)"]
+    crosses = np.sort(np.asarray(crosses.get_offsets())[:, 0])
+    expected = np.sort(recurrent[recurrent.arch == "rnn"].groupby("family").time_slope_pred.mean().to_numpy())
+    np.testing.assert_allclose(crosses, expected, rtol=1e-9)
+
+
+def test_an_mlp_only_grid_has_no_through_time_section(synthetic, summary):
+    data, _ = synthetic
+    assert not (data.runs.arch != "mlp").any() and data.time.empty
+    assert time_tasks(data.runs, data.time, data.time_profiles) == []
+    html = render(data, len(data.runs), summary[0], None)
+    assert 'id="through-time"' not in html and ">arch</th>" not in html
+
+
+@pytest.mark.e2e
+def test_a_recurrent_run_page_shows_its_gradient_through_time(recurrent_grid):
+    html, _, data, client = recurrent_grid
+    run = data.runs[data.runs.arch == "rnn"].iloc[0]
+    page = (html.with_suffix("") / page_names(data.runs)[run.run_id]).read_text()
+    logged = Path(client.download_artifacts(run.run_id, "plots/gradient_flow_time.png")).read_bytes()
+    assert f'src="data:image/png;base64,{base64.b64encode(logged).decode()}"' in page
+    assert '<figure id="gradient-flow">' not in page and "output layer" not in page
+    assert f"{run.time_slope_measured:.3g}" in page and "where and when, through time" in page
+
+
+@pytest.mark.e2e
+def test_a_grid_of_recurrent_runs_only_reports_through_time(store, tmp_path, mnist_dir):
+    spec = {**RECURRENT_SPEC, "name": "recurrent-only", "axes": {"arch": ["rnn", "gru"]}, "seeds": [0],
+            "include": []}
+    make_grid(tmp_path, mnist_dir, store, spec)
+    result = report_cli(store, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    text = next((tmp_path / "out").glob("recurrent-only-*.html")).read_text()
+    assert all(f'<figure id="{key}">' in text for key in TIME_FIGURES)
+    for key in ("gradient-flow", "accuracy", "training", "layer-step", "remedies"):
+        assert f'<figure id="{key}">' not in text, key

@@ -32,14 +32,17 @@ import pandas as pd
 from .. import tracking
 from ..config import FIELDS
 from ..runtime import process_alive
-from .collect import ReportData, collect, read_histograms, read_summary
-from .figure import Figure
-from .figures import MIN_STEPS, Pick, figure_tasks, paper_section, telling_runs
+from .collect import ReportData, collect, read_histograms, read_summary, read_time
+from .figure import Figure, is_mlp
+from .figures import MIN_STEPS, Pick, figure_tasks, paper_section, telling_runs, time_tasks
 from .runpage import page_names, run_figure, slug
 from .workers import Workers, draw, workers
 
 SUMMARY_COLUMNS = ["run_name", "activation", "depth", "width", "init", "remedy", "clip", "clip_threshold", "seed", "outcome",
                    "diagnosis", "test_acc", "first_last_ratio"]
+# where a grid holds recurrent nets: their arch, and their gradient through time (time/first_last_ratio_init)
+RECURRENT_COLUMNS = ["arch", "time_ratio"]
+GATED = ("lstm", "gru")  # their activation is fixed (sigmoid gates, tanh): blank in the summary
 RUN_PAGES = 1000  # run pages drawn by default: every run of a grid this size, the telling ones of a bigger one
 META = re.compile(r'<meta name="gradbench-(\w+)" content="([^"]*)">')
 
@@ -53,11 +56,20 @@ def _environment() -> jinja2.Environment:
 
 
 def render(data: ReportData, n_configs: int, figures: list[Figure], paper, run_dir: str = "",
-           pages: dict[str, str] | None = None) -> str:
-    """The report page. `pages` maps run ids to their pages' file names inside `run_dir`."""
+           pages: dict[str, str] | None = None, through_time: list[Figure] = ()) -> str:
+    """The report page. `pages` maps run ids to their pages' file names inside `run_dir`;
+    `through_time`: the figures of the recurrent runs' section (none: no section)."""
     pages = pages or {}
     anchors = page_names(data.runs)
-    rows = data.runs.sort_values(["activation", "init", "remedy", "depth", "clip", "seed"]).to_dict("records")
+    columns = SUMMARY_COLUMNS
+    recurrent = ~is_mlp(data.runs)
+    if recurrent.any():  # a recurrent run's depth means nothing: left blank
+        columns = [columns[0], *RECURRENT_COLUMNS[:1], *columns[1:], *RECURRENT_COLUMNS[1:]]
+    rows = (data.runs.assign(_depth=data.runs.depth.where(~recurrent, -1))
+            .sort_values(["activation", "init", "remedy", "_depth", "clip", "seed"])
+            .assign(depth=lambda runs: runs.depth.astype(object).where(runs._depth >= 0, ""),
+                    activation=lambda runs: runs.activation.where(~runs.arch.isin(GATED), ""))  # unused there
+            .to_dict("records"))
     for row in rows:
         row["page"] = pages.get(row["run_id"], "")
         row["anchor"] = anchors[row["run_id"]][:-5]
@@ -72,9 +84,10 @@ def render(data: ReportData, n_configs: int, figures: list[Figure], paper, run_d
         missing=data.missing,
         notices=data.notices,
         figures=figures,
+        through_time=list(through_time),
         min_steps=MIN_STEPS,
         paper=paper,
-        columns=SUMMARY_COLUMNS,
+        columns=columns,
         rows=rows,
         run_dir=run_dir,
         n_pages=len(pages),
@@ -86,10 +99,13 @@ def _run_page(run: pd.Series, artifacts, grid: str, report_name: str, page: str)
     """One run's page: reading the run's tables and drawing its figure."""
     table, _ = read_summary(artifacts, run.run_id)
     hist = read_histograms(artifacts, run.run_id)
-    figure = None if table is None or table.empty else run_figure(run, table, hist)
-    flow = artifacts.get(run.run_id, "plots/gradient_flow.png")  # drawn and logged by the run (plots.py)
+    recurrent = run.get("arch", "mlp") not in ("mlp", None)
+    time = read_time(artifacts, run.run_id) if recurrent else None
+    figure = None if table is None or table.empty else run_figure(run, table, hist, time)
+    # drawn and logged by the run (plots.py): through time for a recurrent net, per layer for an MLP
+    flow = artifacts.get(run.run_id, "plots/gradient_flow_time.png" if recurrent else "plots/gradient_flow.png")
     return _environment().get_template("run.html.j2").render(
-        run=run, grid=grid, report_name=report_name, page_key=page[:-5], figure=figure,
+        run=run, grid=grid, report_name=report_name, page_key=page[:-5], figure=figure, recurrent=recurrent,
         flow=base64.b64encode(Path(flow).read_bytes()).decode("ascii") if flow else "",
         config=[(k, run[k]) for k in FIELDS])
 
@@ -130,21 +146,24 @@ def _build(data: ReportData, out_dir: Path, run_pages: int | None, drawing: Work
     # the summary's figures (in the seaborn process) and the run pages (on the pool), drawn together
     picks = [Pick(label, run, data.table(run.run_id), data.histograms(run.run_id))
              for label, run in telling_runs(data.runs)]
-    figures = [*figure_tasks(data.runs, data.layers, data.signal, picks, data.profiles),
-               paper_section(data.reproduces, data.runs, data.layers)]
+    summary_tasks = figure_tasks(data.runs, data.layers, data.signal, picks, data.profiles)
+    recurrent_tasks = time_tasks(data.runs, data.time, data.time_profiles)
+    figures = [*summary_tasks, *recurrent_tasks, paper_section(data.reproduces, data.runs, data.layers)]
     names = page_names(data.runs)
     paged = runs_with_pages(data.runs, run_pages)
     pages = dict(zip(paged.run_id, paged.run_id.map(names)))
     drawn = draw(figures + [functools.partial(_run_page, run, data.artifacts, data.grid, path.name, names[run.run_id])
                             for _, run in paged.iterrows()], drawing)
-    *summary_figures, paper = drawn[: len(figures)]
+    summary_figures, paper = drawn[: len(summary_tasks)], drawn[len(figures) - 1]
+    through_time = [f for f in drawn[len(summary_tasks) : len(figures) - 1] if f is not None]
     if len(pages) < len(data.runs):
         data.missing.insert(0, f"run pages for {len(data.runs) - len(pages)} of {len(data.runs)} runs: drawn for "
                                f"the {len(pages)} most telling (the runs of the figures, the diverged ones, then "
                                "the most vanishing or exploding); `gradbench report --run-pages all` draws every "
                                "one (about 0.05 s of a core each)")
     html = render(data, len(data.runs) + sum("no finished run" in m for m in data.missing),
-                  [f for f in summary_figures if f is not None], paper, run_dir=stem, pages=pages)
+                  [f for f in summary_figures if f is not None], paper, run_dir=stem, pages=pages,
+                  through_time=through_time)
     _sweep(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.{_owner()}.", dir=out_dir))
     try:

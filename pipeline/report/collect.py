@@ -20,6 +20,7 @@ from ..norms import NORMS
 from ..results import SUMMARY_POINTS, summary_table, thin_steps
 from ..runtime import die_with_parent
 from ..tracking.store import TAG_SYNTHETIC
+from .figure import is_mlp
 
 # the config columns joined to the layer rows: what the figures group and colour by
 LAYER_KEYS = ["run_id", "activation", "init", "depth", "width", "clip", "clip_threshold", "seed", "precision", "norm",
@@ -42,6 +43,10 @@ class ReportData:
     reproduces: str | None = None  # the paper the grid's spec reproduces, if any
     signal: pd.DataFrame = field(default_factory=pd.DataFrame)  # signal/propagation.parquet of the deepest nets
     profiles: pd.DataFrame = field(default_factory=pd.DataFrame)  # theory/profile.parquet of the deepest nets
+    # the recurrent runs' gradients/time_stats.parquet at step 0 (run_id, time, grad_norm) and their
+    # theory/time_profile.parquet (run_id, time, log_norm): what the through-time figure draws
+    time: pd.DataFrame = field(default_factory=pd.DataFrame)
+    time_profiles: pd.DataFrame = field(default_factory=pd.DataFrame)
     notices: list[str] = field(default_factory=list)  # what a reader must know first (synthetic data)
 
     def table(self, run_id: str) -> pd.DataFrame | None:
@@ -64,6 +69,12 @@ def read_histograms(artifacts: tracking.ArtifactFiles, run_id: str) -> dict[str,
             return {k: arrays[k] for k in arrays.files}
     except (OSError, ValueError, zipfile.BadZipFile):
         return None
+
+
+def read_time(artifacts: tracking.ArtifactFiles, run_id: str) -> pd.DataFrame | None:
+    """A recurrent run's gradients/time_stats.parquet (None when it has none or it is unreadable)."""
+    table = _read_table(artifacts, run_id, "gradients/time_stats.parquet")
+    return table.to_pandas() if isinstance(table, pa.Table) else None
 
 
 def read_summary(artifacts: tracking.ArtifactFiles, run_id: str) -> tuple[pd.DataFrame | None, str | None]:
@@ -122,6 +133,18 @@ def _joined(tables: list[pa.Table], runs: pd.DataFrame, columns: list[str]) -> p
     return pa.concat_tables(tables, promote_options="permissive").to_pandas().merge(runs[columns], on="run_id")
 
 
+def family_label(arch: str, activation: str, init: str, init_std: float, recurrent_init: str,
+                 recurrent_gain: float) -> str:
+    """A recurrent run's configuration family, what the through-time figures colour by: 'rnn tanh,
+    normal 0.2, W identity x 1.5', 'lstm, xavier_normal' (seeds and the sequence aside)."""
+    net = f"{arch} {activation}" if arch in ("mlp", "rnn") else arch  # the gated cells have no activation to set
+    parts = [net, f"normal {init_std:g}" if init == "normal" else init]
+    weights = "" if recurrent_init == "same" else f"W {recurrent_init}"
+    if recurrent_gain != 1:
+        weights = f"{weights or 'W'} x {recurrent_gain:g}"
+    return ", ".join(parts + ([weights] if weights else []))
+
+
 def remedy_label(norm: str, residual: str, residual_scale: float) -> str:
     """The architectural remedies of a run: 'BatchNorm + residual 0.5', 'SkipInit', '' for none."""
     parts = [NORMS[norm].label]
@@ -137,6 +160,11 @@ def setup_label(init: str, norm: str, residual: str, residual_scale: float, prec
     return label if precision == "fp32" else f"{label} ({precision})"
 
 
+# a recurrent run's gradient through time at step 0 (runs/config.arch rnn, lstm, gru; NaN for an MLP):
+# the slope of ln||dL/dh_t|| per time step towards t = 0, measured and predicted (rnn only), and the
+# ratio ||dL/dh_0|| / ||dL/dh_T-1||
+TIME_COLUMNS = {"time_slope_measured": "time/slope_measured", "time_slope_pred": "theory/time_slope_pred",
+                "time_ratio": "time/first_last_ratio_init"}
 # the input-output Jacobian's spectrum at step 0 (absent: NaN, e.g. BatchNorm or an older run)
 JACOBIAN_COLUMNS = {"jac_sv_max": "jacobian/sv_max", "jac_sv_min": "jacobian/sv_min", "jac_sv_median": "jacobian/sv_median",
                     "jac_mean_sq": "jacobian/sv_mean_sq", "jac_log10_sd": "jacobian/sv_log10_sd",
@@ -169,15 +197,18 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
             "slope_error": metrics.get("theory/slope_error", float("nan")),  # absent where no prediction
             "slope_measured": metrics.get("theory/slope_measured", float("nan")),
             "slope_pred": metrics.get("theory/slope_pred", float("nan")),
+            **{column: metrics.get(key, float("nan")) for column, key in TIME_COLUMNS.items()},
             **{column: metrics.get(key, float("nan")) for column, key in JACOBIAN_COLUMNS.items()},
             "url": tracking.run_url(run),
         })
     runs = pd.DataFrame(rows, columns=["run_id", "run_name", *FIELDS, "outcome", "diagnosis", "test_acc",
                                        "first_last_ratio", "slope_error", "slope_measured", "slope_pred",
-                                       *JACOBIAN_COLUMNS, "url"])
+                                       *TIME_COLUMNS, *JACOBIAN_COLUMNS, "url"])
     runs["remedy"] = [remedy_label(*v) for v in zip(runs["norm"], runs.residual, runs.residual_scale)]
     runs["setup"] = [setup_label(*v) for v in zip(runs["init"], runs["norm"], runs.residual, runs.residual_scale,
                                                    runs.precision)]
+    runs["family"] = [family_label(*v) for v in zip(runs.arch, runs.activation, runs["init"], runs.init_std,
+                                                    runs.recurrent_init, runs.recurrent_gain)]
     artifacts = tracking.ArtifactFiles({r.info.run_id: r.info.artifact_uri for r in found.values()}, folder)
     points = max(SUMMARY_POINTS, ROW_BUDGET // max(len(runs), 1))
     read = in_processes(_layer_rows, [(artifacts, run_id, points) for run_id in runs.run_id], pool)
@@ -189,8 +220,10 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
     clip_fraction = (layers.clip_active.where(layers.layer == 0).groupby(layers.run_id).mean() if tables
                      else pd.Series(dtype=float))
     runs["clip_fraction"] = runs.run_id.map(clip_fraction).astype(float)
-    deepest = runs[runs.depth == runs.depth.max()]
+    mlps = runs[is_mlp(runs)]
+    deepest = mlps[mlps.depth == mlps.depth.max()]
     signal, without_signal, profiles = _deepest_tables(artifacts, deepest, missing, pool)
+    time, time_profiles = _time_tables(artifacts, runs[~is_mlp(runs)], missing, pool)
     notices = []
     if parent.data.tags.get(TAG_SYNTHETIC) == "true":
         notices.append("SYNTHETIC DATA: this grid was written by benchmarks/perf/synthetic_store.py to time the "
@@ -200,7 +233,7 @@ def collect(experiment: str, grid_run_id: str | None = None, folder: str | None 
                        "left out of the signal-propagation figure")
     experiment_name = client.get_experiment(parent.info.experiment_id).name
     return ReportData(spec.name, parent.info.run_id, experiment_name, runs, layers, artifacts, missing, spec.reproduces,
-                      signal, profiles, notices)
+                      signal, profiles, time, time_profiles, notices)
 
 
 def _read_table(artifacts: tracking.ArtifactFiles, run_id: str, name: str) -> pa.Table | str | None:
@@ -266,3 +299,33 @@ def _deepest_tables(artifacts: tracking.ArtifactFiles, runs: pd.DataFrame, missi
         return pd.DataFrame(columns=["step", "layer", "statistic", "measured", "predicted", "run_id"]), without, profile
     signal = _joined(signals, runs, ["run_id", "activation", "depth", "clip", "setup", "seed", "precision"])
     return signal, without, profile
+
+
+TIME_TABLES = ("gradients/time_stats.parquet", "theory/time_profile.parquet")  # what the through-time figures read
+
+
+def _read_time_tables(artifacts: tracking.ArtifactFiles, run_id: str) -> list[pa.Table | str | None]:
+    """A recurrent run's time statistics at step 0 (every step is there: a few rows of a big table are
+    kept) and its logged time profile."""
+    stats, profile = (_read_table(artifacts, run_id, name) for name in TIME_TABLES)
+    if isinstance(stats, pa.Table):
+        stats = stats.select(["step", "time", "grad_norm", "run_id"])
+        stats = stats.filter(pa.array(stats["step"].to_numpy() == 0))
+    return [stats, profile]
+
+
+def _time_tables(artifacts: tracking.ArtifactFiles, runs: pd.DataFrame, missing: list[str],
+                 pool: Executor | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Of the recurrent `runs`: ||dL/dh_t|| at step 0 (run_id, time, grad_norm) and the logged
+    theory/time_profile.parquet (run_id, time, log_norm; none where the run made no prediction:
+    lstm, gru, an identity W). Bounded: 28 time points and one profile per run."""
+    read_all = in_processes(_read_time_tables, [(artifacts, run_id) for run_id in runs.run_id], pool)
+    missing += [f"{name}: {t}" for name, tables in zip(runs.run_name, read_all) for t in tables if isinstance(t, str)]
+    stats = [s for s, _ in read_all if isinstance(s, pa.Table)]
+    profiles = [p for _, p in read_all if isinstance(p, pa.Table)]
+    missing += [f"{name}: no gradients/time_stats.parquet" for name, (s, _) in zip(runs.run_name, read_all) if s is None]
+    time = (pa.concat_tables(stats).to_pandas() if stats
+            else pd.DataFrame(columns=["step", "time", "grad_norm", "run_id"]))
+    profile = (pa.concat_tables(profiles).to_pandas() if profiles
+               else pd.DataFrame(columns=["time", "log_norm", "run_id"]))
+    return time, profile

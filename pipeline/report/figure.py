@@ -153,6 +153,14 @@ def histogram_shares(hist: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarra
     return shares[:, :, lo:hi], edges[lo : hi + 1]
 
 
+def is_mlp(runs: pd.DataFrame) -> pd.Series:
+    """Which runs are MLPs: arch mlp, or no arch (recorded before recurrent nets existed). The
+    depth-wise figures draw these only (a recurrent run's depth means nothing)."""
+    if "arch" not in runs:
+        return pd.Series(True, index=runs.index)
+    return runs["arch"].fillna("mlp") == "mlp"
+
+
 def deepest(layers: pd.DataFrame) -> tuple[int, pd.DataFrame]:
     """The deepest nets of the grid, at one clip setting (none where there is one): the rows the
     gradient-flow, signal and training-curve figures compare across activations and inits."""

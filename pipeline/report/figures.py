@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .figure import deepest, thin
+from .figure import deepest, is_mlp, thin
 from .workers import Seaborn
 
 MIN_STEPS = 10  # a run must have lasted this many steps to be picked for the over-time figures
@@ -24,8 +24,9 @@ CLIPPING_COLUMNS = ["run_id", "step", "clip", "global_norm_pre_clip", "global_no
 
 
 def telling_runs(runs: pd.DataFrame) -> list[tuple[str, pd.Series]]:
-    """The most vanishing, the most exploding, and the best healthy run, among the runs that lasted
-    (a run that diverged at step 0 has no "when" to show)."""
+    """The most vanishing, the most exploding, and the best healthy MLP, among the runs that lasted
+    (a run that diverged at step 0 has no "when" to show; a recurrent net has no layers in depth)."""
+    runs = runs[is_mlp(runs)]
     candidates = runs[runs.steps >= min(MIN_STEPS, runs.steps.max())] if len(runs) else runs
     picks: list[tuple[str, pd.Series]] = []
     ratio = candidates.first_last_ratio.replace([np.inf, -np.inf], np.nan)
@@ -60,14 +61,21 @@ def figure_tasks(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame 
                  picks: list[Pick] = (), profiles: pd.DataFrame | None = None) -> list[Callable]:
     """Every figure of the summary page, in page order, as a call for a seaborn process, each given
     the rows it draws; `picks`: the telling runs (telling_runs) with their tables; `profiles`: the
-    deepest nets' logged theory/profile.parquet."""
+    deepest nets' logged theory/profile.parquet. The figures about depth draw the MLPs only (a
+    recurrent run's depth means nothing): the through-time ones (time_tasks) draw the others."""
     picks = list(picks)
+    every_run = runs
+    mlps = set(runs.run_id[is_mlp(runs)])
+    runs = runs[runs.run_id.isin(mlps)]
+    all_steps = layers
+    layers = layers[layers.run_id.isin(mlps)] if len(layers) else layers
     first = deepest(layers[layers.step == 0])[1] if len(layers) else layers  # every layer, step 0
     # (a selection of the columns first: a copy of every column of a big grid's rows is half a GB)
-    per_step = layers.loc[layers.layer == 0, list(dict.fromkeys(TRAINING_COLUMNS + CLIPPING_COLUMNS))] \
-        if len(layers) else layers
-    training = deepest(per_step)[1][TRAINING_COLUMNS] if len(per_step) else per_step
-    clipped = thin(per_step[per_step["clip"] != "none"])[CLIPPING_COLUMNS] if len(per_step) else per_step
+    per_step = layers.loc[layers.layer == 0, TRAINING_COLUMNS] if len(layers) else layers
+    training = deepest(per_step)[1] if len(per_step) else per_step
+    # clipping is no matter of depth: every run's global norms
+    clip_steps = all_steps.loc[all_steps.layer == 0, CLIPPING_COLUMNS] if len(all_steps) else all_steps
+    clipped = thin(clip_steps[clip_steps["clip"] != "none"]) if len(clip_steps) else clip_steps
     forward = signal[(signal.step == 0) & signal.statistic.isin(["q", "c"])] if signal is not None else None
     gradient = signal[signal.statistic.isin(["gsnr", "zero_fraction"])] if signal is not None else None
     return [
@@ -80,9 +88,20 @@ def figure_tasks(runs: pd.DataFrame, layers: pd.DataFrame, signal: pd.DataFrame 
         Seaborn(drawn, "training_figures", "layer_step_heatmaps", picks),
         Seaborn(drawn, "training_figures", "histograms_over_time", picks),
         Seaborn(drawn, "training_figures", "training_curves", training),
-        Seaborn(drawn, "training_figures", "clipping", clipped, runs),
-        Seaborn(drawn, "grid_figures", "outcomes", runs),
+        Seaborn(drawn, "training_figures", "clipping", clipped, every_run),
+        Seaborn(drawn, "grid_figures", "outcomes", every_run),
     ]
+
+
+def time_tasks(runs: pd.DataFrame, time: pd.DataFrame, profiles: pd.DataFrame) -> list[Callable]:
+    """The figures of the "Through time" section, for a seaborn process: none where the grid holds no
+    recurrent run. `time`, `profiles`: the recurrent runs' ||dL/dh_t|| at step 0 and their logged
+    theory/time_profile.parquet (collect)."""
+    recurrent = runs[~is_mlp(runs)]
+    if recurrent.empty:
+        return []
+    return [Seaborn(drawn, "time_figures", "through_time", recurrent, time, profiles),
+            Seaborn(drawn, "time_figures", "time_slopes", recurrent)]
 
 
 def paper_section(paper: str | None, runs: pd.DataFrame, layers: pd.DataFrame) -> Seaborn:

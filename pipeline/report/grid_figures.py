@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..diagnosis import LABELS
 from ..plots import log10
-from .figure import Figure, encode
+from .figure import Figure, encode, is_mlp
 
 DIAGNOSIS_COLORS = dict(zip(LABELS, ["#4c9a2a", "#3b75af", "#d1495b", "#6a3d9a", "#7f7f7f", "#edae49"]))
 
@@ -27,7 +27,8 @@ def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
         return None
     clips = sorted(runs["clip"].unique(), key=lambda c: (c != "none", c))
     rows = runs.groupby(["activation", "setup"]).ngroups
-    fig, axes = plt.subplots(1, len(clips), figsize=(2.4 + 2.6 * len(clips), 1.2 + 0.32 * rows), squeeze=False,
+    # at least as tall as the rows' label on two lines (a grid of one or two rows)
+    fig, axes = plt.subplots(1, len(clips), figsize=(2.4 + 2.6 * len(clips), max(2.0, 1.2 + 0.32 * rows)), squeeze=False,
                              layout="constrained")
     index = runs.groupby(["activation", "setup"]).size().index  # the same rows in every panel
     depths = sorted(runs.depth.unique())
@@ -38,7 +39,7 @@ def accuracy_heatmaps(runs: pd.DataFrame) -> Figure | None:
         sns.heatmap(table, annot=table.size <= ANNOTATED_CELLS, fmt=".2f", vmin=0, vmax=1, cmap="viridis", cbar=False, ax=ax,
                     annot_kws={"fontsize": 7}, yticklabels=i == 0)
         ax.set_title(f"clip = {clip}")
-        ax.set_ylabel("activation - init [+ norm, residual]" if i == 0 else "")
+        ax.set_ylabel("activation - init\n[+ norm, residual]" if i == 0 else "")
     return encode(fig, "accuracy", "Final test accuracy")
 
 
@@ -72,14 +73,20 @@ def outcomes(runs: pd.DataFrame) -> Figure | None:
     """Stacked bars of the runs' diagnoses, a panel per factor of the grid (its values on x)."""
     if runs.empty:
         return None
-    factors = ["activation", "init", "depth", "clip"]
+    mlp = is_mlp(runs)
+    factors = ["activation", "init", "depth", "clip"] if mlp.any() else ["activation", "init", "clip"]
     if (runs.remedy != "").any():
         factors.append("remedy")
         runs = runs.assign(remedy=runs.remedy.replace("", "none"))
+    if not mlp.all():  # recurrent runs: by arch and sequence; their depth means nothing, they are not in "by depth"
+        factors += ["arch", "sequence"]
+        runs = runs.assign(sequence=runs.sequence.where(~mlp, "mlp"),
+                           activation=runs.activation.where(~runs.arch.isin(["lstm", "gru"]), "(gated cell)"))
     found = set(runs.diagnosis)
     labels = [label for label in LABELS if label in found] + sorted(found - set(LABELS))
     colours = [DIAGNOSIS_COLORS.get(label, "#999999") for label in labels]
-    tables = [pd.crosstab(runs[factor], runs.diagnosis).reindex(columns=labels, fill_value=0) for factor in factors]
+    tables = [pd.crosstab(counted[factor], counted.diagnosis).reindex(columns=labels, fill_value=0)
+              for factor, counted in ((f, runs[mlp] if f == "depth" else runs) for f in factors)]
     longest = [max(len(str(v)) for v in table.index) for table in tables]
     slant = [n > 3 for n in longest]  # long names side by side run into each other: slanted, in columns that hold them
     # a slanted label's box is about 0.77 of its length (0.067 in a character at 8 pt) wide: its column's width
@@ -94,7 +101,7 @@ def outcomes(runs: pd.DataFrame) -> Figure | None:
         ax.set_xticks(np.arange(len(table)), labels=[str(v) for v in table.index], fontsize=8,
                       rotation=40 if turned else 0, ha="right" if turned else "center",
                       rotation_mode="anchor" if turned else "default")
-        ax.set(title=f"by {factor}", xlim=(-0.6, len(table) - 0.4))
+        ax.set(title="by depth (MLPs)" if factor == "depth" and not mlp.all() else f"by {factor}", xlim=(-0.6, len(table) - 0.4))
         ax.title.set_fontsize(9)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("runs")

@@ -46,13 +46,19 @@ class RunFigure:
 WIDTH, HEIGHT = 1100, 580  # the drawing's size in CSS pixels (it scales down with the page)
 
 
-def run_figure(run: pd.Series, table: pd.DataFrame, hist: dict | None) -> RunFigure:
-    """Top: log10 ||dL/dh|| per layer and step; training curves. Bottom: the gradient histograms.
+def run_figure(run: pd.Series, table: pd.DataFrame, hist: dict | None, time: pd.DataFrame | None = None) -> RunFigure:
+    """Top: log10 ||dL/dh|| per layer and step (a recurrent net's `time`, its time statistics:
+    log10 ||dL/dh_t|| per time point and step); training curves. Bottom: the gradient histograms.
     Hand-drawn SVG (svg.py): a page per run must cost milliseconds, and matplotlib took 0.8 s of a
     core for these axes. (The run's gradient flow is its own logged plots/gradient_flow.png.)"""
     thinned = thin(table)  # of a summary table: the steps at which it has every layer
     top, bottom = 40, 340
-    parts = [*where_and_when(thinned, 70, top, "where and when"), *_training(thinned, top)]
+    if time is not None and not time.empty:
+        through = thin(time).rename(columns={"time": "layer", "grad_norm": "backprop_norm"})
+        heatmap = where_and_when(through, 70, top, "where and when, through time", "time step t", "log10 ||dL/dh_t||")
+    else:
+        heatmap = where_and_when(thinned, 70, top, "where and when")
+    parts = [*heatmap, *_training(thinned, top)]
     histograms = hist is not None and len(hist["steps"]) > 0
     if histograms:
         parts += histogram_row(hist, 70, bottom)
@@ -65,19 +71,23 @@ def run_figure(run: pd.Series, table: pd.DataFrame, hist: dict | None) -> RunFig
 # than the drawing itself, a thousand pages over.
 
 
-def where_and_when(thinned: pd.DataFrame, left: float, top: float, title: str) -> list[str]:
+def where_and_when(thinned: pd.DataFrame, left: float, top: float, title: str, ylabel: str = "layer",
+                   bar: str = "log10 ||dL/dh||") -> list[str]:
     """log10 ||dL/dh|| per layer (rows, 0 at the bottom) and step (columns) in magma, a 260 x 200 px
-    panel at (left, top), its colour bar on the right (together 340 px wide)."""
-    layer = thinned.layer.to_numpy(dtype=int)
+    panel at (left, top), its colour bar on the right (together 340 px wide). The rows may be evenly
+    spaced time points (a recurrent run's 0, 29, ... 783): each row spans its spacing."""
+    rows, row = np.unique(thinned.layer.to_numpy(dtype=int), return_inverse=True)
     steps, column = np.unique(thinned.step.to_numpy(), return_inverse=True)
-    cells = np.full((layer.max() + 1, len(steps)), np.nan)
-    cells[layer, column] = log10(thinned.backprop_norm)
+    cells = np.full((len(rows), len(steps)), np.nan)
+    cells[row, column] = log10(thinned.backprop_norm)
     lo, hi = svg.limits(cells, pad=0)
     x0, x1 = steps.min() - 0.5, steps.max() + 0.5
-    panel = svg.Panel(left, top, 260, 200, (x0, x1), (-0.5, len(cells) - 0.5))
-    panel.image(cells, (x0, x1, -0.5, len(cells) - 0.5), "magma", lo, hi)
-    panel.frame(title, "step", "layer", integer_x=True, integer_y=True)
-    return [panel.svg(), svg.colour_bar(left + 272, top, 200, "magma", lo, hi, "log10 ||dL/dh||")]
+    half = (rows[-1] - rows[0]) / (len(rows) - 1) / 2 if len(rows) > 1 else 0.5
+    y0, y1 = rows[0] - half, rows[-1] + half
+    panel = svg.Panel(left, top, 260, 200, (x0, x1), (y0, y1))
+    panel.image(cells, (x0, x1, y0, y1), "magma", lo, hi)
+    panel.frame(title, "step", ylabel, integer_x=True, integer_y=True)
+    return [panel.svg(), svg.colour_bar(left + 272, top, 200, "magma", lo, hi, bar)]
 
 
 def _training(thinned: pd.DataFrame, top: float) -> list[str]:

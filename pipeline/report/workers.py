@@ -31,7 +31,7 @@ class Seaborn(partial):
 def _seaborn_process(conn, reports_end) -> None:
     die_with_parent()  # no figure drawn on for a killed report
     reports_end.close()  # forked with both ends: EOF comes when the report closes the only other one
-    from . import figure, grid_figures, init_figures, papers, training_figures  # noqa: F401  (drawn by name)
+    from . import figure, grid_figures, init_figures, papers, time_figures, training_figures  # noqa: F401  (drawn by name)
 
     figure.warm_up()
     while True:
