@@ -331,7 +331,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 SPEC_KEYS = ("name", "base", "axes", "exclude", "include", "seeds", "reproduces", "reduced")
-PAPERS = ("glorot2010", "he2015", "pascanu2013", "schoenholz2017", "yang2019", "he2016", "de2020", "pennington2017")  # report/papers.py
+PAPERS = ("glorot2010", "he2015", "pascanu2013", "pascanu2013_rnn", "le2015", "schoenholz2017", "yang2019", "he2016", "de2020", "pennington2017")  # report/papers.py
 
 
 class SpecError(ValueError):

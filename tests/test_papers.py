@@ -13,6 +13,7 @@ pytestmark = pytest.mark.e2e  # real grids
 
 TINY = {"max_steps": 3, "train_subset": 256, "batch_size": 64, "width": 16, "log_every": 1, "epochs": 1}
 TITLES = {"glorot2010": "Glorot &amp; Bengio 2010", "he2015": "He et al. 2015", "pascanu2013": "Pascanu et al. 2013",
+          "pascanu2013_rnn": "Pascanu et al. 2013", "le2015": "Le, Jaitly &amp; Hinton 2015",
           "schoenholz2017": "Schoenholz et al. 2017", "yang2019": "Yang et al. 2019", "he2016": "He et al. 2016",
           "de2020": "De &amp; Smith 2020", "pennington2017": "Pennington, Schoenholz &amp; Ganguli 2017"}
 
