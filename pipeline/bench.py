@@ -482,6 +482,7 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
                      "torch_threads": torch.get_num_threads(), "quick": quick, "pairs": pairs, "steps": n}
 
     def section(line: str) -> None:
+        results["complete"] = line == "done"  # false in what a bench stopped midway leaves
         if out is not None:
             write_json(results, out)
         echo(line)
@@ -608,7 +609,24 @@ def instrument_rows(found: dict) -> list[tuple[str, str, str]]:
 
 
 def write_json(results: dict, out: str | os.PathLike) -> Path:
+    """Write the results whole or not at all: into a hidden file beside `out`, then renamed over it
+    (a bench stopped inside a write left a cut JSON file)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -75,11 +75,11 @@ def _config_from(kwargs: dict[str, Any]) -> RunConfig:
     except ConfigError as exc:
         raise click.BadParameter(exc.message, param_hint=f"--{exc.key.replace('_', '-')}") from None
     _check_device(config.device, config.precision)
-    _check_memory([config], hint="--depth/--width")
+    _check_memory([config], hint="--depth/--width" if config.arch == "mlp" else "--width/--sequence")
     return config
 
 
-def _check_memory(configs: list[RunConfig], hint: str) -> None:
+def _check_memory(configs: list[RunConfig], hint: str, prefix: str = "") -> None:
     """Each architecture fits in what its device has free (a usage error, with the figures)."""
     from .config import group_key
     from .model import check_memory
@@ -94,21 +94,46 @@ def _check_memory(configs: list[RunConfig], hint: str) -> None:
         try:
             check_memory(config, get_device(config.device))
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint=hint) from None
+            raise click.BadParameter(f"{prefix}{exc}", param_hint=hint) from None
 
 
-def _check_device(name: str, precision: str = "fp32", hint: str | None = None) -> None:
-    """The device is there and this torch can autocast to the precision on it (usage errors)."""
+def _device_error(name: str, precision: str = "fp32") -> tuple[str, str] | None:
+    """(field, message) where the device is not there or this torch cannot autocast to the
+    precision on it; None where both are fine."""
     from .runtime import check_precision, get_device
 
     try:
         device = get_device(name)
     except (ValueError, RuntimeError) as exc:
-        raise click.BadParameter(str(exc), param_hint=hint or "--device") from None
+        return "device", str(exc)
     try:
         check_precision(device, precision)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=hint or "--precision") from None
+        return "precision", str(exc)
+    return None
+
+
+def _check_device(name: str, precision: str = "fp32") -> None:
+    """The device is there and this torch can autocast to the precision on it (usage errors)."""
+    error = _device_error(name, precision)
+    if error:
+        raise click.BadParameter(error[1], param_hint=f"--{error[0]}")
+
+
+def _check_spec_devices(spec_path: str, spec) -> None:
+    """_check_device for every (device, precision) of a spec, the error naming the file and the
+    key the user wrote (<file>: base.precision: ...), as the spec's other errors do."""
+    import yaml
+
+    from .config import spec_origin
+
+    for device, precision in sorted({(c.device, c.precision) for c in spec.configs}):
+        error = _device_error(device, precision)
+        if error:
+            field, message = error
+            raw = yaml.safe_load(Path(spec_path).read_text(encoding="utf-8"))
+            where = spec_origin(raw, field, device if field == "device" else precision)
+            raise click.BadParameter(f"{spec_path}: {where}: {message}", param_hint="SPEC")
 
 
 def _prepare(data_dir: str, source: str | None):
@@ -153,25 +178,58 @@ def _store_failure(exc: BaseException) -> bool:
     return False
 
 
+def _store_error(exc: BaseException, advice: str) -> click.ClickException:
+    """Exit 1 naming the tracking store and the cause in words: a full disk as such, anything else
+    in the first sentences of the store's own words."""
+    from .tracking import full_disk, tracking_uri
+
+    full = full_disk(exc)
+    if full:
+        return click.ClickException(
+            f"the tracking store {tracking_uri()} failed: the disk is full ({full}). Free some space where the "
+            "store (and its artifacts) live and run the same command again: finished runs are kept")
+    detail = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+    if len(detail) > 300:  # the first sentences, not half a URL
+        detail = detail[: detail.rfind(". ", 0, 300) + 1 or 300]
+    return click.ClickException(f"the tracking store {tracking_uri()} failed: {detail.rstrip('.')}. {advice}")
+
+
+def _stopped(ctx: click.Context, exc: KeyboardInterrupt) -> None:
+    """A stop (Ctrl-C, SIGTERM): say so on stderr, no traceback, and exit 128 + the signal's number
+    (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process a signal ended."""
+    import signal
+
+    from .runtime import WriteAbandoned, stopped_by
+
+    signum = stopped_by() or signal.SIGINT
+    text = f"stopped by {signal.Signals(signum).name}"
+    if isinstance(exc, WriteAbandoned):
+        from .tracking import tracking_uri
+
+        text += (f" without waiting for the tracking store {tracking_uri()} ({exc}): the runs it had not recorded "
+                 "are left RUNNING; the next gradbench command on the store marks them FAILED")
+    if ctx.invoked_subcommand in ("grid", "train"):
+        text += "; finished runs are kept, so the same command resumes"
+    click.echo(f"\n{text}", err=True)
+    ctx.exit(128 + signum)
+
+
 class _Cli(click.Group):
     """The command group: a failing tracking store (a corrupt or read-only mlflow.db, an unreachable
-    server, a URI MLflow cannot use) is a failing environment: exit 1 with the store's own words."""
+    server, a URI MLflow cannot use, a full disk) is a failing environment: exit 1 with the cause in
+    words. A stop signal exits 128 + its number, without a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            _stopped(ctx, exc)
         except Exception as exc:
             if not _store_failure(exc):
                 raise
-            from .tracking import tracking_uri
-
-            detail = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
-            if len(detail) > 300:  # the first sentences, not half a URL
-                detail = detail[: detail.rfind(". ", 0, 300) + 1 or 300]
-            raise click.ClickException(
-                f"the tracking store {tracking_uri()} failed: {detail.rstrip('.')}. Check MLFLOW_TRACKING_URI (a "
-                "database URI such as sqlite:///mlflow.db, or http://host:5000) and that the store is readable and "
-                "writable; finished runs are kept, so the same command resumes") from None
+            raise _store_error(exc, "Check MLFLOW_TRACKING_URI (a database URI such as sqlite:///mlflow.db, or "
+                                    "http://host:5000) and that the store is readable and writable; finished runs "
+                                    "are kept, so the same command resumes") from None
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -257,9 +315,8 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
         spec = GridSpec.from_yaml(spec_path, reduced=reduced)
     except SpecError as exc:
         raise click.BadParameter(str(exc), param_hint="SPEC") from None
-    for device, precision in sorted({(c.device, c.precision) for c in spec.configs}):
-        _check_device(device, precision, hint="SPEC")
-    _check_memory(list(spec.configs), hint="SPEC")
+    _check_spec_devices(spec_path, spec)
+    _check_memory(list(spec.configs), hint="SPEC", prefix=f"{spec_path}: ")
     if executor == "ray":
         import importlib.util
 
@@ -278,10 +335,8 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
     except (ExecutorError, GridBusy) as exc:
         raise click.ClickException(str(exc)) from None
     except MlflowException as exc:
-        raise click.ClickException(
-            f"the tracking store failed ({exc.message.splitlines()[0]}); fix it (is the tracking server up?) "
-            "and run the same command again: finished runs are kept"
-        ) from None
+        raise _store_error(exc, "Fix it (is the tracking server up?) and run the same command again: finished "
+                                "runs are kept") from None
     if result.failures:
         raise click.ClickException(f"{len(result.failures)} run(s) failed; run the same command again to retry them")
 

@@ -380,6 +380,7 @@ class GridSpec:
             raise SpecError(f"{path}: more than {MAX_SPEC_VALUES:,} values once YAML aliases are followed "
                             "(an alias bomb?): write the grid with axes and seeds instead")
         try:
+            check_name(raw, path.stem)
             if reduced:
                 cls.from_dict(raw, default_name=path.stem)  # the whole spec first: errors name what the user wrote
                 raw = reduce_spec(raw, default_name=path.stem)
@@ -451,12 +452,56 @@ class GridSpec:
         return cls(_name(raw, default_name), tuple(configs.values()), source, reproduces)
 
 
+MAX_NAME = 200  # characters in a grid name
+
+
 def _name(raw: dict, default: str) -> str:
     """The spec's name: a non-empty string (`name: null` made a grid called "None")."""
     name = raw.get("name", default)
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("name", f"must be a non-empty string, got {name!r}")
     return name
+
+
+def check_name(raw: Any, default: str) -> None:
+    """What a spec file may name its grid (its file's name without a name: key). The name becomes
+    the grid's MLflow run name, a tag and part of its report's file name: 1 to MAX_NAME printable
+    characters, no path separator, not only dots (`name: ../../etc`, a control character or
+    10,000 characters went through). Checked where a user's file is read, not where a stored
+    spec is read back (a grid named before this rule must still report)."""
+    if not isinstance(raw, dict):
+        return
+    name = _name(raw, default)
+    given = "name" in raw
+    where = "" if given else f"the spec's file name {name!r} is not a grid name: give a name: key ("
+    close = "" if given else ")"
+    if len(name) > MAX_NAME:
+        raise ConfigError("name", f"{where}at most {MAX_NAME} characters, got {len(name):,}{close}")
+    bad = sorted({c for c in name if not c.isprintable() or c in "/\\"})
+    if bad:
+        raise ConfigError("name", f"{where}no path separators or control characters, got {name!r} (with "
+                                  f"{', '.join(repr(c) for c in bad)}){close}")
+    if not name.strip("."):
+        raise ConfigError("name", f"{where}not only dots, got {name!r}{close}")
+
+
+def spec_origin(raw: Any, key: str, value: Any) -> str:
+    """Where in a raw spec `key` got `value` (axes.<key>, include[j].<key>, reduced.<key>, base.<key>),
+    for an error found after the spec was expanded (a device or precision this machine lacks)."""
+    raw = raw if isinstance(raw, dict) else {}
+
+    def has(mapping: Any) -> bool:
+        return isinstance(mapping, dict) and mapping.get(key) == value
+
+    for axis, values in (raw.get("axes") or {}).items() if isinstance(raw.get("axes"), dict) else []:
+        if isinstance(values, list) and any(v == value if axis == key else has(v) for v in values):
+            return f"axes.{axis}"
+    for j, entry in enumerate(raw.get("include") or []) if isinstance(raw.get("include"), list) else []:
+        if has(entry):
+            return f"include[{j}].{key}"
+    if has(raw.get("reduced")):
+        return f"reduced.{key}"
+    return f"base.{key}"
 
 
 def _values_over(raw: Any, limit: int) -> bool:

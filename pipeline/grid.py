@@ -114,12 +114,15 @@ class _Runner:
         return _DATA[key]
 
     def __call__(self, group: list[RunConfig]) -> list[Outcome]:
+        from . import tracking
         from .run import run_group
 
         try:
             summaries = run_group(group, self._data(group[0]), self.experiment, self.parent_run_id, self.grid)
             return [(c, None, s.error) if s.error else (c, s, None) for c, s in zip(group, summaries)]
         except Exception as exc:  # every member's run is marked FAILED; the grid goes on and reports it
+            if tracking.store_down(exc):  # but not past a store that takes no writes (a server that cannot
+                raise  # be reached, a full disk): every group would fail the same way, a server's after a wait
             return [(c, None, f"{type(exc).__name__}: {exc}") for c in group]
 
 
@@ -317,12 +320,23 @@ def run_grid(
                     write(f"FAILED {run_name(config)}: {error}")
                 bar.update()
         status = "FAILED" if result.failures else "FINISHED"
+    except BaseException as exc:
+        error = exc
+        raise
+    else:
+        error = None
     finally:
         beating.set()
         result.seconds = time.perf_counter() - start
         try:
-            with shielded():
-                tracking.close_grid_run(client, parent_id, result.counts(), result.seconds, status)
+            # a server that cannot be reached is not waited for again: the parent is left RUNNING, for
+            # the resume to reopen, or the next command to close once this process is gone
+            if not tracking.unreachable(error):
+                with shielded():
+                    tracking.close_grid_run(client, parent_id, result.counts(), result.seconds, status)
+        except Exception:
+            if error is None:
+                raise  # else the first error is the one to report (a full disk fails the close too)
         finally:  # released even when the store is down: the same command must be able to resume
             lock.close()
     echo(result.line())

@@ -70,12 +70,25 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def configure() -> None:
-    """Process-wide defaults: a display-free matplotlib backend (clusters, CI) and no MLflow
-    progress bar per artifact download (it drowns the report's output; users can turn it on)."""
+    """Process-wide defaults: a display-free matplotlib backend (clusters, CI), no MLflow progress
+    bar per artifact download (it drowns the report's output; users can turn it on), and no
+    traceback from MLflow's SQL store for an error that gradbench reports itself, in words (its
+    "SQLAlchemy database error" log printed a full disk as a crash, before gradbench said it)."""
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    if _quiet_sql_errors not in store_log.filters:
+        store_log.addFilter(_quiet_sql_errors)
+
+
+def _quiet_sql_errors(record) -> bool:
+    """A logging filter: drop MLflow's "SQLAlchemy database error" record (the error itself is raised
+    and reported); keep every other."""
+    return not str(record.msg).startswith("SQLAlchemy database error")
 
 
 def get_device(name: str = "auto") -> torch.device:
@@ -133,12 +146,26 @@ def autocast(device: torch.device, precision: str):
 # reliable: it can land in a garbage-collection callback, where Python prints "Exception ignored"
 # and goes on. So a stop signal is first remembered; the training loop checks it after every step
 # and the run and grid code between tracking writes (check_stop), and inside a tracking write
-# (shielded) it waits for the write's end. Outside training and tracking writes (waiting on
-# workers, loading data) it also raises at once, and the flag stays set in case that raise was
-# swallowed; a swallowed one is not printed either (_quiet_unraisable: its "Exception ignored ...
-# Traceback" on stderr reads as a crash). A second signal stops the process at once, wherever it is
-# but inside a write.
-_state: dict = {"shield": 0, "defer": 0, "signum": None, "parent": None}
+# (shielded) it waits for the write's end, for STOP_GRACE seconds at most. Outside training and
+# tracking writes (waiting on workers, loading data) it also raises at once, and the flag stays set
+# in case that raise was swallowed; a swallowed one is not printed either (_quiet_unraisable: its
+# "Exception ignored ... Traceback" on stderr reads as a crash). A second signal stops the process
+# at once, wherever it is, inside a write too; a step that has not ended STOP_GRACE seconds after
+# the first (a metrics write inside it waiting on a server) is cut there.
+#
+# A tracking write that a stop finds waiting on a store that does not answer (a tracking server
+# down or frozen: MLflow's client waits and retries for up to a minute a call) gives way after
+# STOP_GRACE seconds (a SIGALRM timer), and so does, at once, every later write of this process:
+# the runs it had not recorded are left RUNNING with this process's host and pid, for the next
+# command on the store to mark FAILED (tracking.fail_stale_runs) and the same grid to resume.
+STOP_GRACE = 5.0
+_state: dict = {"shield": 0, "defer": 0, "signum": None, "parent": None, "stopping": False, "gave_way": False,
+                "installed": False, "last": None}
+
+
+class WriteAbandoned(KeyboardInterrupt):
+    """A stop that could not wait for a tracking write: the store did not answer within STOP_GRACE
+    seconds of the stop signal, or a second signal came."""
 
 
 def _quiet_unraisable(unraisable) -> None:
@@ -155,12 +182,14 @@ def stop_on_signals(sigint: bool = True, parent_pid: int | None = None) -> None:
     with `sigint`, Ctrl-C: the open runs are then marked KILLED. `parent_pid` (a pool worker): stop
     too when that process is gone, and have Linux send SIGTERM when it dies (a driver killed with
     -9 must not leave its workers training). Python allows signal handlers in the main thread only."""
-    _state.update(signum=None, parent=parent_pid)
+    _state.update(signum=None, parent=parent_pid, stopping=False, gave_way=False, last=None)
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, _handler)
     if sigint:
         signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGALRM, _grace_over)
+    _state["installed"] = True
     sys.unraisablehook = _quiet_unraisable
     if parent_pid is not None:
         die_with_parent()
@@ -168,11 +197,45 @@ def stop_on_signals(sigint: bool = True, parent_pid: int | None = None) -> None:
 
 def _handler(signum, frame):
     again = _state["signum"] is not None
-    _state["signum"] = signum
+    _state.update(signum=signum, last=signum)
     if _state["shield"]:
+        if _state["stopping"]:  # a second signal: the write is given up, as it would be after the grace
+            _give_way(f"signal {signum} came again while a tracking write was waiting")
+        _state["stopping"] = True
+        _arm(STOP_GRACE)
         return  # raised when the write ends
+    _state["stopping"] = True
     if again or not _state["defer"]:
         raise KeyboardInterrupt(f"signal {signum}")
+    _arm(STOP_GRACE)  # a step that does not end in time (a metrics write waiting on a server) is cut
+
+
+def stopped_by() -> int | None:
+    """The stop signal this process last received (None: none, or an interrupt Python raised itself)."""
+    return _state["last"]
+
+
+def _arm(seconds: float) -> None:
+    """A SIGALRM in `seconds` (0: none), where this process's handlers are installed (main thread)."""
+    if _state["installed"] and threading.current_thread() is threading.main_thread():
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+def _give_way(why: str) -> None:
+    _state.update(gave_way=True, signum=None)
+    _arm(0)
+    raise WriteAbandoned(why)
+
+
+def _grace_over(signum, frame):
+    """SIGALRM: the grace a stop gives a tracking write, or a step to reach its end, is over."""
+    if not _state["stopping"]:
+        return
+    if _state["shield"]:
+        _give_way(f"the tracking store did not answer within {STOP_GRACE:g} s of the stop signal ({_state['last']})")
+    if _state["defer"] and _state["signum"] is not None:
+        _state["signum"] = None
+        raise KeyboardInterrupt(f"signal {_state['last']}: the step did not end within {STOP_GRACE:g} s")
 
 
 def die_with_parent() -> None:
@@ -243,11 +306,20 @@ def deferred():
 @contextlib.contextmanager
 def shielded():
     """A block that a stop signal does not cut in two (writing a run's start or end to the
-    tracking store): a signal that arrives inside it is raised as KeyboardInterrupt when it ends."""
+    tracking store): a signal that arrives inside it is raised as KeyboardInterrupt when it ends.
+    While the process is stopping, the block gets STOP_GRACE seconds (then WriteAbandoned), and
+    none at all once a write has been given up: the store is not answering."""
+    outermost = _state["shield"] == 0
+    if outermost and _state["gave_way"]:
+        raise WriteAbandoned("an earlier tracking write was given up: the store is not answering")
     _state["shield"] += 1
     try:
+        if outermost and _state["stopping"]:
+            _arm(STOP_GRACE)
         yield
     finally:
         _state["shield"] -= 1
-        if _state["shield"] == 0 and _state["signum"] is not None:
-            check_stop()
+        if _state["shield"] == 0:
+            _arm(0)
+            if _state["signum"] is not None:
+                check_stop()

@@ -42,6 +42,20 @@ SPECS = {
     "axes-key-typo.yaml": SPEC_OK.encode() + b"axes: {activaton: [relu]}\n",
     "unknown-top.yaml": SPEC_OK.encode() + b"basis: {depth: 3}\n",
     "name-list.yaml": SPEC_OK.encode() + b"axes: {depth: []}\n",
+    # a grid name becomes a run name, a tag and part of a report's file name
+    "name-up.yaml": SPEC_OK.encode() + b"name: ../../etc\n",
+    "name-slash.yaml": SPEC_OK.encode() + b"name: a/b\n",
+    "name-backslash.yaml": SPEC_OK.encode() + b"name: 'a\\\\b'\n",
+    "name-long.yaml": SPEC_OK.encode() + b"name: " + b"x" * 10_000 + b"\n",
+    "name-control.yaml": SPEC_OK.encode() + b'name: "bell\\aring"\n',
+    "name-newline.yaml": SPEC_OK.encode() + b'name: "two\\nlines"\n',
+    "name-dots.yaml": SPEC_OK.encode() + b"name: '..'\n",
+    "tab\tin-file-name.yaml": SPEC_OK.encode(),  # no name: key, and its file's name is no grid name
+    # device and precision errors found after expansion name the file and the key, as the others do
+    "tf32-base.yaml": b"base: {depth: 3, precision: tf32, device: cpu}\n",
+    "tf32-axis.yaml": b"base: {depth: 3, device: cpu}\naxes: {precision: [fp32, tf32]}\n",
+    "tf32-include.yaml": b"base: {depth: 3, device: cpu}\ninclude: [{precision: tf32}]\n",
+    "mps-base.yaml": b"base: {depth: 3, device: mps}\n",
 }
 
 # (command line, culprit named in the message); {tmp} is the test's folder, {afile} a plain file
@@ -100,6 +114,8 @@ CASES = [
     ("train --width 10000000", "--width"),
     ("train --batch-size 100000", "--batch-size"),
     ("train --depth 1000 --width 16384 --device cpu", "GiB"),
+    ("train --arch lstm --sequence pixels --width 16384 --device cpu", "--width/--sequence: lstm of width 16384 over pixels"),
+    ("train --arch rnn --recurrent-gain nan", "--recurrent-gain"),
     ("grid {tmp}/alias-bomb.yaml", "alias"),
     ("grid {tmp}/huge.yaml", "over the limit"),
     ("grid {tmp}/many-seeds.yaml", "seeds"),
@@ -119,6 +135,19 @@ CASES = [
     ("train --norm batch --batch-size 1", "BatchNorm needs at least 2 examples in every batch"),
     ("train --clip agc --clip-threshold 0", "--clip-threshold"),
     ("train --init-gain nan --init orthogonal", "--init-gain"),
+    ("grid {tmp}/name-up.yaml", "name: no path separators or control characters, got '../../etc'"),
+    ("grid {tmp}/name-slash.yaml", "name: no path separators"),
+    ("grid {tmp}/name-backslash.yaml", "name: no path separators"),
+    ("grid {tmp}/name-long.yaml", "name: at most 200 characters, got 10,000"),
+    ("grid {tmp}/name-control.yaml", "name: no path separators or control characters"),
+    ("grid {tmp}/name-newline.yaml", "name: no path separators or control characters"),
+    ("grid {tmp}/name-dots.yaml", "name: not only dots"),
+    ("grid '{tmp}/tab\tin-file-name.yaml'", "give a name: key"),
+    ("grid {tmp}/name-up.yaml --reduced", "name: no path separators"),
+    ("grid {tmp}/tf32-base.yaml", "tf32-base.yaml: base.precision: tf32 needs a CUDA GPU"),
+    ("grid {tmp}/tf32-axis.yaml", "tf32-axis.yaml: axes.precision: tf32 needs a CUDA GPU"),
+    ("grid {tmp}/tf32-include.yaml", "tf32-include.yaml: include[0].precision: tf32 needs"),
+    ("grid {tmp}/mps-base.yaml", "mps-base.yaml: base.device: device 'mps'"),
     ("bench --device mps", "--device"),
     ("bench --out {afile}/perf.json", "--out"),
 ]
@@ -186,3 +215,67 @@ def test_a_tracking_server_that_is_not_there_is_said_within_seconds(tmp_path, mo
     result = CliRunner().invoke(cli, ["report", "--out-dir", str(tmp_path / "reports")])
     assert result.exit_code == 1 and uri in result.output, result.output
     assert time.monotonic() - start < 30
+
+
+
+def _cap_sqlite(dbapi_connection, _record):
+    """Each new SQLite connection may grow its file by no page (max_page_count): a write that needs
+    one fails as on a full disk, with SQLite's own error (SQLITE_FULL, "database or disk is full")."""
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        cursor = dbapi_connection.cursor()
+        (pages,) = cursor.execute("PRAGMA page_count").fetchone()
+        cursor.execute(f"PRAGMA max_page_count = {max(pages, 1)}")
+        cursor.close()
+
+
+@pytest.mark.parametrize("case, command", [("new store", "train"), ("new store", "report"), ("new store", "grid"),
+                                           ("existing store", "grid")])
+def test_a_store_on_a_full_disk_exits_1_saying_the_disk_is_full(case, command, tmp_path, mnist_dir, monkeypatch):
+    """Exit 1, "the disk is full" with the store's URI (it was SQLAlchemy's autoflush hint), no
+    traceback; a new store is left as it was (no file), an existing one with no run RUNNING."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if case == "existing store":  # made by another process: this one opens its first connection capped
+        subprocess.run([sys.executable, "-c", f"from mlflow import MlflowClient; MlflowClient({uri!r}).create_experiment("
+                        f"'full', artifact_location={(tmp_path / 'artifacts').as_uri()!r})"], check=True, timeout=120)
+    (tmp_path / "spec.yaml").write_text(SPEC_OK)
+    args = {"train": ["train", "--depth", "3", "--width", "8", "--max-steps", "2", "--train-subset", "64"],
+            "grid": ["grid", str(tmp_path / "spec.yaml"), "--no-progress"],
+            "report": ["report", "--out-dir", str(tmp_path / "reports")]}[command]
+    if command != "report":
+        args += ["--data-dir", str(mnist_dir)]
+    event.listen(Engine, "connect", _cap_sqlite)
+    try:
+        result = CliRunner().invoke(cli, [*args, "--experiment", "full"])
+    finally:
+        event.remove(Engine, "connect", _cap_sqlite)
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert f"the tracking store {uri} failed: the disk is full (database or disk is full)" in result.output, result.output
+    assert "autoflush" not in result.output and "Traceback" not in result.output
+    if case == "new store":
+        assert not db.exists()  # as it was: no half-made store for later commands to fail on
+    else:
+        assert [r for r in runs_of("full") if r.info.status == "RUNNING"] == []
+
+
+def test_a_stop_exits_128_plus_its_signal_without_a_traceback(store, mnist_dir, monkeypatch):
+    """Ctrl-C (Python's own KeyboardInterrupt) exits 130 and says so; the grid's words say it resumes."""
+    from pipeline import run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_group", interrupted)
+    monkeypatch.setitem(__import__("pipeline.runtime").runtime._state, "last", None)  # no stop signal came
+    result = CliRunner().invoke(cli, ["train", "--depth", "3", "--width", "8", "--max-steps", "2", "--train-subset",
+                                      "64", "--data-dir", str(mnist_dir), "--experiment", store])
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert "stopped by SIGINT" in result.output and "the same command resumes" in result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output

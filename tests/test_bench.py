@@ -64,3 +64,37 @@ def test_bench_quick_from_a_fresh_directory_with_the_default_data_dir(tmp_path, 
     assert set(instruments["share"]) == {"signal", "jacobian", "gsnr", "zero_fraction"}
     assert all(0 < share["median"] < 1 for share in instruments["share"].values()), instruments["share"]
     assert "| instrument jacobian, share of the run |" in result.output
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A bench stopped inside a write (Ctrl-C) keeps the last whole file, and no hidden part file."""
+    out = tmp_path / "perf.json"
+    bench.write_json({"device": "cpu", "complete": False}, out)
+    real_replace = __import__("os").replace
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.write_json({"device": "cpu", "complete": True, "more": [1] * 1000}, out)
+    monkeypatch.setattr("os.replace", real_replace)
+    assert json.loads(out.read_text()) == {"device": "cpu", "complete": False}
+    assert [p.name for p in tmp_path.iterdir()] == ["perf.json"]
+
+
+def test_ctrl_c_during_the_bench_exits_130_and_leaves_the_sections_measured(tmp_path, monkeypatch):
+    """`gradbench bench` stopped after its first section: exit 130, "stopped by SIGINT", and a
+    whole perf.json that says it is not complete."""
+    out = tmp_path / "perf.json"
+
+    def stopped_midway(data_dir, source, quick, device, echo, out):
+        bench.write_json({"device": "cpu", "complete": False}, out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", stopped_midway)
+    monkeypatch.setattr("pipeline.cli._prepare", lambda data_dir, source: None)
+    result = CliRunner().invoke(cli, ["bench", "--quick", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert "stopped by SIGINT" in result.output and "Traceback" not in result.output
+    assert json.loads(out.read_text())["complete"] is False

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.config import GridSpec
-from tests.conftest import REPO, runs_of
+from tests.conftest import REPO, MlflowServer, runs_of
 
 pytestmark = pytest.mark.e2e
 
@@ -182,3 +183,95 @@ def test_ctrl_c_on_a_two_worker_grid_leaves_no_run_running(store, mnist_dir, tmp
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _exactly_once(store, path)
+
+
+HTTP_WAITS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def _signal_tree(pid: int, signum: int) -> None:
+    """Send `signum` to a process and all its descendants (`mlflow server` answers from worker
+    processes of its own: stopping the parent alone freezes nothing)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        todo += parents.get(current, [])
+        try:
+            os.kill(current, signum)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def frozen_server(tmp_path, monkeypatch):
+    """A real tracking server this test can freeze (SIGSTOP: connections are accepted, nothing is
+    answered, the worst case for a client) and thaw; MLflow's HTTP waits left to gradbench."""
+    server = MlflowServer(f"sqlite:///{tmp_path}/server.db", tmp_path / "served")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    for name in HTTP_WAITS:
+        monkeypatch.delenv(name, raising=False)
+    yield server
+    _signal_tree(server.proc.pid, signal.SIGCONT)
+    server.stop()
+
+
+def _frozen_grid(server, mnist_dir, tmp_path, name):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": {**BASE, "width": 128, "max_steps": 3000,
+                                                           "train_subset": 25600, "epochs": 20},
+                                    "axes": {"activation": ["relu", "tanh"]}}))
+    env = {k: v for k, v in os.environ.items() if k not in HTTP_WAITS}
+    cmd = _grid_cmd(path, mnist_dir, "frozen")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_until(lambda: any(k.info.status == "RUNNING" for k in _children("frozen"))), "no run started"
+    time.sleep(1.0)
+    _signal_tree(server.proc.pid, signal.SIGSTOP)
+    return path, cmd, env, proc
+
+
+def _thawed_resume(server, path, cmd, env):
+    """The server thawed, the next command on the store marks the runs the stopped grid left RUNNING
+    FAILED (its parent too), and finishes (shorter runs here, to save time): nothing is RUNNING."""
+    _signal_tree(server.proc.pid, signal.SIGCONT)
+    path.write_text(path.read_text().replace("max_steps: 3000", "max_steps: 30"))
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    statuses = Counter(r.info.status for r in runs_of("frozen"))
+    assert statuses["RUNNING"] == 0 and statuses["FINISHED"] >= 3, statuses
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_a_stop_ends_a_grid_in_seconds_while_its_tracking_server_is_frozen(frozen_server, mnist_dir, tmp_path,
+                                                                          attempt):
+    """SIGTERM while the server answers nothing: the run's end cannot be written; the write gives
+    way after runtime.STOP_GRACE (it waited up to a minute before), the grid exits 143 naming the
+    server, and once the server is back the next command marks the runs left RUNNING FAILED."""
+    path, cmd, env, proc = _frozen_grid(frozen_server, mnist_dir, tmp_path, "stopped")
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 143, err[-3000:]
+    assert elapsed < 15, elapsed
+    assert f"stopped by SIGTERM without waiting for the tracking store {frozen_server.url}" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    _thawed_resume(frozen_server, path, cmd, env)
+
+
+def test_a_frozen_tracking_server_is_said_within_a_minute_with_its_uri(frozen_server, mnist_dir, tmp_path):
+    """No signal: the grid's next write waits gradbench's bounded time (not MLflow's minutes), then
+    the grid stops (not one failure per configuration) with exit 1 naming the server's URI."""
+    path, cmd, env, proc = _frozen_grid(frozen_server, mnist_dir, tmp_path, "said")
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=180)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, err[-3000:]
+    assert elapsed < 60, elapsed
+    assert f"the tracking store {frozen_server.url} failed" in err and "Traceback" not in err, err[-3000:]
+    _thawed_resume(frozen_server, path, cmd, env)

@@ -153,7 +153,7 @@ def test_spec_file_errors_name_the_file(tmp_path):
         GridSpec.from_yaml(path)
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "standard.yaml", *(f"{paper}.yaml" for paper in PAPERS)])
+@pytest.mark.parametrize("name", ["quick.yaml", "standard.yaml", "recurrent.yaml", *(f"{paper}.yaml" for paper in PAPERS)])
 def test_shipped_specs_are_valid(name):
     spec = GridSpec.from_yaml(REPO / "benchmarks" / name)
     assert spec.name == name.removesuffix(".yaml")
@@ -388,10 +388,11 @@ def test_two_workers_train_groups(store, mnist_dir, tmp_path):
         r.data.tags["gradbench.pid"] for r in runs}  # trained by the workers
 
 
-def test_a_name_with_quotes_and_slashes_is_data_not_syntax(store, mnist_dir, tmp_path):
+def test_a_name_with_quotes_and_dots_is_data_not_syntax(store, mnist_dir, tmp_path):
     """A grid name goes into tags and the report's metadata, never into MLflow's filter language
-    or a path: it runs, resumes, and reports inside --out-dir."""
-    name = "it's \"quoted\" / ../../elsewhere"
+    or a path: it runs, resumes, and reports inside --out-dir. (A path separator is refused:
+    tests/test_bad_input.py.)"""
+    name = "it's \"quoted\" OR 1=1 -- ..elsewhere.."
     path = write_spec(tmp_path, {"name": name, "base": TINY_BASE, "axes": {"depth": [3]}})
     for expected in ("0 already finished", "1 already finished"):
         result = grid_cli(path, store, mnist_dir)

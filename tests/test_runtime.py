@@ -13,14 +13,15 @@ from pipeline import runtime
 
 @pytest.fixture
 def stop_handler():
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
     hook = sys.unraisablehook
     runtime.stop_on_signals()
     yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
     for s, handler in previous.items():
         signal.signal(s, handler)
     sys.unraisablehook = hook
-    runtime._state.update(signum=None, parent=None)
+    runtime._state.update(signum=None, parent=None, stopping=False, gave_way=False, installed=False, last=None)
 
 
 def _spin(n: int = 2_000_000) -> None:
@@ -119,3 +120,52 @@ def test_a_stop_signal_swallowed_by_a_finalizer_prints_no_traceback_and_still_st
     assert "ValueError: a real error in a finalizer" in run.stderr
     assert lines[-1] == "check_stop raised: signal 15"
     assert "KeyboardInterrupt" not in run.stderr
+
+
+def test_a_write_that_a_stop_finds_waiting_gives_way_after_the_grace_and_so_do_later_ones(stop_handler, monkeypatch):
+    """A tracking write waiting on a store that does not answer (here: a sleep) is given up
+    STOP_GRACE seconds after the stop signal; every later write of the process gives way at once
+    (the store is not answering), so a grid stops in seconds, not a minute per write."""
+    import time
+
+    monkeypatch.setattr(runtime, "STOP_GRACE", 0.5)
+    start = time.monotonic()
+    with pytest.raises(runtime.WriteAbandoned, match="did not answer within 0.5 s"):
+        with runtime.shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the write that does not return
+    assert time.monotonic() - start < 5
+    with pytest.raises(runtime.WriteAbandoned, match="earlier tracking write was given up"):
+        with runtime.shielded():
+            pytest.fail("a later write must not start")
+    assert runtime.stopped_by() == signal.SIGTERM
+
+
+def test_a_second_signal_gives_a_waiting_write_up_at_once(stop_handler):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(runtime.WriteAbandoned, match="came again"):
+        with runtime.shielded():
+            os.kill(os.getpid(), signal.SIGINT)
+            _spin(100_000)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again
+            time.sleep(30)
+    assert time.monotonic() - start < runtime.STOP_GRACE
+
+
+def test_a_write_that_ends_within_the_grace_is_kept_whole_and_the_stop_raised_after_it(stop_handler, monkeypatch):
+    import time
+
+    monkeypatch.setattr(runtime, "STOP_GRACE", 2.0)
+    done = []
+    with pytest.raises(KeyboardInterrupt, match="signal 15") as raised:
+        with runtime.shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # a slow but answering store
+            done.append("written")
+    assert done == ["written"] and not isinstance(raised.value, runtime.WriteAbandoned)
+    time.sleep(2.2)  # the timer was disarmed with the write's end: nothing fires later
+    with runtime.shielded():  # a write after a stop that gave nothing up still runs
+        done.append("again")
+    assert done == ["written", "again"]

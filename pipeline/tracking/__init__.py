@@ -27,6 +27,7 @@ from .store import (
     fail_stale_runs,
     find_grid_run,
     finished_config_hashes,
+    full_disk,
     get_client,
     grid_spec_of,
     heartbeat,
@@ -37,7 +38,9 @@ from .store import (
     open_grid_run,
     run_url,
     search_all,
+    store_down,
     tracking_uri,
+    unreachable,
 )
 
 __all__ = [
@@ -45,5 +48,5 @@ __all__ = [
     "TAG_ROLE", "TAG_THEORY_ABSENT", "ArtifactFiles", "MlflowClient", "MlflowException", "NotFound", "HEARTBEAT_SECONDS", "GridBusy", "heartbeat", "live_children", "RunLogger", "close_grid_run", "ended_by", "layer_key",
     "experiment_id", "fail_earlier_attempts", "fail_stale_runs", "find_grid_run", "finished_config_hashes",
     "get_client", "grid_spec_of", "latest_finished_runs", "log_dataset", "log_report", "metric_strides", "open_grid_run", "run_url",
-    "search_all", "tracking_uri",
+    "search_all", "tracking_uri", "unreachable", "full_disk", "store_down",
 ]

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from .store import (
     get_client,
     log_dataset,
     now_ms,
+    unreachable,
 )
 
 # Metric key of each per-step statistic, and the prefix of each per-layer one (keys end in /L00, /L01, ...)
@@ -255,7 +257,11 @@ class RunLogger:
 
     def fail(self, status: str = "FAILED") -> None:
         """Mark the run FAILED or KILLED (an exception or an interrupt, not a diverged run), with
-        the metrics it had queued, if the store takes them."""
+        the metrics it had queued, if the store takes them. Called while handling a tracking server
+        that could not be reached, it writes nothing (each write would wait as long again): the run
+        stays RUNNING, for the next command on the store to mark FAILED (fail_stale_runs)."""
+        if unreachable(sys.exc_info()[1]):
+            return
         if self._pending:
             with contextlib.suppress(MlflowException):
                 self._log_metrics(self._pending)

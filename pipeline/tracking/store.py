@@ -9,6 +9,7 @@ handed configs, specs and finished values.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import tempfile
@@ -64,9 +65,11 @@ _OPENED: set[str] = set()  # the SQLite stores this process has seen created
 # MLflow's HTTP client retries a failed request 7 times with a backoff factor of 2 and waits 120 s
 # for each answer: minutes per call while a tracking server is down, and a tracking write is
 # shielded from stop signals (runtime.shielded), so a grid neither said so nor stopped. Bounded
-# here (about 50 s at most a call, a few seconds for a refused connection) unless the user set them.
+# here (about 35 s at most a call, a few seconds for a refused connection) unless the user set them:
+# a grid whose server stops answering says so within a minute (its next write comes within
+# logger.FLUSH_SECONDS), and a stop signal does not wait for it (runtime.STOP_GRACE).
 REMOTE_WAITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def get_client() -> MlflowClient:
@@ -93,6 +96,52 @@ def get_client() -> MlflowClient:
                 raise
         _OPENED.add(uri)
     return MlflowClient()
+
+
+def _chain(exc: BaseException | None):
+    """An exception and its causes and contexts, each once."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__]
+
+
+def full_disk(exc: BaseException | None) -> str | None:
+    """How a full disk said itself somewhere in an exception's chain (ENOSPC; SQLite's "database or
+    disk is full", which SQLAlchemy puts behind its autoflush hint), or None."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return "no space left on device"
+        text = str(e).lower()
+        for words in ("database or disk is full", "no space left on device"):
+            if words in text:
+                return words
+    return None
+
+
+def store_down(exc: BaseException | None) -> bool:
+    """Whether an exception says the store cannot take writes at all (a server that cannot be
+    reached, a full disk): whatever is tried next fails the same way."""
+    return unreachable(exc) or full_disk(exc) is not None
+
+
+def unreachable(exc: BaseException | None) -> bool:
+    """Whether an exception says that the tracking server could not be reached (refused, timed out,
+    reset) after MLflow's retries: writing again to it would wait as long again for nothing."""
+    import requests
+
+    for e in _chain(exc):
+        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+        text = str(e)
+        if isinstance(e, MlflowException) and text.startswith("API request to") and (
+                "timeout" in text.lower() or "Max retries exceeded" in text or "Connection" in text):
+            return True
+    return False
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
