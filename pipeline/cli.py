@@ -199,8 +199,9 @@ def _stopped(ctx: click.Context, exc: KeyboardInterrupt) -> None:
     (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process a signal ended."""
     import signal
 
-    from .runtime import WriteAbandoned, stopped_by
+    from .runtime import WriteAbandoned, stand_down, stopped_by
 
+    stand_down()
     signum = stopped_by() or signal.SIGINT
     text = f"stopped by {signal.Signals(signum).name}"
     if isinstance(exc, WriteAbandoned):

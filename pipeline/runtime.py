@@ -221,6 +221,15 @@ def _arm(seconds: float) -> None:
         signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
+def stand_down() -> None:
+    """The process is exiting on a stop: no grace timer may fire any more (its KeyboardInterrupt,
+    raised while the process unwinds, ended it by SIGINT instead of its exit status)."""
+    if _state["installed"] and threading.current_thread() is threading.main_thread():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    _state.update(stopping=False, signum=None)
+
+
 def _give_way(why: str) -> None:
     _state.update(gave_way=True, signum=None)
     _arm(0)
