@@ -31,7 +31,7 @@ from torch import nn
 
 from .activations import ACTIVATIONS
 from .config import GATES, SEQUENCE_SHAPES, RunConfig
-from .model import CLASSES, INITS, StackedLinear
+from .model import CLASSES, INITS, StackedLinear, _fan_based
 from .runtime import set_seed
 
 
@@ -112,10 +112,7 @@ def _blocks(weight: torch.Tensor, bias: torch.Tensor, gates: int, init, config: 
         init(w, b, config)
 
 
-def _identity(weight: torch.Tensor, bias: torch.Tensor, config: RunConfig) -> None:
-    nn.init.eye_(weight)
-    nn.init.normal_(bias, 0.0, config.bias_std) if config.bias_std > 0 else nn.init.zeros_(bias)
-
+_identity = _fan_based(lambda w, cfg: nn.init.eye_(w))  # IRNN's W, its bias as the other inits
 
 def member_weights(config: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(weight, bias) of the input, recurrent and classifier layers of one member, drawn on the CPU

@@ -21,6 +21,7 @@ from pipeline.config import GATES, SEQUENCE_SHAPES, ConfigError, RunConfig, run_
 from pipeline.monitor_time import time_points
 from pipeline.recurrent import build_recurrent
 from pipeline.train import train
+from tests.test_train_equivalence import clip_reference
 
 BASE = dict(width=10, train_subset=96, batch_size=32, epochs=2, max_steps=5, precision="fp64")
 TORCH_CELL = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -118,16 +119,7 @@ def reference(config: RunConfig, start, data) -> dict:
                 rec["act"].append([m.double().mean().item() for m in low])
             else:
                 rec["act"].append([m.all(dim=0).double().mean().item() for m in low])
-            rec["pre"].append(math.sqrt(sum(p.grad.norm().item() ** 2 for p in params)))
-            if config.clip == "norm":
-                nn.utils.clip_grad_norm_(params, config.clip_threshold)
-                rec["active"].append(rec["pre"][-1] > config.clip_threshold)
-            elif config.clip == "value":
-                rec["active"].append(max(p.grad.abs().max().item() for p in params) > config.clip_threshold)
-                nn.utils.clip_grad_value_(params, config.clip_threshold)
-            else:
-                rec["active"].append(False)
-            rec["post"].append(math.sqrt(sum(p.grad.norm().item() ** 2 for p in params)))
+            clip_reference(config, params, rec)
             before = [p.detach().clone() for p in (cell.weight_ih_l0, cell.weight_hh_l0, head.weight)]
             opt.step()
             rec["update_ratio"].append([(p.detach() - w).norm().item() / w.norm().item() for p, w in

@@ -69,6 +69,23 @@ def _low_slope(act, z: torch.Tensor) -> torch.Tensor:
     return slope < 0.1
 
 
+def clip_reference(config: RunConfig, params: list[torch.Tensor], rec: dict, agc=None) -> None:
+    """Record the global norm before clipping ("pre"), clip with nn.utils (AGC: `agc()`, which
+    clips and says whether it did), record whether clipping was active and the norm after ("post")."""
+    rec["pre"].append(math.sqrt(sum(p.grad.norm().item() ** 2 for p in params)))
+    if config.clip == "norm":
+        nn.utils.clip_grad_norm_(params, config.clip_threshold)
+        rec["active"].append(rec["pre"][-1] > config.clip_threshold)
+    elif config.clip == "value":
+        rec["active"].append(max(p.grad.abs().max().item() for p in params) > config.clip_threshold)
+        nn.utils.clip_grad_value_(params, config.clip_threshold)
+    elif config.clip == "agc":
+        rec["active"].append(agc())
+    else:
+        rec["active"].append(False)
+    rec["post"].append(math.sqrt(sum(p.grad.norm().item() ** 2 for p in params)))
+
+
 def reference(config: RunConfig, start: list[tuple[torch.Tensor, torch.Tensor]], data) -> dict:
     """Train one config with nn.Linear layers from the given initial parameters; per-step records."""
     act = TORCH_ACT[config.activation]
@@ -129,18 +146,7 @@ def reference(config: RunConfig, start: list[tuple[torch.Tensor, torch.Tensor]],
                 rec["act"].append([m.all(dim=0).double().mean().item() for m in low])
             rec["hist"].append([np.histogram(np.clip(np.log10(np.abs(l.weight.grad.numpy()) + 1e-30), *HIST_RANGE),
                                              bins=HIST_BINS, range=HIST_RANGE)[0] for l in layers])
-            rec["pre"].append(math.sqrt(sum(p.grad.norm().item() ** 2 for p in params)))
-            if config.clip == "norm":
-                nn.utils.clip_grad_norm_(params, config.clip_threshold)
-                rec["active"].append(rec["pre"][-1] > config.clip_threshold)
-            elif config.clip == "value":
-                rec["active"].append(max(p.grad.abs().max().item() for p in params) > config.clip_threshold)
-                nn.utils.clip_grad_value_(params, config.clip_threshold)
-            elif config.clip == "agc":
-                rec["active"].append(_agc(layers, extra, config.clip_threshold))
-            else:
-                rec["active"].append(False)
-            rec["post"].append(math.sqrt(sum(p.grad.norm().item() ** 2 for p in params)))
+            clip_reference(config, params, rec, lambda: _agc(layers, extra, config.clip_threshold))
             before = [l.weight.detach().clone() for l in layers]
             opt.step()
             rec["update_ratio"].append([(l.weight.detach() - w).norm().item() / w.norm().item()

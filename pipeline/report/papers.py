@@ -36,6 +36,11 @@ class Section:
     note: str = ""
 
 
+def _outcomes(group: pd.DataFrame) -> str:
+    """A group of runs' diagnoses, counted: '2 healthy, 1 vanishing'."""
+    return ", ".join(f"{n} {d}" for d, n in group.diagnosis.value_counts().items())
+
+
 def _mean_sd(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
     values = values.dropna() * scale
     if values.empty:
@@ -108,7 +113,7 @@ def le2015(runs: pd.DataFrame, layers: pd.DataFrame) -> Section:
         net = arch.upper() if arch != "rnn" else (
             "IRNN (ReLU, identity W)" if recurrent_init == "identity" else f"RNN ({activation})")
         paper = "trains" if arch == "lstm" or recurrent_init == "identity" else "does not train"
-        outcomes = ", ".join(f"{n} {d}" for d, n in group.diagnosis.value_counts().items())
+        outcomes = _outcomes(group)
         rows.append([net, group.sequence.iloc[0], paper, _mean_sd(group.test_acc, digits=3), outcomes, len(group)])
     return Section(
         "Le, Jaitly & Hinton 2015",
@@ -131,7 +136,7 @@ def _clipping_section(runs: pd.DataFrame, layers: pd.DataFrame, finding: str) ->
         per_step = layers[layers.run_id.isin(group.run_id) & (layers.layer == 0)]
         label = "none" if clip == "none" else f"{threshold:g}"
         ratio = "" if clip == "none" else f"{threshold / mean_norm:.2f}"
-        outcomes = ", ".join(f"{n} {d}" for d, n in group.diagnosis.value_counts().items())
+        outcomes = _outcomes(group)
         rows.append([label, ratio, f"{per_step.clip_active.mean():.2f}", _mean_sd(group.test_acc, digits=3), outcomes])
     rows.sort(key=lambda r: (r[0] != "none", float(r[0]) if r[0] != "none" else 0.0))
     return Section(
@@ -236,7 +241,7 @@ def _depth_table(runs: pd.DataFrame, paper: dict[str, str]) -> tuple[list[list[o
     rows, stops = [], {}
     for (family, depth), group in runs.groupby(["family", "depth"]):  # depths in increasing order
         trained = int((group.test_acc > CONVERGED_ACC).sum())
-        outcomes = ", ".join(f"{n} {d}" for d, n in group.diagnosis.value_counts().items())
+        outcomes = _outcomes(group)
         rows.append([family, depth, paper.get(family, "n/a"), f"{trained} of {len(group)}",
                      _mean_sd(group.test_acc, digits=3), outcomes])
         if trained < len(group):
