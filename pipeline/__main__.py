@@ -1,5 +1,5 @@
 """`python -m pipeline ...` is the same as `gradbench ...`."""
 
-from .cli import cli
+from .cli import main
 
-cli(prog_name="gradbench")
+main()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
@@ -213,6 +214,36 @@ def _stopped(ctx: click.Context, exc: KeyboardInterrupt) -> None:
         text += "; finished runs are kept, so the same command resumes"
     click.echo(f"\n{text}", err=True)
     ctx.exit(128 + signum)
+
+
+def main() -> None:
+    """`gradbench` and `python -m pipeline`. A stop (exit status 128 + the signal's number) leaves by
+    os._exit once stdout and stderr are flushed. CPython remembers a KeyboardInterrupt that left
+    code run by eval() or exec() of a string (namedtuple and dataclass creation, lazy imports) even
+    when it was caught later, and at exit turns whatever status was asked for into death by SIGINT:
+    a stop signal landing there made a grid exit -2 instead of 143. Atexit handlers are skipped on
+    a stop: its runs are marked already, and MLflow's would wait on a store that did not answer."""
+    import signal
+
+    from .runtime import stopped_by
+
+    try:
+        cli(prog_name="gradbench")
+    except SystemExit as exc:
+        if isinstance(exc.code, int) and exc.code > 128:
+            _leave(exc.code)
+        raise
+    except KeyboardInterrupt:  # one that got past the command group (while click parsed the line)
+        _leave(128 + (stopped_by() or signal.SIGINT))
+
+
+def _leave(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(status)
 
 
 class _Cli(click.Group):

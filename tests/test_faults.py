@@ -275,3 +275,39 @@ def test_a_frozen_tracking_server_is_said_within_a_minute_with_its_uri(frozen_se
     assert elapsed < 60, elapsed
     assert f"the tracking store {frozen_server.url} failed" in err and "Traceback" not in err, err[-3000:]
     _thawed_resume(frozen_server, path, cmd, env)
+
+
+STOPPED_AFTER_AN_INTERRUPT = '''
+import ctypes, os, signal, sys, threading, time
+from pipeline import runtime
+from pipeline.cli import main
+
+
+def stop():
+    while not runtime._state["installed"]:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    # CPython's unhandled-interrupt flag, as a stop signal leaves it when it lands inside code that
+    # eval() or exec() runs from a string (namedtuple, dataclasses, lazy imports do): at exit it
+    # turns any exit status into death by SIGINT
+    ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 1
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+threading.Thread(target=stop, daemon=True).start()
+sys.argv = ["gradbench", *sys.argv[1:]]
+main()
+'''
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="CPython 3.12 keeps the flag elsewhere")
+def test_a_stopped_command_exits_with_its_status_whatever_the_interpreter_saw(store, mnist_dir, tmp_path):
+    """A stop exits 128 + the signal's number even where CPython's unhandled-KeyboardInterrupt flag
+    is set (a clean-clone CI run saw -2 after "stopped by SIGTERM", no traceback)."""
+    (tmp_path / "stopme.py").write_text(STOPPED_AFTER_AN_INTERRUPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "stopme", "train", "--depth", "3", "--width", "64", "--max-steps", "100000",
+           "--data-dir", str(mnist_dir), "--experiment", store]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert "stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
