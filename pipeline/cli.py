@@ -331,11 +331,15 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
               help="Train configs that share an architecture together in one pass (auto: on CUDA, and on a "
                    "CPU for widths up to 512, where it was measured faster), "
                    "with every executor: each worker or Ray task trains a group.")
+@click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="With one local process: record each group (analysis, figures, MLflow) in a second process "
+                   "while the next group trains (auto: on CUDA, where the device would wait; on a 2-core CPU it "
+                   "was measured to gain nothing).")
 @data_dir_option
 @source_option
 @experiment_option
 def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: bool, executor: str, address: str | None,
-         ensemble: str, data_dir: str, source: str | None, experiment: str) -> None:
+         ensemble: str, overlap: str, data_dir: str, source: str | None, experiment: str) -> None:
     """Run every configuration of the grid SPEC (a YAML file, see benchmarks/) as a child run of
     one parent run named after the spec. Configurations that already have a FINISHED run are
     skipped, so the same command resumes an interrupted grid; --rerun runs everything again.
@@ -355,7 +359,7 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
         if importlib.util.find_spec("ray") is None:
             raise click.BadParameter("Ray is not installed: pip install 'gradbench[ray]'", param_hint="--executor")
     _prepare(data_dir, source)
-    from .grid import ExecutorError, run_grid
+    from .grid import ExecutorError, RecorderLost, run_grid
     from .runtime import stop_on_signals
     from .tracking import GridBusy, MlflowException
 
@@ -363,8 +367,9 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
 
     try:
         result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress,
-                          executor=executor, address=address, ensemble={"auto": None, "on": True, "off": False}[ensemble])
-    except (ExecutorError, GridBusy) as exc:
+                          executor=executor, address=address, ensemble={"auto": None, "on": True, "off": False}[ensemble],
+                          overlap={"auto": None, "on": True, "off": False}[overlap])
+    except (ExecutorError, GridBusy, RecorderLost) as exc:
         raise click.ClickException(str(exc)) from None
     except MlflowException as exc:
         raise _store_error(exc, "Fix it (is the tracking server up?) and run the same command again: finished "

@@ -268,7 +268,17 @@ def analyse(config: RunConfig, result: RunResult) -> Analysis:
                     tables, stepped_metrics(result))
 
 
-def run_group(
+@dataclass
+class Trained:
+    """A group that has trained and is not recorded yet: what `record` needs, in this process or
+    in the grid's recorder process (picklable: the loggers travel without their client)."""
+
+    configs: list[RunConfig]
+    loggers: list[tracking.RunLogger]
+    results: list[RunResult]
+
+
+def open_and_train(
     configs: Sequence[RunConfig],
     data: Mnist,
     experiment: str = tracking.EXPERIMENT,
@@ -276,15 +286,12 @@ def run_group(
     grid: str | None = None,
     client: tracking.MlflowClient | None = None,
     clock: Callable[[int], None] | None = None,
-) -> list[RunSummary]:
-    """Train `configs` together (a group of one for a single run), each into its own MLflow run. A
-    diverged run is FINISHED (it is a result); a member whose analysis raises is FAILED on its own
-    (its summary says why); any other exception marks the runs not yet finished FAILED and an
-    interrupt KILLED, so that a resumed grid redoes them. `clock`: see train.train."""
+) -> Trained:
+    """Open a run per config and train the group. Any exception marks the runs opened so far
+    FAILED, an interrupt KILLED, so that a resumed grid redoes them. `clock`: see train.train."""
     client = client or tracking.get_client()
     group = (uuid.uuid4().hex[:12], len(configs))
     loggers: list[tracking.RunLogger] = []
-    summaries: list[RunSummary] = []
     # SIGTERM lands in training, or between two tracking writes, never inside one (shielded):
     # a run is opened whole, ended whole, and an interrupt always finds it in `loggers`
     try:
@@ -295,7 +302,31 @@ def run_group(
             for logger in loggers:
                 logger.log_dataset(data.location, data.digest)
         results = train(configs, data, loggers, clock=clock)
-        for config, logger, result in zip(configs, loggers, results):
+    except BaseException as exc:
+        with shielded():
+            for logger in loggers:
+                logger.fail(tracking.ended_by(exc))
+        raise
+    return Trained(list(configs), loggers, results)
+
+
+def record(trained: Trained, client: tracking.MlflowClient | None = None, take_over: bool = False) -> list[RunSummary]:
+    """Diagnose, predict and record each member of a trained group, and mark its run FINISHED (a
+    diverged run too: it is a result). A member whose analysis raises is FAILED on its own (its
+    summary says why); any other exception marks the runs not yet finished FAILED, an interrupt
+    KILLED. take_over: another process opened the runs (the grid's recorder records them): each
+    run is first tagged with this process's pid."""
+    loggers = trained.loggers
+    client = client or loggers[0].client or tracking.get_client()
+    for logger in loggers:
+        logger.client = client
+    summaries: list[RunSummary] = []
+    try:
+        if take_over:
+            with shielded():
+                for logger in loggers:
+                    logger.take_over()
+        for config, logger, result in zip(trained.configs, loggers, trained.results):
             try:
                 found = analyse(config, result)
             except Exception as exc:  # this member's record cannot be made: its run FAILED, the others go on
@@ -314,3 +345,17 @@ def run_group(
                 logger.fail(tracking.ended_by(exc))
         raise
     return summaries
+
+
+def run_group(
+    configs: Sequence[RunConfig],
+    data: Mnist,
+    experiment: str = tracking.EXPERIMENT,
+    parent_run_id: str | None = None,
+    grid: str | None = None,
+    client: tracking.MlflowClient | None = None,
+    clock: Callable[[int], None] | None = None,
+) -> list[RunSummary]:
+    """Train `configs` together (a group of one for a single run), each into its own MLflow run,
+    and record them: open_and_train, then record, in this process."""
+    return record(open_and_train(configs, data, experiment, parent_run_id, grid, client, clock))

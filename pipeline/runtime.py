@@ -160,7 +160,7 @@ def autocast(device: torch.device, precision: str):
 # command on the store to mark FAILED (tracking.fail_stale_runs) and the same grid to resume.
 STOP_GRACE = 5.0
 _state: dict = {"shield": 0, "defer": 0, "signum": None, "parent": None, "stopping": False, "gave_way": False,
-                "installed": False, "last": None}
+                "installed": False, "last": None, "helpers": set()}
 
 
 class WriteAbandoned(KeyboardInterrupt):
@@ -195,9 +195,18 @@ def stop_on_signals(sigint: bool = True, parent_pid: int | None = None) -> None:
         die_with_parent()
 
 
+def stop_with_me(pid: int | None, stop: bool = True) -> None:
+    """A helper process of this one (the grid's recorder) that a stop signal reaching this
+    process is passed on to at once, as SIGTERM (so that both stop together); stop=False: no more."""
+    (_state["helpers"].add if stop else _state["helpers"].discard)(pid)
+
+
 def _handler(signum, frame):
     again = _state["signum"] is not None
     _state.update(signum=signum, last=signum)
+    for pid in list(_state["helpers"]):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
     if _state["shield"]:
         if _state["stopping"]:  # a second signal: the write is given up, as it would be after the grace
             _give_way(f"signal {signum} came again while a tracking write was waiting")

@@ -16,6 +16,7 @@ from .store import (
     TAG_GROUP_SIZE,
     TAG_NUMBERS_VERSION,
     TAG_OUTCOME,
+    TAG_RECORDER_PID,
     TAG_ROLE,
     TAG_THEORY_ABSENT,
     ArtifactFiles,
@@ -45,7 +46,7 @@ from .store import (
 
 __all__ = [
     "EXPERIMENT", "METRIC_BUDGET", "TAG_CONFIG_HASH", "TAG_DIAGNOSIS", "TAG_GRID", "TAG_GROUP", "TAG_GROUP_SIZE", "TAG_NUMBERS_VERSION", "TAG_OUTCOME",
-    "TAG_ROLE", "TAG_THEORY_ABSENT", "ArtifactFiles", "MlflowClient", "MlflowException", "NotFound", "HEARTBEAT_SECONDS", "GridBusy", "heartbeat", "live_children", "RunLogger", "close_grid_run", "ended_by", "layer_key",
+    "TAG_RECORDER_PID", "TAG_ROLE", "TAG_THEORY_ABSENT", "ArtifactFiles", "MlflowClient", "MlflowException", "NotFound", "HEARTBEAT_SECONDS", "GridBusy", "heartbeat", "live_children", "RunLogger", "close_grid_run", "ended_by", "layer_key",
     "experiment_id", "fail_earlier_attempts", "fail_stale_runs", "find_grid_run", "finished_config_hashes",
     "get_client", "grid_spec_of", "latest_finished_runs", "log_dataset", "log_report", "metric_strides", "open_grid_run", "run_url",
     "search_all", "tracking_uri", "unreachable", "full_disk", "store_down",

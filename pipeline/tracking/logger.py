@@ -37,6 +37,7 @@ from .store import (
     TAG_HOST,
     TAG_NUMBERS_VERSION,
     TAG_PID,
+    TAG_RECORDER_PID,
     experiment_id,
     get_client,
     log_dataset,
@@ -83,8 +84,9 @@ def layer_key(prefix: str, layer: int) -> str:
 
 
 def ended_by(exc: BaseException) -> str:
-    """The status of runs that an exception ends: an interrupt KILLED, anything else FAILED."""
-    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+    """The status of runs that an exception ends: an interrupt KILLED (a generator closed because
+    its consumer was interrupted too), anything else FAILED."""
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)) else "FAILED"
 
 
 def _same_param(existing: str, value: object) -> bool:
@@ -112,6 +114,10 @@ class RunLogger:
         self._last_chunk: Chunk | None = None
         self.step_stride, self.layer_stride = metric_strides(config)
         self.step_metrics = dict(STEP_METRICS, **({"loss_scale": LOSS_SCALE_METRIC} if config.precision == "fp16" else {}))
+
+    def __getstate__(self) -> dict:
+        """Pickled (to the grid's recorder process) without the client: the receiver attaches its own."""
+        return {**self.__dict__, "client": None}
 
     @classmethod
     def start(
@@ -162,6 +168,10 @@ class RunLogger:
         for i in range(0, max(len(params), 1), MAX_PARAMS_PER_CALL):
             batch_tags = [RunTag(k, v) for k, v in tags.items()] if i == 0 else []
             self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_CALL], tags=batch_tags)
+
+    def take_over(self) -> None:
+        """This process records the run from now on (the grid's recorder): a resume waits for it."""
+        self.client.set_tag(self.run_id, TAG_RECORDER_PID, str(os.getpid()))
 
     def log_dataset(self, source: str, digest: str) -> None:
         log_dataset(self.client, self.run_id, source, digest)

@@ -43,6 +43,8 @@ TAG_SPEC_HASH = "gradbench.spec_hash"
 TAG_ROLE = "gradbench.role"  # "grid" on a grid's parent run
 TAG_HOST = "gradbench.host"  # where a run's process lives: lets a resume tell dead runs from live ones
 TAG_PID = "gradbench.pid"
+# the grid's recorder process, once it has taken a trained run over to record it (grid.Recorder)
+TAG_RECORDER_PID = "gradbench.recorder_pid"
 TAG_NUMBERS_VERSION = "gradbench.numbers_version"  # config.NUMBERS_VERSION of the code that made the run
 TAG_SYNTHETIC = "gradbench.synthetic"  # "true": made up by benchmarks/perf/synthetic_store.py, never a result
 TAG_HEARTBEAT = "gradbench.heartbeat"  # a grid driver's last sign of life, Unix seconds
@@ -217,13 +219,21 @@ def fail_stale_runs(client: MlflowClient, experiment_id: str) -> int:
     running += [r for r in search_all(client, experiment_id, f"attributes.status = 'RUNNING' and tags.`{TAG_ROLE}` = 'grid'")
                 if "mlflow.project.entryPoint" not in r.data.tags]
     host = socket.gethostname()
-    stale = [
-        r for r in running
-        if r.data.tags.get(TAG_HOST) == host and not process_alive(int(r.data.tags.get(TAG_PID, "0") or 0))
-    ]
+    stale = [r for r in running if r.data.tags.get(TAG_HOST) == host and not _owners_alive(r)]
     for run in stale:
         client.set_terminated(run.info.run_id, "FAILED")
     return len(stale)
+
+
+def _owners(run) -> list[int]:
+    """The processes that may still write a run: the one that opened it and, once it has taken
+    the run over, the grid's recorder."""
+    tags = run.data.tags
+    return [pid for pid in (int(tags.get(TAG_PID, "0") or 0), int(tags.get(TAG_RECORDER_PID, "0") or 0)) if pid]
+
+
+def _owners_alive(run, besides: int = 0) -> bool:
+    return any(process_alive(pid) for pid in _owners(run) if pid != besides)
 
 
 def fail_earlier_attempts(client: MlflowClient, parent_run_id: str, config: RunConfig) -> int:
@@ -291,13 +301,12 @@ def heartbeat(client: MlflowClient, parent_id: str) -> None:
 
 
 def live_children(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
-    """RUNNING child runs of a grid whose process, on this host, is alive and is not this one:
-    with no other driver alive, the workers of a driver that was killed outright."""
+    """RUNNING child runs of a grid whose process (or recorder), on this host, is alive and is not
+    this one: with no other driver alive, the workers or recorder of a driver killed outright."""
     running = search_all(client, experiment_id, f"attributes.status = 'RUNNING' and tags.`{TAG_CONFIG_HASH}` LIKE '%'")
     host = socket.gethostname()
     return [r for r in running if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id and r.data.tags.get(TAG_HOST) == host
-            and int(r.data.tags.get(TAG_PID, "0") or 0) not in (0, os.getpid())
-            and process_alive(int(r.data.tags.get(TAG_PID, "0") or 0))]
+            and _owners_alive(r, besides=os.getpid())]
 
 
 def close_grid_run(client: MlflowClient, parent_id: str, counts: dict[str, int], seconds: float, status: str) -> None:
