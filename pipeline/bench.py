@@ -12,7 +12,7 @@ Two kinds of cost, never mixed:
   artifacts and closing).
 
 Every figure is a paired ratio: the two sides are timed alternately (a b a b ...) after a warm-up
-of each, one ratio per alternation, and the median and the spread (min-max) of at least 5
+of each, one ratio per alternation, and the median and the spread (min-max) of 3 (--quick) or 7
 alternations are printed. A slow spell of the machine hits both sides of one alternation alike;
 this VM's speed drifts by tens of percent over minutes. --quick and the full mode time the same
 configurations (fewer steps in quick), so their ratios estimate the same thing.
@@ -36,6 +36,7 @@ configurations (fewer steps in quick), so their ratios estimate the same thing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -77,7 +78,7 @@ INSTRUMENT_NOTES = {
 
 @dataclass(frozen=True)
 class Budget:
-    pairs: int  # alternations per paired ratio (at least 5)
+    pairs: int  # alternations per paired ratio (the median and the range of 3 in quick mode, 7 in full)
     steps: int  # timed steady-state steps at depth 3 to 10 (after WARMUP steps)
     deep_steps: int  # the same at depth 20 (FLOP/s)
     members: int  # configurations in the ensemble measurement
@@ -85,7 +86,8 @@ class Budget:
     full: bool  # also the quick grid end to end
 
 
-QUICK = Budget(pairs=5, steps=60, deep_steps=8, members=4, ensemble_steps=30, full=False)
+# quick: under 3 minutes on the 2-core CPU, so that it is run (5 pairs and 30 ensemble steps took 5.3)
+QUICK = Budget(pairs=3, steps=40, deep_steps=8, members=4, ensemble_steps=20, full=False)
 FULL = Budget(pairs=7, steps=250, deep_steps=30, members=8, ensemble_steps=50, full=True)
 WARMUP = 3  # untimed steps first: lazy initialization, allocator warm-up
 
@@ -261,8 +263,18 @@ def plain_loop(config: RunConfig, data: Mnist) -> Callable[[int], None]:
     return run
 
 
-def engine_loop(config: RunConfig, data: Mnist, full_monitor: bool = True) -> Loop:
-    return lambda steps, clock: train([config.replace(max_steps=steps)], data, full_monitor=full_monitor, clock=clock)
+STEADY_TEST = 500  # test images a steady-state loop evaluates on (its evaluation lies outside the timed steps)
+
+
+def engine_loop(config: RunConfig, data: Mnist, full_monitor: bool = True, steady: bool = True) -> Loop:
+    """The engine's single run. steady: for a per-step measure, without the signal-propagation
+    instruments and on a small test set: both act only at the histogram steps and the run's end,
+    outside the timed steps (at width 1024 they took most of the bench's time)."""
+    instruments = frozenset() if steady else INSTRUMENTS
+    if steady:
+        data = dataclasses.replace(data, x_test=data.x_test[:STEADY_TEST], y_test=data.y_test[:STEADY_TEST])
+    return lambda steps, clock: train([config.replace(max_steps=steps)], data, full_monitor=full_monitor, clock=clock,
+                                      instruments=instruments)
 
 
 def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
@@ -372,7 +384,7 @@ def run_costs(config: RunConfig, data: Mnist, device: torch.device, pairs: int) 
                 clock = StepClock.for_run(device, WARMUP, config.total_steps)
                 total, analysis = untracked(clock)
                 on_fixed = total - analysis - config.total_steps * clock.per_step
-                off_fixed = timed_run(engine_loop(config, data, False), steps, device)[1]
+                off_fixed = timed_run(engine_loop(config, data, False, steady=False), steps, device)[1]
                 if i:
                     rows.append((tracked_seconds, total, analysis, on_fixed, off_fixed, tracking_seconds))
         finally:
@@ -527,13 +539,17 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
         results[f"peak_fraction_w{width}"] = flops / peak
 
     section("5/6 runs: ensembles against one at a time")
+    # training whole runs, without the instruments and on a small test set: at 20 to 50 steps their
+    # per-run costs would outweigh the steps, which on a real run (300 steps and more) they do not
+    small = dataclasses.replace(data, x_test=data.x_test[:STEADY_TEST], y_test=data.y_test[:STEADY_TEST])
     for width in (128, 512):
         configs = [RunConfig(activation="relu", depth=10, width=width, init=init, seed=seed,
                              max_steps=budget.ensemble_steps, device=str(device))
                    for init in ("he_normal", "xavier_normal") for seed in range(budget.members // 2)]
         results[f"ensemble_speedup_w{width}"] = paired(
-            lambda configs=configs: _seconds(lambda: [train([c], data) for c in configs], device),
-            lambda configs=configs: _seconds(lambda: train(configs, data), device), pairs).to_dict()
+            lambda configs=configs: _seconds(lambda: [train([c], small, instruments=frozenset()) for c in configs], device),
+            lambda configs=configs: _seconds(lambda: train(configs, small, instruments=frozenset()), device),
+            pairs).to_dict()
     results["ensemble_members"] = budget.members
 
     section("6/6 peak memory of a quick-grid run")
@@ -581,9 +597,9 @@ def markdown(results: dict) -> str:
         ("depth 20, width 1024, per step", f"{results['peak_fraction_w1024']:.1%} of peak",
          f"{results['loop_gflops_w1024']:.0f} GFLOP/s; target >= 50%"),
         (f"ensemble of {results['ensemble_members']} vs one at a time, width 128", r("ensemble_speedup_w128") + "x",
-         "runs per hour, whole runs"),
+         "runs per hour, training whole runs (no instruments)"),
         (f"ensemble of {results['ensemble_members']} vs one at a time, width 512", r("ensemble_speedup_w512") + "x",
-         "runs per hour, whole runs; target on a GPU >= 10x"),
+         "runs per hour, training whole runs (no instruments); target on a GPU >= 10x"),
         *instrument_rows(results.get("instruments", {})),
         ("peak RSS, one quick-grid run", f"{results['peak_rss_mb']:.0f} MB", ""),
     ]

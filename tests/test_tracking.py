@@ -169,3 +169,27 @@ def test_commands_that_open_a_new_store_at_once_all_succeed_and_leave_it_whole(t
     assert [p.returncode for p in procs] == [0] * 4, errors
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert [e.name for e in client.search_experiments()] == ["race", "Default"]  # whole, one experiment made once
+
+
+def test_a_running_run_is_stale_only_once_its_process_and_its_recorder_are_gone(store, tmp_path):
+    """fail_stale_runs and live_children read both pids a run may carry: the process that opened
+    it and the grid's recorder that took it over (--overlap)."""
+    import socket
+    import subprocess
+    import sys
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(store).experiment_id
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now (not reused within this test in practice)
+    parent = client.create_run(exp).info.run_id
+    tags = {"gradbench.config_hash": "abc", "gradbench.host": socket.gethostname(), "gradbench.pid": str(dead.pid),
+            "mlflow.parentRunId": parent}
+    taken = client.create_run(exp, tags={**tags, "gradbench.recorder_pid": str(os.getpid())}).info.run_id
+    orphan = client.create_run(exp, tags=tags).info.run_id
+    assert tracking.fail_stale_runs(client, exp) == 1
+    assert client.get_run(orphan).info.status == "FAILED"
+    assert client.get_run(taken).info.status == "RUNNING"  # its recorder (this process) lives
+    assert [r.info.run_id for r in tracking.live_children(client, exp, parent)] == []  # this process is not "another"
+    client.set_tag(taken, "gradbench.recorder_pid", str(dead.pid))
+    assert tracking.fail_stale_runs(client, exp) == 1 and client.get_run(taken).info.status == "FAILED"
