@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import urllib.parse
@@ -246,6 +247,29 @@ def _leave(status: int) -> None:
     os._exit(status)
 
 
+MAX_WORKERS = 256  # local processes; more is a typo, not a machine
+
+
+class _Workers(click.ParamType):
+    """--workers: a whole number >= 1, or auto (None: grid.auto_workers decides)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return None
+        try:
+            number = float(text)  # MLflow passes a float parameter as 2.0
+        except ValueError:
+            number = math.nan
+        if not (1 <= number <= MAX_WORKERS and number == int(number)):
+            self.fail(f"{value!r} is neither a whole number of processes (1 to {MAX_WORKERS}) nor auto", param, ctx)
+        return int(number)
+
+
 class _Cli(click.Group):
     """The command group: a failing tracking store (a corrupt or read-only mlflow.db, an unreachable
     server, a URI MLflow cannot use, a full disk) is a failing environment: exit 1 with the cause in
@@ -317,8 +341,9 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
 
 @cli.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes that train in parallel (one per GPU where there are several).")
+@click.option("--workers", type=_Workers(), default="1", show_default=True,
+              help="Processes that train in parallel (one per GPU where there are several); auto: one per GPU "
+                   "with CUDA, else 2 where there are 2 cores or more (the main job's choice).")
 @click.option("--rerun", is_flag=True, help="Run every configuration again, finished or not.")
 @click.option("--reduced", is_flag=True,
               help="Run the spec's reduced: budget (a grid of its own, named <name>-reduced).")
@@ -338,7 +363,7 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
 @data_dir_option
 @source_option
 @experiment_option
-def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: bool, executor: str, address: str | None,
+def grid(spec_path: str, workers: int | None, rerun: bool, reduced: bool, progress: bool, executor: str, address: str | None,
          ensemble: str, overlap: str, data_dir: str, source: str | None, experiment: str) -> None:
     """Run every configuration of the grid SPEC (a YAML file, see benchmarks/) as a child run of
     one parent run named after the spec. Configurations that already have a FINISHED run are
@@ -359,14 +384,14 @@ def grid(spec_path: str, workers: int, rerun: bool, reduced: bool, progress: boo
         if importlib.util.find_spec("ray") is None:
             raise click.BadParameter("Ray is not installed: pip install 'gradbench[ray]'", param_hint="--executor")
     _prepare(data_dir, source)
-    from .grid import ExecutorError, RecorderLost, run_grid
+    from .grid import ExecutorError, RecorderLost, auto_workers, run_grid
     from .runtime import stop_on_signals
     from .tracking import GridBusy, MlflowException
 
     stop_on_signals()
 
     try:
-        result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress,
+        result = run_grid(spec, data_dir, source, experiment, workers or auto_workers(), rerun, echo=click.echo, progress=progress,
                           executor=executor, address=address, ensemble={"auto": None, "on": True, "off": False}[ensemble],
                           overlap={"auto": None, "on": True, "off": False}[overlap])
     except (ExecutorError, GridBusy, RecorderLost) as exc:

@@ -108,6 +108,10 @@ CASES = [
     ("grid {tmp}/bad-norm.yaml", "axes.norm"),
     ("grid {tmp}/bad-reduced.yaml", "reduced.max_step"),
     ("grid {tmp}/bad-norm.yaml --workers 0", "--workers"),
+    ("grid {tmp}/bad-norm.yaml --workers inf", "--workers"),
+    ("grid {tmp}/bad-norm.yaml --workers 1.5", "--workers"),
+    ("grid {tmp}/bad-norm.yaml --workers 100000", "1 to 256"),
+    ("grid {tmp}/bad-norm.yaml --workers lots", "nor auto"),
     ("grid {tmp}/empty.yaml --reduced", "empty"),
     # bounded resources: refused before any run exists, with the figures
     ("train --depth 100000", "--depth"),
