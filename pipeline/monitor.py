@@ -169,7 +169,10 @@ class Monitor:
         self._first_step = 0  # global step of row 0
         self._hidden: list[torch.Tensor] = []  # this step's hidden pre-activations
         self._backprop: list[torch.Tensor | None] = [None] * L
-        self._prev_weights = [w.detach().clone() for w in self.weights] if full else []
+        # the update ratio's numerator: the optimizer's own update where it says it (MemberSGD: train.py
+        # sets updates_from), else a snapshot of the weights before the step and a difference after
+        self.updates_from: torch.optim.Optimizer | None = None
+        self._prev_weights: list[torch.Tensor] = []
         self._weight_norms: torch.Tensor | None = None
         self.hist_steps = sorted({0, total_steps // 2, total_steps - 1})
         self._slots = {step: slot for slot, step in enumerate(self.hist_steps)}  # step -> histogram slot
@@ -274,7 +277,11 @@ class Monitor:
                     self._jacobian_x = None
             # the weights as the optimizer finds them, for the update ratio
             self._weight_norms = member_norms(self.weights)
-            torch._foreach_copy_(self._prev_weights, self.weights)
+            if self.updates_from is None:
+                if self._prev_weights:
+                    torch._foreach_copy_(self._prev_weights, self.weights)
+                else:
+                    self._prev_weights = [w.detach().clone() for w in self.weights]
         return global_norm
 
     def _record_activity(self, row: int, loss_scale: float) -> None:
@@ -285,14 +292,21 @@ class Monitor:
         self._per_layer[LAYER_STATS.index("act"), row, : len(stats)] = stats
         self._hidden = []
 
+    def _updates(self) -> list[torch.Tensor]:
+        """What each weight moved by in this step (its sign aside)."""
+        if self.updates_from is None:
+            torch._foreach_sub_(self._prev_weights, self.weights)  # now holds -dW
+            return self._prev_weights
+        moved = self.updates_from.updates  # None: the step was skipped (an fp16 overflow)
+        return [moved[w] if moved is not None else torch.zeros_like(w) for w in self.weights]
+
     @torch.no_grad()
     def step_end(self, losses: torch.Tensor, accs: torch.Tensor, post_norm: torch.Tensor,
                  active: torch.Tensor | None, loss_scale: float = 1.0) -> None:
         """After the optimizer step: update ratios, losses, accuracies, clipping; the step is done."""
         row = self._row
         if self.full:
-            torch._foreach_sub_(self._prev_weights, self.weights)  # now holds -dW
-            self._per_layer[LAYER_STATS.index("update_ratio"), row] = member_norms(self._prev_weights) / self._weight_norms
+            self._per_layer[LAYER_STATS.index("update_ratio"), row] = member_norms(self._updates()) / self._weight_norms
         self._per_step[STEP_STATS.index("loss"), row] = losses.detach()
         self._per_step[STEP_STATS.index("acc"), row] = accs.detach()
         self._per_step[STEP_STATS.index("global_norm_post_clip"), row] = post_norm

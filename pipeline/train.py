@@ -124,6 +124,7 @@ class MemberSGD(torch.optim.Optimizer):
     def __init__(self, params, lr: torch.Tensor, momentum: torch.Tensor) -> None:
         super().__init__(params, {})
         self.lr, self.momentum = lr, momentum
+        self.updates: dict[torch.Tensor, torch.Tensor] | None = None  # of the last step, None before one
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -138,7 +139,9 @@ class MemberSGD(torch.optim.Optimizer):
                 state["momentum_buffer"].mul_(self.momentum.view(member)).add_(p.grad)
             bufs.append(state["momentum_buffer"])
             steps.append(self.lr.view(member))
-        torch._foreach_sub_(params, torch._foreach_mul(bufs, steps))
+        updates = torch._foreach_mul(bufs, steps)
+        torch._foreach_sub_(params, updates)
+        self.updates = dict(zip(params, updates))  # what each parameter moved by: the monitor's update ratio
 
 
 def make_optimizer(model: MLP | RecurrentNet, configs: Sequence[RunConfig]) -> torch.optim.Optimizer:
@@ -200,6 +203,8 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
     total = first.total_steps
     monitor = (RecurrentMonitor if recurrent else Monitor)(model, activation, total, chunk_steps=min(total, 64),
                                                           full=full_monitor, instruments=instruments)
+    own_update = isinstance(optimizer, MemberSGD)  # the update ratio from the optimizer's step, no snapshot
+    monitor.updates_from = optimizer if own_update else None
     check_precision(device, first.precision)
     # fp16: the standard recipe's dynamic loss scale (a step whose scaled gradients overflow is skipped
     # and the scale halved); one scale for the whole group, so fp16 runs train alone (config.group_key)
@@ -235,6 +240,8 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
                 scaler.unscale_(optimizer)  # monitoring and clipping see the true gradients
                 pre_norm = monitor.gradients(loss_scale)
                 post_norm, active = clip_gradients(model, modes, thresholds, pre_norm)
+                if own_update:
+                    optimizer.updates = None  # stays None if the scaler skips the step
                 scaler.step(optimizer)  # fp16: skipped if the scaled gradients overflowed
                 scaler.update()
                 monitor.step_end(losses, accs, post_norm, active, loss_scale)
