@@ -266,13 +266,18 @@ def plain_loop(config: RunConfig, data: Mnist) -> Callable[[int], None]:
 STEADY_TEST = 500  # test images a steady-state loop evaluates on (its evaluation lies outside the timed steps)
 
 
+def small_test(data: Mnist) -> Mnist:
+    """The data with STEADY_TEST test images, for measures whose evaluation is not what they time."""
+    return dataclasses.replace(data, x_test=data.x_test[:STEADY_TEST], y_test=data.y_test[:STEADY_TEST])
+
+
 def engine_loop(config: RunConfig, data: Mnist, full_monitor: bool = True, steady: bool = True) -> Loop:
     """The engine's single run. steady: for a per-step measure, without the signal-propagation
     instruments and on a small test set: both act only at the histogram steps and the run's end,
     outside the timed steps (at width 1024 they took most of the bench's time)."""
     instruments = frozenset() if steady else INSTRUMENTS
     if steady:
-        data = dataclasses.replace(data, x_test=data.x_test[:STEADY_TEST], y_test=data.y_test[:STEADY_TEST])
+        data = small_test(data)
     return lambda steps, clock: train([config.replace(max_steps=steps)], data, full_monitor=full_monitor, clock=clock,
                                       instruments=instruments)
 
@@ -541,7 +546,7 @@ def run_bench(data_dir: str, source: str | None = None, quick: bool = False, dev
     section("5/6 runs: ensembles against one at a time")
     # training whole runs, without the instruments and on a small test set: at 20 to 50 steps their
     # per-run costs would outweigh the steps, which on a real run (300 steps and more) they do not
-    small = dataclasses.replace(data, x_test=data.x_test[:STEADY_TEST], y_test=data.y_test[:STEADY_TEST])
+    small = small_test(data)
     for width in (128, 512):
         configs = [RunConfig(activation="relu", depth=10, width=width, init=init, seed=seed,
                              max_steps=budget.ensemble_steps, device=str(device))

@@ -247,6 +247,7 @@ def _leave(status: int) -> None:
     os._exit(status)
 
 
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # --ensemble, --overlap: None lets the grid decide
 MAX_WORKERS = 256  # local processes; more is a typo, not a machine
 
 
@@ -392,8 +393,8 @@ def grid(spec_path: str, workers: int | None, rerun: bool, reduced: bool, progre
 
     try:
         result = run_grid(spec, data_dir, source, experiment, workers or auto_workers(), rerun, echo=click.echo, progress=progress,
-                          executor=executor, address=address, ensemble={"auto": None, "on": True, "off": False}[ensemble],
-                          overlap={"auto": None, "on": True, "off": False}[overlap])
+                          executor=executor, address=address, ensemble=AUTO_ON_OFF[ensemble],
+                          overlap=AUTO_ON_OFF[overlap])
     except (ExecutorError, GridBusy, RecorderLost) as exc:
         raise click.ClickException(str(exc)) from None
     except MlflowException as exc:

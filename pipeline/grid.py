@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .config import GridSpec, RunConfig, group_key, run_name
-from .run import RunSummary, Trained
+from .run import RunSummary, Trained, fail_runs
 from .runtime import (
     STOP_GRACE,
     check_stop,
@@ -339,8 +339,6 @@ def _portable(exc: Exception) -> Exception:
 def _run_overlapped(runner: _Runner, groups: list[list[RunConfig]], tracking_uri: str) -> Iterator:
     """Groups trained here one after another, each recorded by the Recorder while the next trains.
     A group trained here and not handed over yet is this process's to mark when the grid stops."""
-    from . import tracking
-
     recorder = Recorder(tracking_uri)
     recording = False  # the recorder has a group
     held: Trained | None = None  # trained here, not handed over yet
@@ -362,9 +360,7 @@ def _run_overlapped(runner: _Runner, groups: list[list[RunConfig]], tracking_uri
     except BaseException as exc:
         stopped = isinstance(exc, (KeyboardInterrupt, GeneratorExit))
         if held is not None:
-            with shielded():
-                for logger in held.loggers:
-                    logger.fail(tracking.ended_by(exc))
+            fail_runs(held.loggers, exc)
         raise
     finally:
         recorder.close(stopped)

@@ -278,6 +278,14 @@ class Trained:
     results: list[RunResult]
 
 
+def fail_runs(loggers: Sequence[tracking.RunLogger], exc: BaseException) -> None:
+    """Mark these runs as an exception ends them (tracking.ended_by: an interrupt KILLED, anything
+    else FAILED), each write whole."""
+    with shielded():
+        for logger in loggers:
+            logger.fail(tracking.ended_by(exc))
+
+
 def open_and_train(
     configs: Sequence[RunConfig],
     data: Mnist,
@@ -303,9 +311,7 @@ def open_and_train(
                 logger.log_dataset(data.location, data.digest)
         results = train(configs, data, loggers, clock=clock)
     except BaseException as exc:
-        with shielded():
-            for logger in loggers:
-                logger.fail(tracking.ended_by(exc))
+        fail_runs(loggers, exc)
         raise
     return Trained(list(configs), loggers, results)
 
@@ -340,9 +346,7 @@ def record(trained: Trained, client: tracking.MlflowClient | None = None, take_o
                 summaries.append(RunSummary(logger.run_id, run_name(config), result.outcome, found.diagnosis,
                                             result.final_test_acc, result.seconds))
     except BaseException as exc:
-        with shielded():
-            for logger in loggers[len(summaries):]:
-                logger.fail(tracking.ended_by(exc))
+        fail_runs(loggers[len(summaries):], exc)
         raise
     return summaries
 
