@@ -66,7 +66,9 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #    stopped 2,000 steps short of it, at 0.9995).
 # 5: SGD steps each member with its own lr and momentum (train.MemberSGD): p - lr * buf rounds
 #    twice where torch.optim.SGD's p.add_(buf, alpha=-lr) rounds once, 1 ulp a step apart.
-NUMBERS_VERSION = 5
+# 6: a group's Linear products run feature-major (model.StackedLinear): W x^T instead of x W^T, the
+#    same sums in another order, so a member of a group differs from version 5 by ulps (fp32).
+NUMBERS_VERSION = 6
 
 
 class ConfigError(ValueError):
