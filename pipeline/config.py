@@ -67,7 +67,9 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # 5: SGD steps each member with its own lr and momentum (train.MemberSGD): p - lr * buf rounds
 #    twice where torch.optim.SGD's p.add_(buf, alpha=-lr) rounds once, 1 ulp a step apart.
 # 6: a group's Linear products run feature-major (model.StackedLinear): W x^T instead of x W^T, the
-#    same sums in another order, so a member of a group differs from version 5 by ulps (fp32).
+#    same sums in another order, so a member of a group differs from version 5 by ulps (fp32). The
+#    correlation fixed point c* (theory/xi_c) no longer jumps across the fixed point it heads for
+#    (tanh with He init logged c* = 0.63, xi_c = 157 where c* = 0, xi_c = 21.7).
 NUMBERS_VERSION = 6
 
 

@@ -235,3 +235,23 @@ def test_correlation_fixed_point_is_a_fixed_point_across_the_order_chaos_boundar
         assert abs(theory.correlation_map("tanh", c, q, sw2, 0.05)[0] - c) < 1e-9, sw2
         found.append(c)
     assert found[0] > 0.9999 and found == sorted(found, reverse=True) and found[-1] < 0.5
+
+
+@pytest.mark.parametrize("activation, sw2", [("tanh", 2.0), ("tanh", 4.0), ("softsign", 2.0)])
+def test_correlation_fixed_point_is_where_plain_iteration_goes(activation, sw2):
+    """Odd activations without bias in chaos: the c-map is nearly linear near its fixed point, and an
+    unguarded Aitken jump crossed it, then crossed back, for all 200 steps (tanh at sigma_w^2 = 2
+    logged c* = 0.63 and xi_c = 157 where c* = 0, xi_c = 21.7). c* must be where 5,000 plain steps
+    from c = 0.5 go, and for tanh (c* = 0: independent inputs) xi_c = -1/ln(sigma_w^2 E[phi'(u)]^2),
+    u ~ N(0, q*), from an independent Gauss-Hermite rule."""
+    q = theory.fixed_point(activation, sw2, 0.0)
+    phi = REGISTRY[activation].phi
+    c = 0.5
+    for _ in range(5_000):
+        c = sw2 * theory._pair_mean(phi, q, c) / q
+    found = theory.correlation_fixed_point(activation, q, sw2, 0.0)
+    assert found == pytest.approx(c, abs=1e-6)
+    if activation == "tanh":
+        x, w = np.polynomial.hermite_e.hermegauss(80)
+        slope = np.sum(w * (1 - np.tanh(math.sqrt(q) * x) ** 2)) / math.sqrt(2 * math.pi)
+        assert theory.correlation_depth(activation, q, sw2, 0.0) == pytest.approx(-1 / math.log(sw2 * slope**2), rel=1e-4)
