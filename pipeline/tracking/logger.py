@@ -141,7 +141,8 @@ class RunLogger:
         if grid:
             tags[TAG_GRID] = grid
         env_run = os.environ.get("MLFLOW_RUN_ID")
-        if env_run and parent_run_id is None and group_size == 1:
+        adopted = bool(env_run and parent_run_id is None and group_size == 1)
+        if adopted:
             run_id = env_run
         else:
             if parent_run_id:
@@ -149,15 +150,17 @@ class RunLogger:
             run = client.create_run(experiment_id(client, experiment), run_name=run_name(config), tags=tags)
             run_id = run.info.run_id
         logger = cls(client, run_id, config)
-        try:
-            logger._log_params_and_tags(tags)
+        try:  # a run this call created has its tags and no params yet: one write, no read
+            logger._log_params_and_tags(tags if adopted else {}, existing=None if adopted else {})
         except BaseException as exc:  # an interrupt here must not leave the new run RUNNING
             logger.fail(ended_by(exc))
             raise
         return logger
 
-    def _log_params_and_tags(self, tags: dict[str, str]) -> None:
-        existing = self.client.get_run(self.run_id).data.params
+    def _log_params_and_tags(self, tags: dict[str, str], existing: dict[str, str] | None = None) -> None:
+        """The config as params, and `tags`; `existing`: the run's params (None: read them)."""
+        if existing is None:
+            existing = self.client.get_run(self.run_id).data.params
         params = []
         for key, value in self.config.to_dict().items():
             if key in existing:
