@@ -1,6 +1,6 @@
 """Per-run figures logged with each run (plots/*.png), and the one gradient-flow drawer: the run's
 plots/gradient_flow.png and the report's gradient-flow figure both draw with flow_panel. Plain
-matplotlib (no seaborn): a training process draws a run's figure in a few tens of milliseconds.
+matplotlib (no seaborn): a training process draws a run's figure in about 0.13 s (2-core CPU).
 pyplot is imported where a figure is made, not here: the report's reading processes import log10."""
 
 from __future__ import annotations
