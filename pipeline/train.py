@@ -130,6 +130,8 @@ class MemberSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
         grads = [p.grad for p in params]
         # each member's lr and momentum over its slice of each parameter, (members, 1, ...), made once
         lrs, momenta = zip(*(self._member_views(p) for p in params))

@@ -7,7 +7,8 @@ CPU and once on the device, and prints the largest relative difference of any la
 at step 0 and at the last step, and the final test accuracies. A seed fixes the initial weights
 and the batches on any device, so only float rounding should differ (about 1e-6 in fp32). Then a
 group of four trained together against each member alone on the device (the ensemble engine must
-not couple them), and bf16, fp16 and fp64 runs on the device, which must finish.
+not couple them), and tf32, bf16, fp16 and fp64 runs on the device, which must finish, each with
+its largest difference from the fp32 run's ||dL/dW|| (what `precision: tf32` costs in the norms).
 """
 
 from __future__ import annotations
@@ -57,14 +58,18 @@ def main(data_dir: str, source: str | None, device: str) -> None:
     worst = max(largest_difference(norms(y), norms(x)) for x, y in zip(together, alone))
     click.echo(f"{device}: a group of 4 against each member alone, largest relative difference over every step "
                f"and layer {worst:.1e}")
-    for precision in ("bf16", "fp16", "fp64"):
+    (fp32,) = train([RunConfig(activation="tanh", init="xavier_normal", **BASE)], other)
+    for precision in ("tf32", "bf16", "fp16", "fp64"):
         tensors = data.load(data_dir, other.x_train.device, torch.float64, source=source) if precision == "fp64" else other
         try:
             (result,) = train([RunConfig(activation="tanh", init="xavier_normal", precision=precision, **BASE)], tensors)
         except Exception as exc:  # noqa: BLE001 - reported, the check goes on
             click.echo(f"{device} {precision}: FAILED {type(exc).__name__}: {exc}")
             continue
-        click.echo(f"{device} {precision}: {result.outcome}, {result.steps} steps, test accuracy {result.final_test_acc:.4f}")
+        a, b = norms(fp32), norms(result)
+        click.echo(f"{device} {precision}: {result.outcome}, {result.steps} steps, test accuracy {result.final_test_acc:.4f}; "
+                   f"largest relative difference of a layer's ||dL/dW|| from fp32: step 0 "
+                   f"{largest_difference(a[0], b[0]):.1e}, step {len(a) - 1} {largest_difference(a[-1], b[-1]):.1e}")
 
 
 if __name__ == "__main__":
