@@ -358,7 +358,8 @@ def train(data_dir: str, source: str | None, experiment: str, **kwargs: Any) -> 
                    "CPU for widths up to 512, where it was measured faster), "
                    "with every executor: each worker or Ray task trains a group.")
 @click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="With one local process: record each group (analysis, figures, MLflow) in a second process "
+              help="With one local process (--workers 1; refused with more): record each group (analysis, figures, "
+                   "MLflow) in a second process "
                    "while the next group trains (auto: on CUDA, where the device would wait; on a 2-core CPU it "
                    "was measured to gain nothing).")
 @data_dir_option
@@ -379,20 +380,28 @@ def grid(spec_path: str, workers: int | None, rerun: bool, reduced: bool, progre
         raise click.BadParameter(str(exc), param_hint="SPEC") from None
     _check_spec_devices(spec_path, spec)
     _check_memory(list(spec.configs), hint="SPEC", prefix=f"{spec_path}: ")
+    from .grid import auto_workers
+
+    workers = workers or auto_workers()
+    if overlap == "on" and (executor == "ray" or workers > 1):  # it would be ignored: said, not done silently
+        where = "--executor ray" if executor == "ray" else f"--workers {workers}"
+        raise click.BadParameter(f"--overlap on records beside one local process, and {where} has each worker "
+                                 f"record its own groups: use --workers 1, or leave --overlap auto",
+                                 param_hint="--overlap")
     if executor == "ray":
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
             raise click.BadParameter("Ray is not installed: pip install 'gradbench[ray]'", param_hint="--executor")
     _prepare(data_dir, source)
-    from .grid import ExecutorError, RecorderLost, auto_workers, run_grid
+    from .grid import ExecutorError, RecorderLost, run_grid
     from .runtime import stop_on_signals
     from .tracking import GridBusy, MlflowException
 
     stop_on_signals()
 
     try:
-        result = run_grid(spec, data_dir, source, experiment, workers or auto_workers(), rerun, echo=click.echo, progress=progress,
+        result = run_grid(spec, data_dir, source, experiment, workers, rerun, echo=click.echo, progress=progress,
                           executor=executor, address=address, ensemble=AUTO_ON_OFF[ensemble],
                           overlap=AUTO_ON_OFF[overlap])
     except (ExecutorError, GridBusy, RecorderLost) as exc:

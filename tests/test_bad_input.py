@@ -56,6 +56,7 @@ SPECS = {
     "tf32-axis.yaml": b"base: {depth: 3, device: cpu}\naxes: {precision: [fp32, tf32]}\n",
     "tf32-include.yaml": b"base: {depth: 3, device: cpu}\ninclude: [{precision: tf32}]\n",
     "mps-base.yaml": b"base: {depth: 3, device: mps}\n",
+    "ok.yaml": SPEC_OK.encode(),
 }
 
 # (command line, culprit named in the message); {tmp} is the test's folder, {afile} a plain file
@@ -112,6 +113,7 @@ CASES = [
     ("grid {tmp}/bad-norm.yaml --workers 1.5", "--workers"),
     ("grid {tmp}/bad-norm.yaml --workers 100000", "1 to 256"),
     ("grid {tmp}/bad-norm.yaml --workers lots", "nor auto"),
+    ("grid {tmp}/ok.yaml --overlap on --workers 2", "--overlap on records beside one local process"),
     ("grid {tmp}/empty.yaml --reduced", "empty"),
     # bounded resources: refused before any run exists, with the figures
     ("train --depth 100000", "--depth"),
