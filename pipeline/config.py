@@ -68,8 +68,11 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #    twice where torch.optim.SGD's p.add_(buf, alpha=-lr) rounds once, 1 ulp a step apart.
 # 6: a group's Linear products run feature-major (model.StackedLinear): W x^T instead of x W^T, the
 #    same sums in another order, so a member of a group differs from version 5 by ulps (fp32). The
-#    correlation fixed point c* (theory/xi_c) no longer jumps across the fixed point it heads for
-#    (tanh with He init logged c* = 0.63, xi_c = 157 where c* = 0, xi_c = 21.7).
+#    saturated/dead fraction of a bf16 or fp16 run is averaged in fp32 (it was rounded to the run's
+#    dtype). The fixed-point iterations (theory._iterate) no longer jump across the fixed point
+#    they head for: c* and theory/xi_c changed where they did (tanh with He init logged c* = 0.63,
+#    xi_c = 157 where c* = 0, xi_c = 21.7) and on the critical line, where q* and c* creep and
+#    stop elsewhere within the tolerance (tanh at sigma_w^2 = 1: xi_c 29,706 -> 198,957, both huge).
 NUMBERS_VERSION = 6
 
 

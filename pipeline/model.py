@@ -71,7 +71,8 @@ class StackedLinear(nn.Module):
     (members, batch, out). dL/dW then comes out of the batched product as (members, out, in), the
     weight's own layout; batch-major, it comes out transposed and autograd copies every weight's
     gradient every step (9% of a depth-20 group's step, measured). Elementwise ops keep the layout,
-    so a stack of such layers stays feature-major throughout (the MLP). The recurrent net mixes its
+    so a plain or residual stack stays feature-major throughout (the MLP; a normalization layer
+    hands back batch-major, and the next product transposes again). The recurrent net mixes its
     products with slices of batch-major tensors and keeps batch-major."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, feature_major: bool = False):

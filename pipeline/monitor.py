@@ -61,8 +61,10 @@ def activation_statistic(hidden: torch.Tensor, activation: str, in_place: bool =
     act, dtype = ACTIVATIONS[activation], torch.promote_types(hidden.dtype, torch.float32)
     if act.kind == "squashing":  # fraction of (unit, example) pairs with |z| beyond the threshold
         return (hidden.abs_() if in_place else hidden.abs()).gt_(act.threshold).mean(dim=(-2, -1), dtype=dtype)
-    # a unit is dead when z <= threshold for every example, i.e. when its largest z is (NaN: dead too)
-    return hidden.amax(dim=-2).gt_(act.threshold).logical_not_().mean(dim=-1, dtype=dtype)
+    # a unit is dead when z <= threshold for every example: 1 - P(unit is alive somewhere in the batch);
+    # a NaN z is not above it, so one NaN example does not kill a unit that fires on another
+    above = hidden.gt_(act.threshold) if in_place else hidden.gt(act.threshold)
+    return above.amax(dim=-2).mean(dim=-1, dtype=dtype).neg_().add_(1)
 
 
 SIGNAL_STATS = ("q", "c")

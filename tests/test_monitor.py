@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.activations import ACTIVATIONS as REGISTRY
 from pipeline.config import RunConfig
 from pipeline.model import build_model
 from pipeline.monitor import Monitor, activation_statistic
@@ -207,3 +208,17 @@ def test_gsnr_is_not_measured_with_batch_norm():
     monitor.step_end(torch.zeros(1), torch.zeros(1), monitor.gradients(), None)
     signal = monitor.signal(0, 0)
     assert np.isnan(signal["gsnr"]).all() and (signal["zero_fraction"] >= 0).all()
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_nan_example_neither_kills_nor_saturates_a_unit(in_place):
+    """A NaN pre-activation is not above the threshold (a diverging member's first bad step is
+    kept): a rectifier unit that fires on another example stays alive, and for a squashing one
+    the NaN entry is not saturated. Counted against a loop over the units."""
+    nan = float("nan")
+    hidden = torch.tensor([[nan, 2.0, nan, -1.0], [1.0, -1.0, nan, -3.0]])  # (batch, width)
+    limit = REGISTRY["relu"].threshold
+    dead = sum(not any(z > limit for z in hidden[:, u].tolist()) for u in range(4)) / 4  # NaN > limit is False
+    saturated = sum(abs(z) > REGISTRY["tanh"].threshold for z in hidden.flatten().tolist()) / 8
+    assert activation_statistic(hidden.clone(), "relu", in_place=in_place).item() == pytest.approx(dead) == 0.5
+    assert activation_statistic(hidden.clone(), "tanh", in_place=in_place).item() == pytest.approx(saturated)
