@@ -243,15 +243,16 @@ def plain_loop(config: RunConfig, data: Mnist) -> Callable[[int], None]:
         record = torch.zeros(3, steps, device=device)
         for i in range(steps):
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            logits = model(data.x_train.index_select(0, idx))  # as the engine gathers its batches
-            loss = F.cross_entropy(logits, data.y_train.index_select(0, idx))
+            yb = data.y_train.index_select(0, idx)  # as the engine gathers its batches
+            logits = model(data.x_train.index_select(0, idx))
+            loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             record[0, i] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
                 [p.grad for p in model.parameters()])))
             optimizer.step()
             record[1, i] = loss.detach()
-            record[2, i] = (logits.argmax(dim=1) == data.y_train.index_select(0, idx)).float().mean()
+            record[2, i] = (logits.argmax(dim=1) == yb).float().mean()
             clock(i + 1)
         record.cpu()
         with torch.no_grad():

@@ -59,6 +59,7 @@ def main(data_dir: str, source: str | None, device: str) -> None:
     click.echo(f"{device}: a group of 4 against each member alone, largest relative difference over every step "
                f"and layer {worst:.1e}")
     (fp32,) = train([RunConfig(activation="tanh", init="xavier_normal", **BASE)], other)
+    a = norms(fp32)
     for precision in ("tf32", "bf16", "fp16", "fp64"):
         tensors = data.load(data_dir, other.x_train.device, torch.float64, source=source) if precision == "fp64" else other
         try:
@@ -66,7 +67,7 @@ def main(data_dir: str, source: str | None, device: str) -> None:
         except Exception as exc:  # noqa: BLE001 - reported, the check goes on
             click.echo(f"{device} {precision}: FAILED {type(exc).__name__}: {exc}")
             continue
-        a, b = norms(fp32), norms(result)
+        b = norms(result)
         click.echo(f"{device} {precision}: {result.outcome}, {result.steps} steps, test accuracy {result.final_test_acc:.4f}; "
                    f"largest relative difference of a layer's ||dL/dW|| from fp32: step 0 "
                    f"{largest_difference(a[0], b[0]):.1e}, step {len(a) - 1} {largest_difference(a[-1], b[-1]):.1e}")

@@ -150,17 +150,18 @@ class RunLogger:
             run = client.create_run(experiment_id(client, experiment), run_name=run_name(config), tags=tags)
             run_id = run.info.run_id
         logger = cls(client, run_id, config)
-        try:  # a run this call created has its tags and no params yet: one write, no read
-            logger._log_params_and_tags(tags if adopted else {}, existing=None if adopted else {})
+        try:
+            if adopted:  # mlflow run's run: it may hold params already, and none of these tags
+                logger._log_params_and_tags(tags, client.get_run(run_id).data.params)
+            else:  # created above with its tags and no params: one write, no read
+                logger._log_params_and_tags({}, {})
         except BaseException as exc:  # an interrupt here must not leave the new run RUNNING
             logger.fail(ended_by(exc))
             raise
         return logger
 
-    def _log_params_and_tags(self, tags: dict[str, str], existing: dict[str, str] | None = None) -> None:
-        """The config as params, and `tags`; `existing`: the run's params (None: read them)."""
-        if existing is None:
-            existing = self.client.get_run(self.run_id).data.params
+    def _log_params_and_tags(self, tags: dict[str, str], existing: dict[str, str]) -> None:
+        """The config as params (those not in `existing`, the run's params, which must agree), and `tags`."""
         params = []
         for key, value in self.config.to_dict().items():
             if key in existing:
